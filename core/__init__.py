@@ -1,0 +1,1 @@
+"""Core: registry, config schema, run folder I/O, seeding, EMA and other shared helpers."""
