@@ -79,3 +79,37 @@ class LossOut:
 
     total: Tensor
     terms: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ImageData:
+    """A labelled image dataset held in memory as uint8 (the tiny/small profiles).
+
+    train_x, test_x: (N, C, H, W) uint8 (C = 1 for Fashion-MNIST, 3 for RGB folders)
+    train_y, test_y: (N,) int64
+    """
+
+    name: str
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    num_classes: int
+
+    @property
+    def channels(self) -> int:
+        return int(self.train_x.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_x.shape[-1])
+
+
+def to_unit(images_u8: Tensor) -> Tensor:
+    """uint8 [0, 255] -> float [-1, 1] (the VAEs' input range)."""
+    return images_u8.float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """float [-1, 1] -> uint8 [0, 255], clamped (spec §5.2: clamp(127.5·x + 128))."""
+    return images.mul(127.5).add(128.0).clamp(0, 255).to(torch.uint8)

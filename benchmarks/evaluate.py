@@ -1,0 +1,93 @@
+"""Scoring generated samples: FD, KID and precision/recall through torch-fidelity with the profile's
+FD network registered as a custom feature extractor, plus the FD classifier's accuracy on
+class-conditional samples (does a sample show its class?).
+
+Offline profiles never call this "FID": the metric is FD-<net> (Fréchet distance in the features of
+the profile's own classifier), a different number from Inception FID (docs/metrics.md).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch_fidelity
+from torch.utils.data import Dataset
+
+from core.cache import cached_dir
+from core.seed import generator
+from core.types import to_uint8
+from encoders.fdnet import make_fidelity_extractor
+
+log = logging.getLogger(__name__)
+REF_NAME = "fdref"          # torch-fidelity cache name of the reference (test-set) features
+
+
+class U8Images(Dataset):
+    """uint8 (N,C,H,W) -> items of uint8 3×H×W, as torch-fidelity wants (grey repeated to RGB)."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images.cpu()
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x = self.images[i]
+        return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
+
+
+def fidelity(images: torch.Tensor, reference: torch.Tensor, fdnet: Any, ref_dir: Path,
+             device: torch.device) -> dict[str, float]:
+    """FD, KID, precision, recall of uint8 images (N,C,H,W) against the cached reference features."""
+    name = make_fidelity_extractor(fdnet)[0]
+    n = images.shape[0]
+    m = torch_fidelity.calculate_metrics(
+        input1=U8Images(images), input2=U8Images(reference), input2_cache_name=REF_NAME,
+        cache_root=str(ref_dir), cache=True, feature_extractor=name, fid=True, kid=True, prc=True,
+        cuda=device.type == "cuda", save_cpu_ram=True, verbose=False, batch_size=500,
+        kid_subset_size=min(1000, n), kid_subsets=50, samples_shuffle=False)
+    return {"fd": float(m["frechet_inception_distance"]), "kid": float(m["kernel_inception_distance_mean"]),
+            "kid_std": float(m["kernel_inception_distance_std"]), "precision": float(m["precision"]),
+            "recall": float(m["recall"])}
+
+
+def reference_dir(cache_dir: str, fd_dir: Path, data, num_samples: int, device: torch.device, fdnet) -> Path:
+    """Cache the reference (test split) features once, and the real-vs-real floor at `num_samples`."""
+    key = {"fdnet": fd_dir.name, "data": data.name, "n_test": int(data.test_x.shape[0]), "n": num_samples}
+
+    def build(tmp: Path) -> None:
+        idx = torch.randperm(data.train_x.shape[0], generator=generator(0))[:num_samples]
+        floor = fidelity(data.train_x[idx], data.test_x, fdnet, tmp, device)
+        floor["class_acc"] = class_accuracy(fdnet, data.train_x[idx], data.train_y[idx], device)
+        (tmp / "floor.json").write_text(__import__("json").dumps(floor, indent=2))
+        log.info("prepare: FD reference cached; real-data floor at N=%d: %s", num_samples, floor)
+
+    return cached_dir(cache_dir, "fdref", key, build)
+
+
+@torch.no_grad()
+def class_accuracy(fdnet: Any, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> float:
+    pred = torch.cat([fdnet.predict(images[i:i + 1000].to(device)).cpu() for i in range(0, images.shape[0], 1000)])
+    return float((pred == labels.cpu()).float().mean())
+
+
+def eval_labels(n: int, num_classes: int, seed: int) -> torch.Tensor:
+    """Balanced labels (n / num_classes each, SFD's protocol), shuffled with a fixed seed."""
+    y = torch.arange(n) % num_classes
+    return y[torch.randperm(n, generator=generator(seed))]
+
+
+@torch.no_grad()
+def generate(method: Any, model: torch.nn.Module, latent: Any, shape: tuple[int, ...], labels: torch.Tensor,
+             *, seed: int, batch_size: int, device: torch.device, guidance: Any = "default") -> torch.Tensor:
+    """Sample len(labels) images as uint8 (N,C,H,W); the same seed gives the same noise every eval."""
+    gen = generator(seed, "cpu")
+    noise = torch.randn((labels.shape[0], *shape), generator=gen)
+    out = []
+    for i in range(0, labels.shape[0], batch_size):
+        x0, y = noise[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
+        x1 = method.sample(model, x0, y, guidance=guidance, generator=generator(seed + 1 + i, device))
+        out.append(to_uint8(latent.decode(x1.float())).cpu())
+    return torch.cat(out)

@@ -1,0 +1,146 @@
+"""Stage 1 (DESIGN.md §4): expand a grid YAML (axes × overrides) into fully resolved run configs.
+
+Grid file (benchmarks/configs/grid/<name>.yaml):
+    profile: tiny                  # benchmarks/configs/profile/<profile>.yaml
+    axes:                          # the cartesian product of these
+      method: [sit, redi, sfd]     #   presets in benchmarks/configs/method/
+      backbone: [lightningdit-tiny]#   registry names
+      seed: [0, 1]
+      method.schedule.delta_t.texture: [0.1, 0.3]   # any dotted key of the run config
+    overrides: ["train.steps=2000"]
+    baseline: sit                  # the label the "× faster convergence" table compares with
+Precedence: schema < profile < method preset < grid overrides < axis values < command line.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+
+from core.config import ConfigError, check_keys, run_hash, structured, to_dict
+from core.registry import ENCODERS
+
+CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
+SPECIAL_AXES = ("method", "backbone", "seed")
+GRID_KEYS = {"description", "profile", "axes", "overrides", "baseline", "sweep"}
+
+
+def available(kind: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_ROOT / kind).glob("*.yaml"))
+
+
+def load_yaml(kind: str, name: str) -> dict:
+    """configs/<kind>/<name>.yaml with the safe loader; unknown names list the valid ones."""
+    path = CONFIG_ROOT / kind / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"unknown {kind} {name!r}; valid: {', '.join(available(kind))}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+@dataclass
+class RunSpec:
+    run_id: str
+    label: dict[str, Any]            # the axis values that identify this run (seed included)
+    cfg: dict
+
+    @property
+    def group(self) -> str:
+        """Label without the seed: runs that differ only by seed are one curve."""
+        return ",".join(f"{k}={v}" for k, v in self.label.items() if k != "seed")
+
+
+@dataclass
+class Grid:
+    name: str
+    profile: str
+    runs: list[RunSpec]
+    baseline: str | None = None
+    sweep: str | None = None           # an axis to plot final FD against (e.g. the Δt sweep)
+    meta: dict = field(default_factory=dict)
+
+
+def _dot(key: str, value: Any) -> dict:
+    """'a.b.c', v -> {'a': {'b': {'c': v}}}."""
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def _axis_layer(key: str, value: Any, profile: str) -> list:
+    """Config layers for one axis value. A method preset holds the paper's settings in `method:` and,
+    under `profiles: {<profile>: [dotlist]}`, the values a small profile must scale (e.g. the REPA
+    depth on a 4-block backbone), each with its reason next to it in the YAML."""
+    if key == "method":
+        preset = load_yaml("method", str(value))
+        unknown = set(preset) - {"method", "profiles"}
+        if unknown:
+            raise ConfigError(f"method preset {value!r}: unknown keys {sorted(unknown)}; valid: method, profiles")
+        scaled = (preset.get("profiles") or {}).get(profile) or []
+        return [{"method": preset["method"]}, OmegaConf.from_dotlist(list(scaled))]
+    if key == "backbone":
+        return [{"backbone": {"name": str(value)}}]
+    return [_dot(key, value)]
+
+
+def validate(cfg: dict) -> None:
+    """Checks that need the registries: component keys and artifact fit() keys, basic ranges."""
+    from benchmarks.plugins import load_all
+    from benchmarks.prepare import artifact_order, latent_requires
+    from core.registry import LATENTS
+
+    load_all()
+    if cfg["train"]["steps"] < 1:
+        raise ConfigError(f"train.steps must be ≥ 1, got {cfg['train']['steps']}")
+    if cfg["train"]["batch_size"] < 1:
+        raise ConfigError(f"train.batch_size must be ≥ 1, got {cfg['train']['batch_size']}")
+    lat = cfg["method"]["latent"]
+    try:
+        check_keys(f"method.latent {lat.get('name')!r}", LATENTS.get(lat["name"]), lat, deps=("artifacts",))
+        kinds = artifact_order(latent_requires(lat) + ("fd-net",))
+    except KeyError as e:
+        raise ConfigError(f"method.latent: {e.args[0]}") from None
+    for kind, fit_cfg in cfg["prepare"].items():
+        if kind not in ENCODERS:
+            raise ConfigError(f"prepare.{kind}: unknown artifact kind; valid: {', '.join(ENCODERS.names())}")
+        check_keys(f"prepare.{kind}", ENCODERS.get(kind).fit, fit_cfg or {}, deps=("data", "deps", "device"))
+    del kinds
+
+
+def expand(grid_name: str, cli: list[str] | None = None, profile: str | None = None) -> Grid:
+    """Resolve every run of a grid; `cli` is a dotlist applied last to every run."""
+    g = load_yaml("grid", grid_name)
+    unknown = set(g) - GRID_KEYS
+    if unknown:
+        raise ConfigError(f"grid {grid_name!r}: unknown keys {sorted(unknown)}; valid: {', '.join(sorted(GRID_KEYS))}")
+    prof_name = profile or g.get("profile", "tiny")
+    prof = load_yaml("profile", prof_name)
+    axes: dict[str, list] = g.get("axes") or {}
+    if not axes or any(not isinstance(v, list) or not v for v in axes.values()):
+        raise ConfigError(f"grid {grid_name!r} has no runs: every axis needs a non-empty list (axes: {axes})")
+    overrides = OmegaConf.from_dotlist(list(g.get("overrides") or []))
+    cli_layer = OmegaConf.from_dotlist(list(cli or []))
+    runs = []
+    for values in itertools.product(*axes.values()):
+        label = dict(zip(axes.keys(), values))
+        first = [x for k, v in label.items() if k == "method" for x in _axis_layer(k, v, prof_name)]
+        rest = [x for k, v in label.items() if k != "method" for x in _axis_layer(k, v, prof_name)]
+        cfg = to_dict(structured(prof, {"profile": prof_name}, *first, overrides, *rest, cli_layer))
+        validate(cfg)
+        method, backbone = cfg["method"]["name"], cfg["backbone"]["name"]
+        run_id = f"{label.get('method', method)}-{backbone}-s{cfg['seed']}-{run_hash(cfg)[:8]}"
+        label = {"method": label.get("method", method), **{k: v for k, v in label.items() if k != "method"}}
+        runs.append(RunSpec(run_id=run_id, label=label, cfg=cfg))
+    ids = [r.run_id for r in runs]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"grid {grid_name!r}: two runs resolve to the same config (duplicate axis values?)")
+    return Grid(name=grid_name, profile=prof_name, runs=runs, baseline=g.get("baseline"), sweep=g.get("sweep"),
+                meta={"description": g.get("description", "")})

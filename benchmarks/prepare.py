@@ -1,0 +1,159 @@
+"""Stage 2 of a grid (DESIGN.md §4): train or load every frozen artifact a run needs, then encode the
+training set (and its horizontal flips) into a latent cache with per-channel statistics.
+
+Everything is cached under `<cache_dir>/<kind>-<hash of what made it>/`, built once under a file lock
+and shared by every run of every grid that needs the same thing. Diffusion jobs never run a frozen
+encoder per step: they read only the latent cache.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from benchmarks.datasets import load_dataset
+from core.cache import cache_key, cached_dir
+from core.config import ConfigError
+from core.registry import ENCODERS, LATENTS
+from core.seed import generator
+from core.types import ImageData, to_unit
+from encoders.base import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+FD_NET = "fd-net"          # the profile's FD feature network (never the semantic encoder)
+STATS_SAMPLES = 10_000     # per-channel stats from 10k random latents (spec §5.2)
+
+
+@dataclass
+class Prepared:
+    data: ImageData
+    artifact_dirs: dict[str, Path]
+    latent_dir: Path
+    artifacts: dict[str, Any] = field(default_factory=dict)   # loaded on request
+
+    def summaries(self) -> dict[str, dict]:
+        return {k: read_json(d / "summary.json") for k, d in self.artifact_dirs.items()}
+
+
+# ----------------------------------------------------------------------------- planning
+def latent_requires(latent_cfg: dict) -> tuple[str, ...]:
+    cls = LATENTS.get(latent_cfg["name"])
+    keys = {k: v for k, v in latent_cfg.items() if k != "name"}
+    return tuple(cls.requires_for(**keys))
+
+
+def artifact_order(kinds: tuple[str, ...]) -> list[str]:
+    """Kinds plus everything they require, dependencies first."""
+    order: list[str] = []
+
+    def visit(kind: str, path: tuple[str, ...]) -> None:
+        if kind in order:
+            return
+        if kind in path:
+            raise ConfigError(f"artifact dependency cycle: {' -> '.join(path + (kind,))}")
+        for dep in ENCODERS.get(kind).requires:
+            visit(dep, path + (kind,))
+        order.append(kind)
+
+    for k in kinds:
+        visit(k, ())
+    return order
+
+
+def _data_key(cfg: dict) -> dict:
+    d = cfg["data"]
+    return {"name": d["name"], "image_size": d["image_size"]}   # root is where, not what
+
+
+# ----------------------------------------------------------------------------- building
+def build_artifacts(cfg: dict, data: ImageData, device: torch.device) -> dict[str, Path]:
+    kinds = artifact_order(latent_requires(cfg["method"]["latent"]) + (FD_NET,))
+    dirs: dict[str, Path] = {}
+    keys: dict[str, str] = {}
+    loaded: dict[str, Any] = {}
+    for kind in kinds:
+        cls = ENCODERS.get(kind)
+        fit_cfg = dict(cfg["prepare"].get(kind, {}))
+        key_obj = {"kind": kind, "fit": fit_cfg, "data": _data_key(cfg),
+                   "deps": {d: keys[d] for d in cls.requires}}
+        keys[kind] = cache_key(kind, key_obj)
+
+        def build(tmp: Path, cls=cls, kind=kind, fit_cfg=fit_cfg) -> None:
+            deps = {d: loaded.get(d) or ENCODERS.get(d).load(dirs[d], device) for d in cls.requires}
+            t0 = time.time()
+            log.info("prepare: training %s %s", kind, fit_cfg)
+            art = cls.fit(data, deps, device, **fit_cfg)
+            art.save(tmp)
+            loaded[kind] = art
+            log.info("prepare: %s done in %.1fs: %s", kind, time.time() - t0, art.summary())
+
+        dirs[kind] = cached_dir(cfg["cache_dir"], kind, key_obj, build)
+    return dirs
+
+
+def load_artifacts(dirs: dict[str, Path], device: torch.device) -> dict[str, Any]:
+    return {kind: ENCODERS.get(kind).load(d, device) for kind, d in dirs.items()}
+
+
+def build_latent(cfg: dict, artifacts: dict[str, Any]):
+    latent_cfg = dict(cfg["method"]["latent"])
+    return LATENTS.build(latent_cfg, artifacts=artifacts)
+
+
+@torch.no_grad()
+def _encode_split(latent, images_u8: torch.Tensor, device: torch.device, seed: int, batch: int = 500) -> dict:
+    """Encode uint8 images (N,C,H,W) -> {"x1": (N,C',h,w) float32, aux...}; fixed generator per call."""
+    gen = generator(seed, device)
+    outs: dict[str, list[torch.Tensor]] = {}
+    for i in range(0, images_u8.shape[0], batch):
+        enc = latent.encode(to_unit(images_u8[i:i + batch].to(device)), generator=gen)
+        for k, v in enc.items():
+            outs.setdefault(k, []).append(v.float().cpu() if k == "x1" else v.half().cpu())
+    return {k: torch.cat(v) for k, v in outs.items()}
+
+
+def build_latent_cache(cfg: dict, data: ImageData, dirs: dict[str, Path], device: torch.device) -> Path:
+    key_obj = {"latent": cfg["method"]["latent"], "data": _data_key(cfg), "flips": cfg["data"]["flips"],
+               "artifacts": {k: d.name for k, d in dirs.items() if k != FD_NET}}
+
+    def build(tmp: Path) -> None:
+        t0 = time.time()
+        arts = load_artifacts({k: d for k, d in dirs.items() if k != FD_NET}, device)
+        latent = build_latent(cfg, arts)
+        tensors = {f"{k}": v for k, v in _encode_split(latent, data.train_x, device, seed=0).items()}
+        if cfg["data"]["flips"]:
+            flipped = _encode_split(latent, data.train_x.flip(-1), device, seed=1)
+            tensors.update({f"{k}_flip": v for k, v in flipped.items()})
+        tensors["y"] = data.train_y.long()
+        idx = torch.randperm(tensors["x1"].shape[0], generator=generator(0))[:STATS_SAMPLES]
+        mean, std = latent.stats_from(tensors["x1"][idx])
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "train.safetensors"))
+        save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(tmp / "stats.safetensors"))
+        write_json(tmp / "info.json", {"groups": list(latent.groups.names), "sizes": list(latent.groups.sizes),
+                                       "shape": list(tensors["x1"].shape[1:]), "aux": list(latent.aux_keys),
+                                       "seconds": round(time.time() - t0, 1)})
+        log.info("prepare: latent cache %s in %.1fs", list(tensors["x1"].shape), time.time() - t0)
+
+    return cached_dir(cfg["cache_dir"], "latents", key_obj, build)
+
+
+def prepare_run(cfg: dict, device: torch.device | str = "cpu") -> Prepared:
+    """Everything `train` needs, built once and cached; cheap when the caches exist."""
+    device = torch.device(device)
+    data = load_dataset(cfg["data"]["name"], cfg["data"]["root"], cfg["data"]["image_size"])
+    dirs = build_artifacts(cfg, data, device)
+    latent_dir = build_latent_cache(cfg, data, dirs, device)
+    return Prepared(data=data, artifact_dirs=dirs, latent_dir=latent_dir)
+
+
+def load_latent_cache(latent_dir: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(train tensors, mean (1,C,1,1), std (1,C,1,1)) from a finished latent cache."""
+    tensors = load_file(str(Path(latent_dir) / "train.safetensors"))
+    stats = load_file(str(Path(latent_dir) / "stats.safetensors"))
+    return tensors, stats["mean"], stats["std"]

@@ -1,0 +1,153 @@
+"""Stage 4b: report.md, curves.csv, convergence.png, per-run sample grids, the "× faster convergence"
+table and the Δt sweep plot. `python -m benchmarks.report grid=NAME [results=DIR]` works at any time.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from benchmarks import plots
+from benchmarks.collect import load_curves, load_runs
+from benchmarks.grid import load_yaml
+from core.config import ConfigError
+from core.rundir import atomic_write_text
+
+FD_NAME = "FD-fdnet"   # Fréchet distance in the profile's FD classifier features (not Inception FID)
+
+
+def faster_convergence(curves: pd.DataFrame, runs: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Steps each group needs for its FD to first reach the baseline's final FD, as a ratio.
+
+    target = mean over the baseline's seeds of their final FD; baseline steps = the eval step of that
+    final FD. For each run: the first eval step s with FD ≤ target; speed-up = baseline steps / s.
+    Resolution is the eval interval (no interpolation). Runs that never reach it say "not reached".
+    """
+    base = runs[runs["group"] == baseline]
+    if base.empty or "final.fd" not in base:
+        return pd.DataFrame()
+    target, base_steps = float(base["final.fd"].mean()), int(base["final.step"].max())
+    rows = []
+    for group, g in curves.groupby("group"):
+        reached = []
+        for _, c in g.groupby("run_id"):
+            hit = c[(c["fd"] <= target) & (c["step"] > 0)].sort_values("step")
+            reached.append(int(hit["step"].iloc[0]) if len(hit) else None)
+        ok = [s for s in reached if s is not None]
+        ratios = [base_steps / s for s in ok]
+        rows.append({"group": group, "target FD": round(target, 3), "baseline steps": base_steps,
+                     "steps to reach (per seed)": ", ".join(str(s) if s else "not reached" for s in reached),
+                     "× faster (mean)": f"{np.mean(ratios):.2f}×" if len(ok) == len(reached) else "not reached"
+                     if not ok else f"{np.mean(ratios):.2f}× ({len(ok)}/{len(reached)} seeds)",
+                     "× faster (min–max)": f"{min(ratios):.2f}–{max(ratios):.2f}" if ok else "–"})
+    return pd.DataFrame(rows)
+
+
+def final_table(runs: pd.DataFrame) -> pd.DataFrame:
+    done = runs[runs["status"] == "done"]
+    if done.empty:
+        return pd.DataFrame()
+    agg = {"final.fd": ["mean", "std"], "final.kid": "mean", "final.precision": "mean", "final.recall": "mean",
+           "final.class_acc": ["mean", "std"], "first.fd": "mean", "seed": "count"}
+    t = done.groupby("group").agg(agg)
+    t.columns = [f"{a} {b}" if b not in ("mean",) else a for a, b in t.columns]
+    t["final/first FD"] = t["final.fd"] / t["first.fd"]
+    return t.rename(columns={"seed count": "seeds"}).round(4).reset_index()
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _prepare_section(grid_root: Path) -> list[str]:
+    path = grid_root / "prepare.json"
+    if not path.exists():
+        return ["(prepare summary not found)"]
+    info = json.loads(path.read_text())
+    lines = ["| artifact | summary |", "|---|---|"]
+    for kind, summ in sorted(info.get("artifacts", {}).items()):
+        lines.append(f"| {kind} | " + ", ".join(f"{k}={v}" for k, v in summ.items()) + " |")
+    floor = info.get("real_data_floor")
+    if floor:
+        lines += ["", f"Real-data floor: {len(floor) and ''}{FD_NAME} of {info.get('num_samples')} real training "
+                      f"images against the test split = **{floor['fd']:.3f}** (KID {floor['kid']:.4f}, precision "
+                      f"{floor['precision']:.3f}, recall {floor['recall']:.3f}, class acc {floor['class_acc']:.3f}). "
+                      "A perfect generator scores about this."]
+    return lines
+
+
+def write_report(grid_name: str, results_root: Path = Path("results")) -> Path:
+    grid_root = Path(results_root) / grid_name
+    if not grid_root.exists():
+        raise ConfigError(f"no results for grid {grid_name!r} under {grid_root}; run `python -m benchmarks.run grid={grid_name}` first")
+    meta = load_yaml("grid", grid_name) if (Path(__file__).parent / "configs/grid" / f"{grid_name}.yaml").exists() else {}
+    runs, curves = load_runs(grid_root), load_curves(grid_root)
+    if runs.empty:
+        raise ConfigError(f"no run folders under {grid_root}")
+    if not curves.empty:
+        curves.to_csv(grid_root / "curves.csv", index=False)
+        plots.convergence(curves, grid_root / "convergence.png", FD_NAME)
+    runs.drop(columns=[c for c in runs.columns if c.startswith("cfg.")]).to_csv(grid_root / "runs.csv", index=False)
+    samples = grid_root / "samples"
+    samples.mkdir(exist_ok=True)
+    for run in runs["path"]:
+        pngs = sorted((Path(run) / "samples").glob("step_*.png"))
+        if pngs:
+            shutil.copyfile(pngs[-1], samples / f"{Path(run).name}.png")
+    md = [f"# Grid `{grid_name}`", "", f"{meta.get('description', '')}", "",
+          f"Profile `{runs['cfg.profile'].iloc[0]}`, {len(runs)} runs "
+          f"({(runs['status'] == 'done').sum()} done, {(runs['status'] == 'failed').sum()} failed), "
+          f"written {time.strftime('%Y-%m-%d %H:%M')} at git {_git_sha()}.", "",
+          f"**Metric.** {FD_NAME} is the Fréchet distance between sample and test-split features of the profile's "
+          "own FD network (a small CNN classifier trained with labels on the training split), computed by "
+          "torch-fidelity with that network registered as its feature extractor. It is *not* Inception FID and is "
+          "not comparable with paper numbers; see docs/metrics.md. Samples are unguided (the papers' convergence "
+          "metric) unless the profile sets eval.guidance; class accuracy is the FD classifier's accuracy on "
+          "class-conditional samples (chance = 0.1).", "", "## Prepared artifacts", "", *_prepare_section(grid_root), ""]
+    ft = final_table(runs)
+    md += ["## Final metrics (mean over seeds)", "", ft.to_markdown(index=False) if not ft.empty else "(no finished runs)", ""]
+    if meta.get("baseline") and not curves.empty:
+        fc = faster_convergence(curves, runs, meta["baseline"])
+        md += [f"## × faster convergence (vs `{meta['baseline']}`)", "",
+               "Steps at which each group's FD first reaches the baseline's final FD; ratio = baseline steps / "
+               "those steps. Resolution is the eval interval.", "", fc.to_markdown(index=False) if not fc.empty else "(baseline not finished)", ""]
+    if meta.get("sweep") and f"label.{meta['sweep']}" in runs and runs["final.fd"].notna().any():
+        plots.sweep(runs[runs["status"] == "done"], meta["sweep"], grid_root / "sweep.png", FD_NAME)
+        md += [f"## Sweep over `{meta['sweep']}`", "", "![sweep](sweep.png)", ""]
+    if not curves.empty:
+        md += ["## Convergence", "", "![convergence](convergence.png)", "", "Data: `curves.csv`.", ""]
+    cols = ["run_id", "group", "seed", "status", "step", "final.step", "first.fd", "final.fd", "final.class_acc",
+            "sec_per_step", "failure"]
+    md += ["## Runs", "", runs[[c for c in cols if c in runs]].round(4).to_markdown(index=False), "",
+           "Samples at each run's last eval: `samples/<run_id>.png` (rows sorted by class).", ""]
+    out = grid_root / "report.md"
+    atomic_write_text(out, "\n".join(md))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = dict(a.split("=", 1) for a in (argv if argv is not None else sys.argv[1:]) if "=" in a)
+    if "grid" not in args:
+        print("usage: python -m benchmarks.report grid=NAME [results=DIR]", file=sys.stderr)
+        return 2
+    try:
+        out = write_report(args["grid"], Path(args.get("results", "results")))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

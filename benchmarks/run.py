@@ -1,0 +1,118 @@
+"""`python -m benchmarks.run grid=NAME [profile=P] [launcher=inline|local|slurm] [slurm=PROFILE]
+[parallel=N] [results=DIR] [key=value ...] [--dry-run] [--no-wait]`
+
+Expands the grid, prepares the shared caches, trains every unfinished run (rerunning resumes and
+never redoes), shows a live status table, and writes the report.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.grid import Grid, expand
+from benchmarks.launch import get_launcher, pending, run_dirs
+from benchmarks.report import write_report
+from benchmarks.status import StatusBoard
+from core.config import ConfigError
+from core.rundir import RunDir, atomic_write_text
+
+log = logging.getLogger("benchmarks.run")
+META_KEYS = ("grid", "profile", "launcher", "slurm", "parallel", "results")
+FLAGS = ("--dry-run", "--no-wait", "--quiet")
+
+
+def parse(argv: list[str]) -> tuple[dict[str, str], list[str], set[str]]:
+    meta, dotlist, flags = {}, [], set()
+    for a in argv:
+        if a.startswith("--"):
+            if a not in FLAGS:
+                raise ConfigError(f"unknown flag {a!r}; valid: {', '.join(FLAGS)}")
+            flags.add(a)
+        elif "=" not in a:
+            raise ConfigError(f"argument {a!r} is not key=value (e.g. grid=sfd_vs_redi train.steps=500)")
+        elif a.split("=", 1)[0] in META_KEYS:
+            k, v = a.split("=", 1)
+            meta[k] = v
+        else:
+            dotlist.append(a)
+    if "grid" not in meta:
+        raise ConfigError("missing grid=NAME (e.g. python -m benchmarks.run grid=sfd_vs_redi)")
+    return meta, dotlist, flags
+
+
+def write_run_stubs(grid: Grid, results: Path) -> None:
+    """config.yaml and label.json for every run before anything starts, so reports see pending runs."""
+    for spec, d in run_dirs(grid, results):
+        rd = RunDir(d)
+        if not (d / "config.yaml").exists():
+            rd.write_config(spec.cfg)
+        atomic_write_text(d / "label.json", json.dumps(spec.label, sort_keys=False))
+
+
+def prepare_stage(grid: Grid, results: Path) -> None:
+    """Build every distinct cache the grid needs, once, in this process (with the same locks the jobs use)."""
+    from benchmarks.evaluate import reference_dir
+    from benchmarks.prepare import FD_NET, load_artifacts, prepare_run
+    from benchmarks.train import resolve_device
+
+    summary: dict = {"artifacts": {}, "latents": {}}
+    seen: set[str] = set()
+    for spec in grid.runs:
+        cfg = spec.cfg
+        device = resolve_device(cfg["train"]["device"])
+        t0 = time.time()
+        prep = prepare_run(cfg, device)
+        if prep.latent_dir.name in seen:
+            continue
+        seen.add(prep.latent_dir.name)
+        summary["artifacts"].update({k: v for k, v in prep.summaries().items()})
+        summary["latents"][spec.label["method"]] = prep.latent_dir.name
+        fd = load_artifacts({FD_NET: prep.artifact_dirs[FD_NET]}, device)[FD_NET]
+        ref = reference_dir(cfg["cache_dir"], prep.artifact_dirs[FD_NET], prep.data, cfg["eval"]["num_samples"],
+                            device, fd)
+        summary["real_data_floor"] = json.loads((ref / "floor.json").read_text())
+        summary["num_samples"] = cfg["eval"]["num_samples"]
+        log.info("prepare for %s ready (%.1fs)", spec.label["method"], time.time() - t0)
+    atomic_write_text(results / grid.name / "prepare.json", json.dumps(summary, indent=2, sort_keys=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        meta, dotlist, flags = parse(list(sys.argv[1:] if argv is None else argv))
+        grid = expand(meta["grid"], dotlist, profile=meta.get("profile"))
+        launcher = get_launcher(meta.get("launcher", "inline"))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results = Path(meta.get("results", "results"))
+    if "--dry-run" in flags:
+        for r in grid.runs:
+            print(f"{r.run_id}  {json.dumps(r.label)}  steps={r.cfg['train']['steps']}")
+        print(f"{len(grid.runs)} runs; {len(pending(grid, results))} not finished")
+        return 0
+    write_run_stubs(grid, results)
+    t0 = time.time()
+    if meta.get("launcher", "inline") != "slurm":
+        prepare_stage(grid, results)
+    todo = pending(grid, results)
+    log.info("grid %s: %d runs, %d to do (prepare took %.0fs)", grid.name, len(grid.runs), len(todo), time.time() - t0)
+    board_runs = [(d, r.cfg["train"]["steps"]) for r, d in run_dirs(grid, results)]
+    with StatusBoard(board_runs, f"grid {grid.name}"):
+        launcher(todo, folder=results / grid.name / ".submitit", parallel=int(meta.get("parallel", 0)),
+                 slurm=meta.get("slurm", "local-ci"), wait="--no-wait" not in flags)
+    out = write_report(grid.name, results)
+    failed = [d.name for _, d in run_dirs(grid, results) if RunDir(d).failed_file.exists()]
+    print(f"report: {out}  ({time.time() - t0:.0f}s){'  FAILED: ' + ', '.join(failed) if failed else ''}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Live status while a grid runs: a rich table on a terminal, one compact line per change otherwise.
+
+It reads only the run folders, so it works the same for in-process, local and SLURM launchers.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from core.rundir import read_jsonl
+
+
+def _row(run: Path, steps: int) -> dict:
+    train, evals = read_jsonl(run / "metrics.jsonl"), read_jsonl(run / "eval.jsonl")
+    status = "done" if (run / "done.json").exists() else "failed" if (run / "failed.json").exists() \
+        else "running" if (train or evals) else "pending"
+    step = train[-1]["step"] if train else 0
+    sps = train[-1].get("sec_per_step") if train else None
+    eta = (steps - step) * sps if (sps and status == "running") else None
+    return {"run": run.name, "status": status, "step": step, "steps": steps,
+            "loss": train[-1].get("loss") if train else None, "fd": evals[-1].get("fd") if evals else None,
+            "acc": evals[-1].get("class_acc") if evals else None, "eta": eta}
+
+
+def snapshot(runs: list[tuple[Path, int]]) -> list[dict]:
+    return [_row(d, steps) for d, steps in runs]
+
+
+def table(rows: list[dict], title: str) -> Table:
+    t = Table(title=title)
+    for c in ("run", "status", "step", "loss", "last FD", "class acc", "ETA"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r["run"], r["status"], f"{r['step']}/{r['steps']}",
+                  "" if r["loss"] is None else f"{r['loss']:.4f}", "" if r["fd"] is None else f"{r['fd']:.2f}",
+                  "" if r["acc"] is None else f"{r['acc']:.2f}", "" if r["eta"] is None else f"{r['eta']:.0f}s")
+    return t
+
+
+class StatusBoard:
+    """Background thread refreshing the status every `every` seconds until stop()."""
+
+    def __init__(self, runs: list[tuple[Path, int]], title: str, every: float = 2.0) -> None:
+        self.runs, self.title, self.every = runs, title, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self.tty = sys.stdout.isatty()
+
+    def __enter__(self) -> "StatusBoard":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        Console().print(table(snapshot(self.runs), self.title))
+
+    def _loop(self) -> None:
+        if self.tty:
+            with Live(table(snapshot(self.runs), self.title), refresh_per_second=1, transient=True) as live:
+                while not self._stop.wait(self.every):
+                    live.update(table(snapshot(self.runs), self.title))
+            return
+        last = None
+        while not self._stop.wait(max(self.every, 15.0)):
+            rows = snapshot(self.runs)
+            line = " | ".join(f"{r['run'][:28]} {r['status']} {r['step']}/{r['steps']}"
+                              + (f" FD {r['fd']:.1f}" if r["fd"] is not None else "") for r in rows)
+            if line != last:
+                print(time.strftime("%H:%M:%S"), line, flush=True)
+                last = line

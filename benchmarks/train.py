@@ -1,0 +1,184 @@
+"""Stage 3 (DESIGN.md §4): the one training job, for every method.
+
+`run_job(cfg, run_dir)` is a pure, picklable function of its arguments. Rerunning it resumes from the
+newest valid checkpoint (or returns done.json); every step reseeds from (seed, step), so a resumed run
+is bit-identical on CPU to an uninterrupted one. It never looks at which method it trains.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchvision.utils import save_image
+
+from benchmarks.components import RunParts, build_run
+from benchmarks.evaluate import class_accuracy, eval_labels, fidelity, generate, reference_dir
+from benchmarks.plugins import load_all
+from benchmarks.prepare import FD_NET, prepare_run
+from core.ema import ema_decay, make_ema, update_ema
+from core.rundir import RunDir
+from core.seed import seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_ctx(precision: str, device: torch.device):
+    """bf16 autocast on GPU by default; fp32 on CPU unless asked (fp32 master weights always)."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def eval_steps(cfg: dict) -> list[int]:
+    steps, every = cfg["train"]["steps"], cfg["eval"]["every"]
+    pts = set(s for s in cfg["eval"]["at"] if 0 <= s <= steps) | {steps}
+    if every > 0:
+        pts |= set(range(0, steps + 1, every))
+    return sorted(pts)
+
+
+@dataclass
+class Trainer:
+    cfg: dict
+    rd: RunDir
+    parts: RunParts
+    device: torch.device
+    ref_images: torch.Tensor         # (N,C,H,W) uint8 reference split (the FD statistics' source)
+    ref_dir: Path                    # torch-fidelity cache of the reference features
+
+    def __post_init__(self) -> None:
+        t = self.cfg["train"]
+        self.params = [p for p in self.parts.model.parameters() if p.requires_grad] + \
+                      [p for p in self.parts.method.loss.parameters() if p.requires_grad]
+        fused = self.device.type == "cuda"
+        self.opt = torch.optim.AdamW(self.params, lr=t["lr"], betas=tuple(t["betas"]),
+                                     weight_decay=t["weight_decay"], fused=fused, foreach=not fused)
+        self.ema = make_ema(self.parts.model)
+        self.step = 0
+        self.forward = torch.compile(self.parts.model) if t["compile"] else self.parts.model
+        self.labels = eval_labels(self.cfg["eval"]["num_samples"], self.parts.num_classes,
+                                  self.cfg["eval"]["sample_seed"])
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict:
+        return {"step": self.step, "model": self.parts.model.state_dict(), "ema": self.ema.state_dict(),
+                "loss": self.parts.method.loss.state_dict(), "opt": self.opt.state_dict()}
+
+    def restore(self) -> None:
+        st = self.rd.load_latest(map_location=self.device)
+        if st is None:
+            return
+        self.parts.model.load_state_dict(st["model"])
+        self.ema.load_state_dict(st["ema"])
+        self.parts.method.loss.load_state_dict(st["loss"])
+        self.opt.load_state_dict(st["opt"])
+        self.step = int(st["step"])
+        self.rd.truncate_after("metrics.jsonl", self.step)
+        self.rd.truncate_after("eval.jsonl", self.step - 1)     # the eval at `step` is redone
+        log.info("resumed %s at step %d", self.rd.path.name, self.step)
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict:
+        t = self.cfg["train"]
+        seed_everything(self.cfg["seed"], 0, self.step)
+        batch = self.parts.feed.batch(self.step)
+        self.parts.model.train()
+        with autocast_ctx(t["precision"], self.device):
+            out = self.parts.method.losses(self.forward, batch)
+        self.opt.zero_grad(set_to_none=True)
+        out.total.backward()
+        if t["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(self.params, t["grad_clip"])
+        self.opt.step()
+        update_ema(self.ema, self.parts.model, ema_decay(t["ema_decay"], self.step, t["ema_warmup"]))
+        self.step += 1
+        return {"loss": out.total.detach(), **{f"loss/{k}": v.detach() for k, v in out.terms.items()}}
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict:
+        e, p = self.cfg["eval"], self.parts
+        t0 = time.time()
+        images = generate(p.method, self.ema, p.latent, p.latent_shape, self.labels, seed=e["sample_seed"],
+                          batch_size=e["batch_size"], device=self.device)
+        row = {"step": self.step, **fidelity(images, self.ref_images, p.fdnet, self.ref_dir, self.device),
+               "class_acc": class_accuracy(p.fdnet, images, self.labels, self.device),
+               "nfe": int(getattr(p.method.sampler, "last_nfe", 0)), "sec": round(time.time() - t0, 2)}
+        self.rd.samples_dir.mkdir(parents=True, exist_ok=True)
+        order = torch.argsort(self.labels[: e["grid_images"]], stable=True)
+        save_image(images[: e["grid_images"]][order].float() / 255.0,
+                   self.rd.samples_dir / f"step_{self.step:07d}.png", nrow=10)
+        self.rd.append("eval.jsonl", row)
+        return row
+
+
+def run_job(cfg: dict, run_dir: str) -> dict:
+    """Train one run to cfg.train.steps with periodic evaluation; resumes when rerun."""
+    load_all()
+    rd = RunDir(run_dir)
+    if rd.is_done():
+        return rd.read_done()
+    rd.write_config(cfg)
+    rd.clear_failed()
+    t = cfg["train"]
+    if t["threads"] > 0:
+        torch.set_num_threads(t["threads"])
+    device = resolve_device(t["device"])
+    prepared = prepare_run(cfg, device)
+    parts = build_run(cfg, prepared, device)
+    ref_dir = reference_dir(cfg["cache_dir"], prepared.artifact_dirs[FD_NET], prepared.data,
+                            cfg["eval"]["num_samples"], device, parts.fdnet)
+    trainer = Trainer(cfg, rd, parts, device, ref_images=prepared.data.test_x, ref_dir=ref_dir)
+    trainer.restore()
+    return _loop(trainer)
+
+
+def _loop(tr: Trainer) -> dict:
+    cfg, rd, t = tr.cfg, tr.rd, tr.cfg["train"]
+    evals = eval_steps(cfg)
+    t_start, t_log, last_eval, acc = time.time(), time.time(), None, {}
+    last_finite: dict = {}
+    while True:
+        if tr.step in evals and not any(r["step"] == tr.step for r in rd.rows("eval.jsonl")):
+            last_eval = tr.evaluate()
+            log.info("%s step %d: %s", rd.path.name, tr.step, last_eval)
+        if tr.step >= t["steps"]:
+            break
+        terms = tr.train_step()
+        for k, v in terms.items():
+            acc[k] = acc.get(k, 0.0) + v
+        if tr.step % t["log_every"] == 0 or tr.step == t["steps"] or tr.step % t["ckpt_every"] == 0:
+            n = (tr.step - 1) % t["log_every"] + 1
+            row = {k: float(v) / n for k, v in acc.items()}          # the one host sync per log interval
+            if not all(math.isfinite(v) for v in row.values()):
+                return _fail(rd, tr.step, row, last_finite)
+            row.update(step=tr.step, sec_per_step=(time.time() - t_log) / n)
+            rd.append("metrics.jsonl", row)
+            last_finite, acc, t_log = row, {}, time.time()
+        if tr.step % t["ckpt_every"] == 0 or tr.step == t["steps"]:
+            rd.save_checkpoint(tr.step, tr.state(), keep=t["keep_ckpts"])
+    evals_rows = rd.rows("eval.jsonl")
+    done = {"step": tr.step, "final": evals_rows[-1] if evals_rows else last_eval,
+            "first": evals_rows[0] if evals_rows else None, "wall_sec": round(time.time() - t_start, 1),
+            "last_train": last_finite}
+    rd.mark_done(done)
+    return done
+
+
+def _fail(rd: RunDir, step: int, row: dict, last_finite: dict) -> dict:
+    payload = {"status": "failed", "reason": "non-finite loss", "step": step, "loss": {k: str(v) for k, v in row.items()},
+               "last_finite": last_finite}
+    rd.mark_failed(payload)
+    log.error("%s: non-finite loss at step %d; run marked failed (last finite: %s)", rd.path.name, step, last_finite)
+    return payload

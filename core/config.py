@@ -1,0 +1,135 @@
+"""Structured run configs: defaults live here (and in plugin constructor signatures), YAML is merged on top.
+
+Precedence when a grid expands (benchmarks/grid.py): schema defaults < profile < method preset <
+grid overrides < axis values < command-line dotlist. Unknown keys fail at load with the valid names.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+
+class ConfigError(ValueError):
+    """A one-line, user-facing config problem (names the key and the valid choices)."""
+
+
+@dataclass
+class DataCfg:
+    name: str = "fashion-mnist"        # benchmarks.datasets.DATASETS
+    root: Optional[str] = None         # None: search the default places (see benchmarks/datasets.py)
+    image_size: int = 32               # Fashion-MNIST 28 px is zero-padded to 32
+    flips: bool = True                 # cache horizontal flips and pick one with p = 0.5 (LightningDiT/SFD, spec §5.2)
+
+
+@dataclass
+class MethodCfg:
+    name: str = MISSING
+    latent: dict = field(default_factory=dict)      # LATENTS entry + its keys
+    schedule: dict = field(default_factory=dict)    # SCHEDULES entry + its keys
+    loss: dict = field(default_factory=dict)        # LOSSES entry + its keys
+    sampler: dict = field(default_factory=dict)     # SAMPLERS entry + its keys (paper setting)
+    guidance: Optional[dict] = None                 # paper guidance for sampling (None = unguided)
+    backbone: dict = field(default_factory=dict)    # backbone keywords the method needs (SFD: qk_norm)
+
+
+@dataclass
+class TrainCfg:
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 3e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    grad_clip: Optional[float] = None  # max global grad norm; None = off (REPA uses 1.0)
+    ema_decay: float = 0.999
+    ema_warmup: bool = True            # decay_k = min(decay, (1 + k) / (10 + k)): early EMA curves are honest
+    precision: str = "auto"            # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False              # torch.compile the backbone (worth it on GPU only)
+    device: str = "auto"               # auto | cpu | cuda
+    threads: int = 0                   # torch intra-op threads; 0 = leave torch's default
+    log_every: int = 50
+    ckpt_every: int = 500
+    keep_ckpts: int = 2
+
+
+@dataclass
+class EvalCfg:
+    every: int = 250                   # evaluate the EMA model every N steps ...
+    at: list = field(default_factory=lambda: [0])  # ... and at these steps (0 = the untrained model)
+    num_samples: int = 2000            # balanced over classes
+    batch_size: int = 500
+    sampler: dict = field(default_factory=dict)     # keys merged onto method.sampler where the sampler accepts them
+    guidance: Optional[dict] = None    # guidance for evaluation samples; None = unguided (the papers' convergence metric)
+    sample_seed: int = 1234            # same noise and labels at every eval: lower-variance curves
+    grid_images: int = 100             # images in the per-run sample PNG
+
+
+@dataclass
+class RunCfg:
+    profile: str = "tiny"
+    seed: int = 0
+    method: MethodCfg = field(default_factory=MethodCfg)
+    backbone: dict = field(default_factory=lambda: {"name": "lightningdit-tiny"})
+    data: DataCfg = field(default_factory=DataCfg)
+    prepare: dict = field(default_factory=dict)    # artifact kind -> fit() keywords (encoders/)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    cache_dir: str = "cache"           # shared artifacts and latent caches (not part of the run hash)
+
+
+NOT_HASHED = ("cache_dir",)
+
+
+def structured(*layers: Any) -> DictConfig:
+    """Merge layers (dicts / DictConfigs / dotlists already parsed) onto the RunCfg schema."""
+    base = OmegaConf.structured(RunCfg)
+    try:
+        return OmegaConf.merge(base, *layers)
+    except (ConfigKeyError, ValidationError) as e:
+        raise ConfigError(_one_line(e)) from None
+
+
+def _one_line(e: Exception) -> str:
+    """OmegaConf errors are multi-line; keep the message and add the valid keys of the parent node."""
+    msg = str(e).splitlines()[0]
+    key = getattr(e, "full_key", None) or ""
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    node: Any = OmegaConf.structured(RunCfg)
+    try:
+        for part in [p for p in parent.split(".") if p]:
+            node = node[part]
+        valid = ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else ""
+    except Exception:  # noqa: BLE001 - the hint is best-effort, the message above is the error
+        valid = ""
+    return f"config key {key!r}: {msg}" + (f" (valid keys: {valid})" if valid else "")
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+
+
+def run_hash(cfg: dict) -> str:
+    """sha1 of the resolved config minus the keys that do not change results."""
+    body = {k: v for k, v in cfg.items() if k not in NOT_HASHED}
+    return hashlib.sha1(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def stable_hash(obj: Any, n: int = 12) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def check_keys(kind: str, ctor: Any, keys: dict, *, deps: tuple[str, ...] = ()) -> None:
+    """Fail early (at load) when a component config names a keyword its constructor does not take."""
+    params = inspect.signature(ctor).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [n for n, p in params.items() if n not in deps and n not in ("self", "cls")
+             and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for k in keys:
+        if k != "name" and k not in valid:
+            raise ConfigError(f"{kind}: unknown key {k!r}; valid keys: {', '.join(valid)}")

@@ -1,0 +1,1 @@
+"""Frozen artifacts trained or loaded in `prepare`: tokenizers, semantic encoders, SemVAE, PCA, FD net."""

@@ -1,0 +1,1 @@
+"""Method components: latent builders, schedules, losses, samplers, guidance (DESIGN.md §2)."""
