@@ -35,7 +35,7 @@ class Schedule(Protocol):
     def group_times(self, tau: Tensor) -> Tensor: ...                    # (n,) -> (n, G) in [0, 1]
     def path(self, x0: Tensor, x1: Tensor, t_groups: Tensor) -> tuple[Tensor, Tensor]: ...  # (xt, target)
     def model_time(self, t_groups: Tensor) -> Tensor: ...                # (n, G) -> (n, K) backbone input
-    def drift_mask(self, tau: Tensor) -> Tensor: ...                     # (n,) -> (n, G) bool; samplers zero a group's drift where False
+    def drift_mask(self, tau: Tensor) -> Tensor: ...                     # (n,) -> (n, G) bool: False = group frozen
 
 
 @dataclass
