@@ -96,26 +96,45 @@ def launch_local(todo: list[tuple[RunSpec, Path]], *, folder: Path, parallel: in
     return results
 
 
-def slurm_executor(profile: str, folder: Path) -> submitit.AutoExecutor:
-    """AutoExecutor with parameters from slurm/<profile>.yaml (see slurm/README.md)."""
-    path = Path(__file__).resolve().parents[1] / "slurm" / f"{profile}.yaml"
-    if not path.exists():
-        valid = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ConfigError(f"unknown slurm profile {profile!r}; valid: {', '.join(valid)} (slurm/README.md)")
+SLURM_DIR = Path(__file__).resolve().parents[1] / "slurm"
+GENERIC_KEYS = {"timeout_min", "mem_gb", "nodes", "cpus_per_task", "gpus_per_node", "tasks_per_node"}
+
+
+def load_slurm_profile(profile: str) -> dict:
+    """slurm/<profile>.yaml (safe loader), with unknown names and keys rejected in one line."""
     import yaml
 
+    path = SLURM_DIR / f"{profile}.yaml"
+    if not path.exists():
+        valid = sorted(p.stem for p in SLURM_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown slurm profile {profile!r}; valid: {', '.join(valid)} (see slurm/README.md)")
     prof = yaml.safe_load(path.read_text()) or {}
     unknown = set(prof) - SLURM_KEYS
     if unknown:
         raise ConfigError(f"slurm profile {profile!r}: unknown keys {sorted(unknown)}; valid: {', '.join(sorted(SLURM_KEYS))}")
-    ex = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm")
-    params = {f"slurm_{k}": v for k, v in prof.items() if v is not None and k not in
-              ("extra", "timeout_min", "gpus_per_node", "cpus_per_task", "mem_gb", "nodes", "tasks_per_node")}
-    params.update({k: prof[k] for k in ("timeout_min", "gpus_per_node", "cpus_per_task", "mem_gb", "nodes",
-                                         "tasks_per_node") if prof.get(k) is not None})
-    if prof.get("extra"):
-        params["slurm_additional_parameters"] = dict(prof["extra"])
-    ex.update_parameters(**params)
+    return prof
+
+
+def profile_parameters(profile: dict) -> tuple[dict, dict]:
+    """Map a slurm profile to (AutoExecutor constructor kwargs, update_parameters kwargs).
+
+    submitit takes max_num_timeout in the constructor; the generic keys keep their names; everything
+    else gets the slurm_ prefix; `extra` becomes slurm_additional_parameters.
+    """
+    params = dict(profile)
+    ctor = {"slurm_max_num_timeout": params.pop("max_num_timeout", 3)}
+    extra = params.pop("extra", None)
+    update = {k if k in GENERIC_KEYS else f"slurm_{k}": v for k, v in params.items() if v is not None}
+    if extra:
+        update["slurm_additional_parameters"] = dict(extra)
+    return ctor, update
+
+
+def slurm_executor(profile: str, folder: Path) -> submitit.AutoExecutor:
+    """AutoExecutor with parameters from slurm/<profile>.yaml (see slurm/README.md)."""
+    ctor, update = profile_parameters(load_slurm_profile(profile))
+    ex = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm", **ctor)
+    ex.update_parameters(name="semprior", **update)
     return ex
 
 

@@ -18,9 +18,9 @@ import submitit
 from omegaconf import OmegaConf
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
+from benchmarks.launch import profile_parameters
+
 PROFILE = Path(__file__).resolve().parents[1] / "slurm" / "local-ci.yaml"
-# AutoExecutor's shared parameters; every other profile key is passed as slurm_<key>.
-GENERIC_KEYS = {"timeout_min", "mem_gb", "nodes", "cpus_per_task", "gpus_per_node", "tasks_per_node"}
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -84,17 +84,6 @@ class CountSteps:
 
 
 # ---------------------------------------------------------------- helpers
-def profile_parameters(profile: dict) -> tuple[dict, dict]:
-    """Map a slurm/*.yaml profile to (AutoExecutor constructor kwargs, update_parameters kwargs)."""
-    params = dict(profile)
-    ctor = {"slurm_max_num_timeout": params.pop("max_num_timeout")}
-    extra = params.pop("extra")
-    update = {k if k in GENERIC_KEYS else f"slurm_{k}": v for k, v in params.items() if v is not None}
-    if extra:
-        update["slurm_additional_parameters"] = dict(extra)
-    return ctor, update
-
-
 @pytest.fixture
 def submitted():
     """Jobs a test submitted; any still running at teardown are cancelled so they do not block the node."""
