@@ -1,0 +1,242 @@
+"""Image datasets for the profiles: Fashion-MNIST from IDX files (tiny), ImageFolder trees (small, imagenet256).
+
+Images are kept as uint8 (N, C, H, W); the VAEs map them to [-1, 1] with `core.types.to_unit`.
+The folder readers use the ADM center crop of guided-diffusion / DiT (spec/METHODS.md §0.2).
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from core.types import ImageData
+
+# ---------------------------------------------------------------------------------------------------
+# IDX files (Fashion-MNIST)
+# ---------------------------------------------------------------------------------------------------
+
+# Magic numbers of the IDX format (big-endian int32): 0x00000803 = ubyte, 3 dims; 0x00000801 = ubyte, 1 dim.
+IDX_IMAGES_MAGIC = 2051
+IDX_LABELS_MAGIC = 2049
+
+FASHION_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+FASHION_HINT = ("apt-get install dataset-fashion-mnist, or pass data.root=DIR holding train-images-idx3-ubyte[.gz], "
+                "train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz] "
+                "(from https://github.com/zalandoresearch/fashion-mnist)")
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file of unsigned bytes (gzip-compressed or raw): images (N, H, W) or labels (N,), uint8.
+
+    Raises ValueError on an unknown magic number or a size that does not match the header.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":  # gzip magic: decide by content, not by the file name
+        raw = gzip.decompress(raw)
+    magic = int.from_bytes(raw[0:4], "big")
+    if magic not in (IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC):
+        raise ValueError(f"{path}: magic number {magic} is not an IDX ubyte file "
+                         f"(expected {IDX_IMAGES_MAGIC} for images or {IDX_LABELS_MAGIC} for labels)")
+    ndim = magic & 0xFF  # the low byte of the magic number is the number of dimensions
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim  # 16 for images, 8 for labels
+    expected = int(np.prod(dims))
+    if len(raw) - offset != expected:
+        raise ValueError(f"{path}: header says {dims} ({expected} bytes) but the file holds {len(raw) - offset}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def _fashion_candidates(root: str | None) -> list[Path]:
+    """Directories that may hold the Fashion-MNIST IDX files, in search order."""
+    if root is not None:
+        return [Path(root).expanduser(), Path(root).expanduser() / "fashion-mnist"]
+    dirs = []
+    if os.environ.get("SEMPRIOR_DATA"):
+        dirs.append(Path(os.environ["SEMPRIOR_DATA"]).expanduser() / "fashion-mnist")
+    dirs += [Path("/usr/share/datasets/fashion-mnist"), Path("~/.cache/semprior/fashion-mnist").expanduser()]
+    return dirs
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def load_fashion_mnist(root: str | None = None, pad_to: int = 32) -> ImageData:
+    """Fashion-MNIST as uint8 (N, 1, pad_to, pad_to), zero-padded symmetrically from 28×28.
+
+    Args:
+        root: directory holding the four IDX files (.gz or raw); None searches $SEMPRIOR_DATA/fashion-mnist,
+            /usr/share/datasets/fashion-mnist and ~/.cache/semprior/fashion-mnist.
+        pad_to: output side; 32 adds a 2-pixel border of value 0 so that three ×2 downsamplings divide it.
+    """
+    if pad_to < 28 or (pad_to - 28) % 2:
+        raise ValueError(f"pad_to must be 28 + an even number of pixels, got {pad_to}")
+    looked = _fashion_candidates(root)
+    for directory in looked:
+        paths = {k: _find_idx(directory, stem) for k, stem in FASHION_FILES.items()}
+        if all(p is not None for p in paths.values()):
+            break
+    else:
+        raise FileNotFoundError(f"Fashion-MNIST not found in {', '.join(map(str, looked))}; {FASHION_HINT}")
+    arrays = {k: read_idx(p) for k, p in paths.items()}
+    pad = (pad_to - 28) // 2
+
+    def images(a: np.ndarray) -> torch.Tensor:
+        a = np.pad(a, ((0, 0), (pad, pad), (pad, pad)))  # (N, pad_to, pad_to), border value 0
+        return torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(1)  # (N, 1, pad_to, pad_to)
+
+    return ImageData(name="fashion-mnist",
+                     train_x=images(arrays["train_x"]), train_y=torch.from_numpy(arrays["train_y"].astype(np.int64)),
+                     test_x=images(arrays["test_x"]), test_y=torch.from_numpy(arrays["test_y"].astype(np.int64)),
+                     num_classes=10)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Image folders (class subfolders) with the ADM center crop
+# ---------------------------------------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+TEST_FRACTION = 0.1  # held-out share when the folder has no train/val split
+
+
+def center_crop_adm(image: Image.Image, size: int) -> np.ndarray:
+    """ADM center crop (spec §0.2): box-halve while short side ≥ 2·size, bicubic short side → size, center crop.
+
+    Returns an RGB uint8 array (size, size, 3).
+    """
+    image = image.convert("RGB")
+    # Halving with a box filter first avoids the aliasing a single large bicubic downscale would add.
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)  # (H, W, 3)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top: top + size, left: left + size]
+
+
+def _class_files(directory: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    """(file, class index) for every image under directory/<class>/ (recursively), sorted for determinism."""
+    items = []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (directory / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        items += [(p, label) for p in files]
+    return items
+
+
+def scan_image_folder(root: str | Path, split_dirs: tuple[str, str] = ("train", "val")
+                      ) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
+    """Find classes and files: (sorted class names, {"train": [(path, label)], "test": [...]}).
+
+    With root/<split_dirs[0]> and root/<split_dirs[1]> present, those are the splits (class names from the
+    train folder); otherwise every class subfolder of root is used and a deterministic 10% becomes "test".
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist; pass data.root=DIR with one subfolder per class")
+    train_dir, test_dir = (root / d for d in split_dirs)
+    has_split = train_dir.is_dir() and test_dir.is_dir()
+    class_root = train_dir if has_split else root
+    classes = sorted(p.name for p in class_root.iterdir() if p.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"no class subfolders in {class_root}; expected {class_root}/<class>/<image>")
+    if has_split:
+        splits = {"train": _class_files(train_dir, classes), "test": _class_files(test_dir, classes)}
+    else:
+        items = _class_files(root, classes)
+        order = np.random.RandomState(0).permutation(len(items))  # fixed seed: the same split on every machine
+        n_test = int(len(items) * TEST_FRACTION) if len(items) >= 2 else 0
+        test_idx = set(order[:n_test].tolist())
+        splits = {"train": [it for i, it in enumerate(items) if i not in test_idx],
+                  "test": [it for i, it in enumerate(items) if i in test_idx]}
+    if not splits["train"]:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {class_root}/<class>/")
+    return classes, splits
+
+
+def _read_all(items: list[tuple[Path, int]], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = np.zeros((len(items), 3, size, size), dtype=np.uint8)  # (N, 3, S, S)
+    for i, (path, _) in enumerate(items):
+        with Image.open(path) as im:
+            x[i] = center_crop_adm(im, size).transpose(2, 0, 1)  # (S, S, 3) -> (3, S, S)
+    y = torch.tensor([label for _, label in items], dtype=torch.int64)
+    return torch.from_numpy(x), y
+
+
+def load_image_folder(root: str | Path, image_size: int, split_dirs: tuple[str, str] = ("train", "val")) -> ImageData:
+    """An ImageFolder tree read into memory as RGB uint8 (N, 3, S, S), ADM-center-cropped (small profile)."""
+    classes, splits = scan_image_folder(root, split_dirs)
+    train_x, train_y = _read_all(splits["train"], image_size)
+    test_x, test_y = _read_all(splits["test"], image_size)
+    return ImageData(name=f"folder-{Path(root).name}", train_x=train_x, train_y=train_y,
+                     test_x=test_x, test_y=test_y, num_classes=len(classes))
+
+
+class ImageFolderDataset(Dataset):
+    """Streaming version of `load_image_folder` for folders too large for memory (paper-scale profile).
+
+    Yields (uint8 tensor (3, S, S), int label); same classes, splits and crop as `load_image_folder`.
+    """
+
+    def __init__(self, root: str | Path, image_size: int, split: str = "train",
+                 split_dirs: tuple[str, str] = ("train", "val")) -> None:
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        self.classes, splits = scan_image_folder(root, split_dirs)
+        self.items = splits[split]
+        self.image_size = image_size
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.items[index]
+        with Image.open(path) as im:
+            arr = center_crop_adm(im, self.image_size)  # (S, S, 3)
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), label  # (3, S, S)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Name -> loader
+# ---------------------------------------------------------------------------------------------------
+
+def _fashion(root: str | None, image_size: int) -> ImageData:
+    return load_fashion_mnist(root, pad_to=image_size)
+
+
+def _folder(root: str | None, image_size: int) -> ImageData:
+    if root is None:
+        raise ValueError("dataset 'image-folder' needs data.root=DIR (one subfolder per class, or train/ and val/)")
+    return load_image_folder(root, image_size)
+
+
+DATASETS: dict[str, Callable[[str | None, int], ImageData]] = {
+    "fashion-mnist": _fashion,
+    "image-folder": _folder,
+}
+
+
+def load_dataset(name: str, root: str | None, image_size: int) -> ImageData:
+    """Load a dataset by name; an unknown name raises a one-line KeyError listing the valid names."""
+    if name not in DATASETS:
+        raise KeyError(f"unknown dataset {name!r}; valid: {', '.join(sorted(DATASETS))}")
+    return DATASETS[name](root, image_size)
