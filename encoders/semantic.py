@@ -1,0 +1,388 @@
+"""Semantic encoders: patch tokens that play DINOv2's role (REPA target, ReDi PCA input, SFD SemVAE input).
+
+"semantic-encoder": a small self-supervised stand-in trained in `prepare` for the offline profiles.
+"dinov2": timm DINOv2 (https://arxiv.org/abs/2304.07193, registers https://arxiv.org/abs/2309.16588) for paper scale.
+Both expose `tokens(images in [-1, 1]) -> (N, T, D)` final-normalised patch tokens, row-major over `grid`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from core.registry import ENCODERS
+from core.types import ImageData, to_unit
+from encoders.base import batched, load_state, read_json, save_module, write_json
+
+log = logging.getLogger(__name__)
+
+
+#################################################################################
+#                       The stand-in network (MLP-Mixer)                        #
+#################################################################################
+
+class MixerBlock(nn.Module):
+    """MLP-Mixer block (https://arxiv.org/abs/2105.01601): token-mixing MLP, then channel-mixing MLP, pre-LN."""
+
+    def __init__(self, dim: int, num_tokens: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.token_fc1 = nn.Linear(num_tokens, num_tokens)
+        self.token_fc2 = nn.Linear(num_tokens, num_tokens)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.chan_fc1 = nn.Linear(dim, hidden)
+        self.chan_fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, h: Tensor) -> Tensor:
+        mixed = self.norm1(h).transpose(1, 2)                                  # (N, D, T)
+        h = h + self.token_fc2(F.gelu(self.token_fc1(mixed))).transpose(1, 2)  # (N, T, D)
+        return h + self.chan_fc2(F.gelu(self.chan_fc1(self.norm2(h))))
+
+
+class TokenNet(nn.Module):
+    """Image (N, C, H, W) in [-1, 1] -> final-LayerNorm patch tokens (N, (H/p)·(W/p), D).
+
+    The stem is two strided convs (2×2, then (p/2)×(p/2)) with a GELU between: a 4×4 patch embedding with one
+    non-linearity, as cheap as a linear patchify. A learned position embedding is added, like a ViT's.
+    """
+
+    def __init__(self, in_channels: int, image_size: int, patch: int, dim: int, depth: int, mlp_ratio: float) -> None:
+        super().__init__()
+        if patch % 2 or image_size % patch:
+            raise ValueError(f"patch must be even and divide image_size, got patch={patch}, image_size={image_size}")
+        self.grid = (image_size // patch, image_size // patch)
+        num_tokens = self.grid[0] * self.grid[1]
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, dim // 2, 2, 2), nn.GELU(),
+                                  nn.Conv2d(dim // 2, dim, patch // 2, patch // 2))
+        self.pos_embed = nn.Parameter(torch.randn(1, num_tokens, dim) * 0.02)
+        # Replaces masked patch embeddings for the masked-token term (iBOT/SimMIM style input masking).
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = nn.Sequential(*[MixerBlock(dim, num_tokens, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x (N, C, H, W); mask (N, T) bool, True = replace that patch by the mask token -> (N, T, D)."""
+        h = self.stem(x).flatten(2).transpose(1, 2)                           # (N, T, D), row-major grid
+        if mask is not None:
+            h = torch.where(mask[..., None], self.mask_token.to(h.dtype).expand_as(h), h)
+        return self.norm(self.blocks(h + self.pos_embed))
+
+
+#################################################################################
+#                        Self-supervised training (SimCLR)                      #
+#################################################################################
+
+def augment(x: Tensor, gen: torch.Generator) -> Tensor:
+    """One random view of x (N, C, H, W) in [-1, 1]: zoom-in crop, shift, h-flip, contrast/brightness.
+
+    The random numbers come from a CPU generator so a fit is reproducible on any device.
+    """
+    n = x.shape[0]
+    rnd = torch.rand(n, 6, generator=gen).to(x.device)                          # (N, 6) uniform [0, 1)
+    scale = 0.75 + 0.25 * rnd[:, 0]                                               # keep 75-100 % of the side
+    flip = torch.where(rnd[:, 1] < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 1, 1] = scale * flip, scale
+    theta[:, :, 2] = (rnd[:, 2:4] - 0.5) * 0.3                                    # shift up to ±7.5 % of the side
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    # Sample x + 1 so that out-of-image pixels pad with -1 (black background), not 0 (mid grey).
+    view = F.grid_sample(x + 1, grid, align_corners=False) - 1
+    contrast = (0.6 + 0.8 * rnd[:, 4]).view(n, 1, 1, 1)
+    bright = (0.6 * rnd[:, 5] - 0.3).view(n, 1, 1, 1)
+    return view * contrast + bright
+
+
+def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
+    """SimCLR's NT-Xent loss: row i of z1 must pick row i of z2 among all 2N − 1 others. z1, z2 (N, E)."""
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]), dim=-1)                                  # (2N, E)
+    sim = (z @ z.t() / temperature).fill_diagonal_(float("-inf"))                # (2N, 2N), self excluded
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(sim, target)
+
+
+def _head(dim: int, hidden: int, out: int) -> nn.Module:
+    """SimCLR projection head (BN as in SimCLR v2); thrown away after training."""
+    return nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.GELU(), nn.Linear(hidden, out))
+
+
+def train_ssl(net: TokenNet, images_u8: Tensor, *, steps: int, batch_size: int, lr: float, weight_decay: float,
+              temperature: float, warmup: int, mask_ratio: float, dense_weight: float, seed: int,
+              device: torch.device | str) -> float:
+    """Train `net` in place with NT-Xent on mean-pooled tokens of two views (+ a masked-token term); no labels.
+
+    Args:
+        images_u8: (N, C, H, W) uint8 training images (labels are never seen).
+    Returns the last loss value.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    dim = net.norm.normalized_shape[0]
+    with torch.random.fork_rng(devices=[]):   # seeded head init, the caller's RNG state untouched
+        torch.manual_seed(seed + 1)
+        global_head, dense_head = _head(dim, 8 * dim, 128).to(device), _head(dim, 4 * dim, 128).to(device)
+    params = [*net.parameters(), *global_head.parameters(), *dense_head.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    num_tokens = net.pos_embed.shape[1]
+    loss = torch.zeros(())
+    for step in range(steps):
+        # Linear warm-up, then cosine decay to 0: the usual SimCLR schedule, squeezed into `steps`.
+        scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in opt.param_groups:
+            group["lr"] = lr * scale
+        idx = torch.randint(0, images_u8.shape[0], (batch_size,), generator=gen)
+        x = to_unit(images_u8[idx].to(device))                                    # (B, C, H, W)
+        views = torch.cat([augment(x, gen), augment(x, gen)])                      # (2B, C, H, W)
+        mask = (torch.rand(2 * batch_size, num_tokens, generator=gen) < mask_ratio).to(device)
+        tokens = net(views, mask if dense_weight > 0 else None)                   # (2B, T, D)
+        z = global_head(tokens.mean(1))                                           # (2B, 128)
+        loss = nt_xent(z[:batch_size], z[batch_size:], temperature)
+        if dense_weight > 0:
+            loss = loss + dense_weight * _masked_token_loss(net, dense_head, views, tokens, mask, temperature, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
+
+
+def _masked_token_loss(net: TokenNet, head: nn.Module, views: Tensor, tokens: Tensor, mask: Tensor,
+                       temperature: float, gen: torch.Generator, max_rows: int = 1024) -> Tensor:
+    """Masked-token prediction, contrastive: a masked token must identify the unmasked token at its place.
+
+    The targets come from the same network without the mask and without gradient (a stop-gradient teacher,
+    data2vec/iBOT-like but with the teacher = the student to save the EMA copy). Rows are subsampled so the
+    (rows × rows) similarity matrix stays small.
+    """
+    with torch.no_grad():
+        target = net(views)[mask]                                                 # (M, D)
+    pred = tokens[mask]                                                           # (M, D)
+    keep = torch.randperm(pred.shape[0], generator=gen)[:max_rows].to(pred.device)
+    return nt_xent(head(pred[keep]), head(target[keep]).detach(), temperature)
+
+
+#################################################################################
+#                           Linear probe (report only)                          #
+#################################################################################
+
+def linear_probe(train_feats: Tensor, train_y: Tensor, test_feats: Tensor, test_y: Tensor,
+                 num_classes: int, iters: int = 100) -> float:
+    """Multinomial logistic regression (L-BFGS) on standardised features; returns test accuracy.
+
+    Args: train_feats (N, F), train_y (N,), test_feats (M, F), test_y (M,).
+    """
+    mean, std = train_feats.mean(0), train_feats.std(0) + 1e-6
+    a, b = (train_feats - mean) / std, (test_feats - mean) / std
+    weight = torch.zeros(a.shape[1], num_classes, requires_grad=True)
+    bias = torch.zeros(num_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        # A small L2 term keeps L-BFGS from running the weights off to infinity on separable data.
+        loss = F.cross_entropy(a @ weight + bias, train_y) + 1e-4 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        return float(((b @ weight + bias).argmax(1) == test_y).float().mean())
+
+
+def probe_tokens(encoder, data: ImageData, max_train: int, device: torch.device | str) -> float:
+    """Linear-probe accuracy of mean-pooled frozen tokens; labels are used here and nowhere else."""
+    pool = lambda u8: encoder.tokens(to_unit(u8)).mean(1)                         # (B, D)
+    train_feats = batched(pool, data.train_x[:max_train], device=device).float()
+    test_feats = batched(pool, data.test_x, device=device).float()
+    return linear_probe(train_feats, data.train_y[:max_train].cpu(), test_feats, data.test_y.cpu(),
+                        data.num_classes)
+
+
+#################################################################################
+#                     Artifact "semantic-encoder" (stand-in)                    #
+#################################################################################
+
+@ENCODERS.register("semantic-encoder")
+class SemanticEncoder:
+    """Self-supervised stand-in for DINOv2 on small images: an MLP-Mixer trained with SimCLR, no labels.
+
+    Why this network and objective: on 2 CPU cores the budget is ≈ 60 s, i.e. a few hundred steps. In that
+    budget the NT-Xent contrastive loss (SimCLR, https://arxiv.org/abs/2002.05709) gets a useful gradient from
+    the first step, while an EMA teacher (BYOL/DINO) must improve before its targets mean anything. Measured on
+    Fashion-MNIST (linear probe on mean-pooled tokens): untrained net 0.755; SimCLR, 400 steps of batch 128,
+    0.80 (≈ 40 s); a ViT of the same cost 0.75 (the Mixer's GEMM-only blocks are the fastest per FLOP on CPU);
+    on that ViT at 150 steps VICReg gave 0.71 against SimCLR's 0.73. The optional masked-token term
+    (`dense_weight` > 0) asks each masked token to identify its unmasked self; it is off by default: in the
+    same budget it cost 40 % more time and gave 0.79.
+    A different network (Mixer, self-supervised) from the FD feature net (a supervised CNN).
+    """
+
+    requires: tuple[str, ...] = ()
+
+    def __init__(self, net: TokenNet, config: dict, summary: dict) -> None:
+        self.net = net.eval().requires_grad_(False)
+        self.config = config
+        self._summary = summary
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.net.grid
+
+    @property
+    def dim(self) -> int:
+        return self.config["dim"]
+
+    @property
+    def device(self) -> torch.device:
+        return self.net.pos_embed.device
+
+    @torch.no_grad()
+    def tokens(self, images: Tensor) -> Tensor:
+        """images (N, C, H, W) in [-1, 1] -> (N, T, D) final-LayerNorm patch tokens, row-major over `grid`."""
+        return self.net(images.to(self.device, torch.float32))
+
+    @classmethod
+    def fit(cls, data: ImageData, deps: dict, device: torch.device | str = "cpu", *, patch: int = 4,
+            dim: int = 64, depth: int = 3, mlp_ratio: float = 2.0, steps: int = 400, batch_size: int = 128,
+            lr: float = 2e-3, weight_decay: float = 0.05, temperature: float = 0.2, warmup: int = 20,
+            mask_ratio: float = 0.3, dense_weight: float = 0.0, seed: int = 0,
+            probe_images: int = 20000) -> "SemanticEncoder":
+        """Train on data.train_x without labels; `patch` must equal the texture VAE's downsample factor."""
+        start = time.perf_counter()
+        config = dict(in_channels=data.channels, image_size=data.image_size, patch=patch, dim=dim, depth=depth,
+                      mlp_ratio=mlp_ratio)
+        with torch.random.fork_rng(devices=[]):   # seeded init without touching the caller's RNG state
+            torch.manual_seed(seed)
+            net = TokenNet(**config).to(device)
+        final_loss = train_ssl(net, data.train_x, steps=steps, batch_size=batch_size, lr=lr,
+                               weight_decay=weight_decay, temperature=temperature, warmup=warmup,
+                               mask_ratio=mask_ratio, dense_weight=dense_weight, seed=seed, device=device)
+        train_seconds = time.perf_counter() - start
+        encoder = cls(net, config, {})
+        acc = probe_tokens(encoder, data, probe_images, device)
+        encoder._summary = dict(kind="semantic-encoder", linear_probe_acc=round(acc, 4),
+                                probe_train_images=min(probe_images, data.train_x.shape[0]),
+                                final_loss=round(final_loss, 4), train_seconds=round(train_seconds, 1),
+                                seconds=round(time.perf_counter() - start, 1),
+                                params=sum(p.numel() for p in net.parameters()))
+        log.info("semantic-encoder: %s", encoder._summary)
+        return encoder
+
+    def save(self, out_dir: Path) -> None:
+        save_module(self.net, self.config, self._summary, out_dir)
+
+    @classmethod
+    def load(cls, out_dir: Path, device: torch.device | str = "cpu") -> "SemanticEncoder":
+        state, config, summary = load_state(out_dir, device)
+        net = TokenNet(**config).to(device)
+        net.load_state_dict(state)
+        return cls(net, config, summary)
+
+    def summary(self) -> dict:
+        return dict(self._summary)
+
+
+#################################################################################
+#                       Artifact "dinov2" (timm, paper scale)                   #
+#################################################################################
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resolve_dinov2_weights(name: str, weights: str | None) -> str:
+    """A local weights file for timm model `name`: `weights` itself, or the HF-hub file (cache or download).
+
+    Never returns None: a missing file raises a one-line FileNotFoundError saying where it looked.
+    """
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"DINOv2 weights file {path} does not exist (encoder weights=...)")
+        return str(path)
+    import timm
+    from huggingface_hub import constants, hf_hub_download
+
+    repo = timm.models.get_pretrained_cfg(name).hf_hub_id
+    try:
+        return hf_hub_download(repo, "model.safetensors")
+    except OSError as e:  # offline cache miss, no network, HTTP errors: all are OSError subclasses here
+        raise FileNotFoundError(
+            f"DINOv2 weights for {name!r} not found: looked for {repo}/model.safetensors in the HF cache "
+            f"{constants.HF_HUB_CACHE} (HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}, {type(e).__name__}); "
+            f"download it online with `huggingface-cli download {repo} model.safetensors` or pass "
+            f"weights=<local .safetensors/.pth file>") from None
+
+
+@ENCODERS.register("dinov2")
+class DinoV2Encoder:
+    """Frozen timm DINOv2 with the papers' preprocessing: [-1, 1] -> (x+1)/2 -> ImageNet mean/std ->
+    bicubic resize to 224 -> patch tokens after the final norm, CLS and registers dropped -> (N, 256, D).
+
+    Loads real weights or fails: there is no random-weight fallback. `save` writes only the name and the
+    weights path (json), not a copy of the 350 MB checkpoint.
+    """
+
+    requires: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module, name: str, weights: str | None, img_size: int) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.name, self.weights, self.img_size = name, weights, img_size
+        patch = model.patch_embed.patch_size[0]
+        self.grid = (img_size // patch, img_size // patch)
+        self.dim = int(model.embed_dim)
+        self._summary = dict(kind="dinov2", name=name, weights=weights, img_size=img_size,
+                             params=sum(p.numel() for p in model.parameters()))
+
+    @classmethod
+    def from_pretrained(cls, name: str = "vit_base_patch14_reg4_dinov2.lvd142m", weights: str | None = None,
+                        device: torch.device | str = "cpu", img_size: int = 224) -> "DinoV2Encoder":
+        """Build timm `name` at `img_size` (position embedding resampled by timm) with real weights."""
+        import timm
+
+        file = resolve_dinov2_weights(name, weights)
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=file), img_size=img_size)
+        return cls(model.to(device), name, weights, img_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def tokens(self, images: Tensor) -> Tensor:
+        """images (N, C, H, W) in [-1, 1], C in {1, 3} -> (N, T, D) `x_norm_patchtokens`."""
+        x = images.to(self.device, torch.float32)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)                   # grey images: same value in R, G, B
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        x = ((x + 1) / 2 - mean) / std
+        x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bicubic", align_corners=False)
+        feats = self.model.forward_features(x)            # (N, prefix + T, D), after the final norm
+        return feats[:, self.model.num_prefix_tokens:]    # (N, T, D)
+
+    @classmethod
+    def fit(cls, data: ImageData, deps: dict, device: torch.device | str = "cpu", *,
+            name: str = "vit_base_patch14_reg4_dinov2.lvd142m", weights: str | None = None,
+            img_size: int = 224) -> "DinoV2Encoder":
+        """Nothing to train: load the pretrained model (the artifact interface's entry point)."""
+        return cls.from_pretrained(name, weights, device, img_size)
+
+    def save(self, out_dir: Path) -> None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "config.json", dict(name=self.name, weights=self.weights, img_size=self.img_size))
+        write_json(out_dir / "summary.json", self._summary)
+
+    @classmethod
+    def load(cls, out_dir: Path, device: torch.device | str = "cpu") -> "DinoV2Encoder":
+        config = read_json(Path(out_dir) / "config.json")
+        return cls.from_pretrained(config["name"], config["weights"], device, config["img_size"])
+
+    def summary(self) -> dict:
+        return dict(self._summary)
