@@ -14,6 +14,7 @@ Precedence: schema < profile < method preset < grid overrides < axis values < co
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,14 +30,28 @@ SPECIAL_AXES = ("method", "backbone", "seed")
 GRID_KEYS = {"description", "profile", "axes", "overrides", "baseline", "sweep"}
 
 
+def config_roots() -> list[Path]:
+    """The package's configs plus any folders in SEMPRIOR_CONFIG_PATH (plugins' presets and grids);
+    a folder earlier in the path wins over later ones and over the package's own."""
+    extra = [Path(p) for p in os.environ.get("SEMPRIOR_CONFIG_PATH", "").split(os.pathsep) if p]
+    return [*extra, CONFIG_ROOT]
+
+
 def available(kind: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_ROOT / kind).glob("*.yaml"))
+    return sorted({p.stem for root in config_roots() for p in (root / kind).glob("*.yaml")})
+
+
+def find_yaml(kind: str, name: str) -> Path | None:
+    for root in config_roots():
+        if (root / kind / f"{name}.yaml").exists():
+            return root / kind / f"{name}.yaml"
+    return None
 
 
 def load_yaml(kind: str, name: str) -> dict:
     """configs/<kind>/<name>.yaml with the safe loader; unknown names list the valid ones."""
-    path = CONFIG_ROOT / kind / f"{name}.yaml"
-    if not path.exists():
+    path = find_yaml(kind, name)
+    if path is None:
         raise ConfigError(f"unknown {kind} {name!r}; valid: {', '.join(available(kind))}")
     with open(path) as f:
         data = yaml.safe_load(f) or {}
@@ -97,7 +112,11 @@ def validate(cfg: dict) -> None:
     from benchmarks.prepare import artifact_order, latent_requires
     from core.registry import LATENTS
 
+    from benchmarks.datasets import DATASETS
+
     load_all()
+    if cfg["data"]["name"] not in DATASETS:
+        raise ConfigError(f"unknown dataset {cfg['data']['name']!r}; valid: {', '.join(sorted(DATASETS))}")
     if cfg["train"]["steps"] < 1:
         raise ConfigError(f"train.steps must be ≥ 1, got {cfg['train']['steps']}")
     if cfg["train"]["batch_size"] < 1:

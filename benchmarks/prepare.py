@@ -68,7 +68,20 @@ def artifact_order(kinds: tuple[str, ...]) -> list[str]:
 
 def _data_key(cfg: dict) -> dict:
     d = cfg["data"]
-    return {"name": d["name"], "image_size": d["image_size"]}   # root is where, not what
+    return {"name": d["name"], "image_size": d["image_size"], "limit_train": d["limit_train"],
+            "limit_test": d["limit_test"]}   # root is where, not what
+
+
+def load_data(cfg: dict) -> ImageData:
+    d = cfg["data"]
+    data = load_dataset(d["name"], d["root"], d["image_size"])
+    for split, limit in (("train", d["limit_train"]), ("test", d["limit_test"])):
+        if limit is not None:
+            if limit < 1:
+                raise ConfigError(f"data.limit_{split} must be ≥ 1 or null, got {limit}")
+            setattr(data, f"{split}_x", getattr(data, f"{split}_x")[:limit])
+            setattr(data, f"{split}_y", getattr(data, f"{split}_y")[:limit])
+    return data
 
 
 # ----------------------------------------------------------------------------- building
@@ -146,7 +159,7 @@ def build_latent_cache(cfg: dict, data: ImageData, dirs: dict[str, Path], device
 def prepare_run(cfg: dict, device: torch.device | str = "cpu") -> Prepared:
     """Everything `train` needs, built once and cached; cheap when the caches exist."""
     device = torch.device(device)
-    data = load_dataset(cfg["data"]["name"], cfg["data"]["root"], cfg["data"]["image_size"])
+    data = load_data(cfg)
     dirs = build_artifacts(cfg, data, device)
     latent_dir = build_latent_cache(cfg, data, dirs, device)
     return Prepared(data=data, artifact_dirs=dirs, latent_dir=latent_dir)

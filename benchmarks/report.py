@@ -15,7 +15,7 @@ import pandas as pd
 
 from benchmarks import plots
 from benchmarks.collect import load_curves, load_runs
-from benchmarks.grid import load_yaml
+from benchmarks.grid import find_yaml, load_yaml
 from core.config import ConfigError
 from core.rundir import atomic_write_text
 
@@ -90,7 +90,7 @@ def write_report(grid_name: str, results_root: Path = Path("results")) -> Path:
     grid_root = Path(results_root) / grid_name
     if not grid_root.exists():
         raise ConfigError(f"no results for grid {grid_name!r} under {grid_root}; run `python -m benchmarks.run grid={grid_name}` first")
-    meta = load_yaml("grid", grid_name) if (Path(__file__).parent / "configs/grid" / f"{grid_name}.yaml").exists() else {}
+    meta = load_yaml("grid", grid_name) if find_yaml("grid", grid_name) else {}
     runs, curves = load_runs(grid_root), load_curves(grid_root)
     if runs.empty:
         raise ConfigError(f"no run folders under {grid_root}")

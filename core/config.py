@@ -25,6 +25,8 @@ class DataCfg:
     root: Optional[str] = None         # None: search the default places (see benchmarks/datasets.py)
     image_size: int = 32               # Fashion-MNIST 28 px is zero-padded to 32
     flips: bool = True                 # cache horizontal flips and pick one with p = 0.5 (LightningDiT/SFD, spec §5.2)
+    limit_train: Optional[int] = None  # use only the first N training images (smoke tests); None = all
+    limit_test: Optional[int] = None   # use only the first N test images for the FD reference; None = all
 
 
 @dataclass

@@ -251,15 +251,22 @@ class SemanticEncoder:
             dim: int = 64, depth: int = 3, mlp_ratio: float = 2.0, steps: int = 400, batch_size: int = 128,
             lr: float = 2e-3, weight_decay: float = 0.05, temperature: float = 0.2, warmup: int = 20,
             mask_ratio: float = 0.3, dense_weight: float = 0.0, seed: int = 0,
-            probe_images: int = 20000) -> "SemanticEncoder":
-        """Train on data.train_x without labels; `patch` must equal the texture VAE's downsample factor."""
+            probe_images: int = 20000, train_half: int | None = None) -> "SemanticEncoder":
+        """Train on data.train_x without labels; `patch` must equal the texture VAE's downsample factor.
+
+        train_half: None uses every training image; 0 / 1 only the even / odd indices, so that the
+        profile can train this encoder and the FD network on disjoint halves (DESIGN.md §5).
+        """
+        if train_half not in (None, 0, 1):
+            raise ValueError(f"train_half must be None, 0 or 1, got {train_half!r}")
         start = time.perf_counter()
         config = dict(in_channels=data.channels, image_size=data.image_size, patch=patch, dim=dim, depth=depth,
                       mlp_ratio=mlp_ratio)
         with torch.random.fork_rng(devices=[]):   # seeded init without touching the caller's RNG state
             torch.manual_seed(seed)
             net = TokenNet(**config).to(device)
-        final_loss = train_ssl(net, data.train_x, steps=steps, batch_size=batch_size, lr=lr,
+        images = data.train_x if train_half is None else data.train_x[train_half::2]
+        final_loss = train_ssl(net, images, steps=steps, batch_size=batch_size, lr=lr,
                                weight_decay=weight_decay, temperature=temperature, warmup=warmup,
                                mask_ratio=mask_ratio, dense_weight=dense_weight, seed=seed, device=device)
         train_seconds = time.perf_counter() - start

@@ -1,1 +1,7 @@
 """Method components: latent builders, schedules, losses, samplers, guidance (DESIGN.md §2)."""
+from methods import latents  # noqa: F401
+from methods import schedules  # noqa: F401
+from methods import losses  # noqa: F401
+from methods import ddpm  # noqa: F401
+from methods import samplers  # noqa: F401
+from methods import guidance  # noqa: F401

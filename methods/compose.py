@@ -56,16 +56,22 @@ def _build(registry: Registry, cfg: dict, kind: str, deps: dict[str, Any]) -> An
     return registry.build(cfg, **given)
 
 
-def sampler_config(sampler_cfg: dict, overrides: dict | None) -> dict:
-    """Merge eval-time overrides onto the method's sampler, keeping only keys that sampler accepts.
+def sampler_config(sampler_cfg: dict, overrides: dict | None, family: str) -> dict:
+    """The sampler a run evaluates with: the method's (paper) sampler, changed by eval-time overrides.
 
-    A profile can say `eval.sampler: {solver: euler, steps: 32}` once for every method: the ODE
-    sampler takes both, the SDE and DDPM samplers take `steps` only.
+    A profile says e.g. `eval.sampler: {name: ode, solver: euler, steps: 32}` once for every method, so
+    all methods are scored with the same sampler. If the named sampler integrates the method's schedule
+    family (flow vs ddpm), it replaces the method's sampler; otherwise only the keys the method's own
+    sampler accepts are merged (DiT's DDPM sampler takes `steps` and keeps its ancestral sampling).
     """
     out = dict(sampler_cfg)
-    if overrides:
-        params = inspect.signature(SAMPLERS.get(out["name"])).parameters
-        out.update({k: v for k, v in overrides.items() if k in params})
+    if not overrides:
+        return out
+    name = overrides.get("name")
+    if name is not None and family in getattr(SAMPLERS.get(name), "families", ()):
+        return dict(overrides)
+    params = inspect.signature(SAMPLERS.get(out["name"])).parameters
+    out.update({k: v for k, v in overrides.items() if k in params and k != "name"})
     return out
 
 
@@ -87,7 +93,7 @@ def build_method(mcfg: dict, *, groups: Groups, hidden_size: int = 0, encoder_di
     schedule = schedule if schedule is not None else build_schedule(mcfg, groups)
     loss = _build(LOSSES, mcfg["loss"], "loss",
                   {**deps, "hidden_size": hidden_size, "encoder_dim": encoder_dim})
-    sampler = _build(SAMPLERS, sampler_config(mcfg["sampler"], sampler_overrides), "sampler", deps)
+    sampler = _build(SAMPLERS, sampler_config(mcfg["sampler"], sampler_overrides, schedule.family), "sampler", deps)
     gcfg = mcfg["guidance"] if guidance == "method" else guidance
     return Method(name=mcfg["name"], schedule=schedule, loss=loss, sampler=sampler,
                   guidance=build_guidance(gcfg, null_label=null_label) if gcfg else None)

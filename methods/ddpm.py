@@ -147,6 +147,8 @@ class DDPM:
         num_timesteps, beta_start, beta_end: DiT's values 1000, 1e-4, 0.02 (spec §1)
     """
 
+    family = "ddpm"     # samplers declare the families they integrate (methods/compose.py)
+
     tau_max = 1.0
     num_time_inputs = 1
 
@@ -255,6 +257,8 @@ class DDPMSampler:
     Args:
         steps: number of respaced steps (DiT: 250)
     """
+
+    families = ("ddpm",)
 
     def __init__(self, steps: int = 250) -> None:
         self.steps = int(steps)

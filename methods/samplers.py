@@ -140,6 +140,7 @@ class _PhasedSampler:
     """Shared driver: builds the grid, splits it into phases, records states at requested times."""
 
     last_nfe: int = 0
+    families = ("flow",)    # schedule families this sampler can integrate
 
     def _grid(self, schedule: Any) -> list[float]:  # pragma: no cover - abstract
         raise NotImplementedError

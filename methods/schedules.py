@@ -91,6 +91,8 @@ def linear_path(x0: Tensor, x1: Tensor, t_groups: Tensor, groups: Groups) -> tup
 class _LinearFlow:
     """Shared parts of the flow schedules: time sampling, the path, output width."""
 
+    family = "flow"     # samplers declare the families they integrate (methods/compose.py)
+
     def __init__(self, groups: Groups, time_dist: str, time_mean: float, time_std: float) -> None:
         if time_dist not in TIME_DISTS:
             raise ValueError(f"unknown time_dist {time_dist!r}; valid: {', '.join(TIME_DISTS)}")
