@@ -31,9 +31,17 @@ def read_label(run: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def group_name(label: dict) -> str:
-    """Runs that differ only by seed form one group (one curve, one table row)."""
-    return ",".join(f"{k}={v}" if k != "method" else str(v) for k, v in label.items() if k != "seed")
+def group_name(label: dict, constant: tuple[str, ...] = ()) -> str:
+    """Runs that differ only by seed form one group (one curve, one table row). Axes with one value in
+    the whole grid (`constant`) are left out of the name."""
+    return ",".join(f"{k}={v}" if k != "method" else str(v) for k, v in label.items()
+                    if k != "seed" and (k == "method" or k not in constant))
+
+
+def constant_axes(grid_root: Path) -> tuple[str, ...]:
+    labels = [read_label(r) for r in run_folders(grid_root)]
+    keys = {k for lab in labels for k in lab}
+    return tuple(k for k in keys if len({json.dumps(lab.get(k)) for lab in labels}) == 1)
 
 
 def run_folders(grid_root: Path) -> list[Path]:
@@ -45,7 +53,7 @@ def run_folders(grid_root: Path) -> list[Path]:
 
 def load_runs(grid_root: Path) -> pd.DataFrame:
     """One row per run: run_id, status, label columns, flattened config, first/last eval, last train row."""
-    rows = []
+    rows, const = [], constant_axes(grid_root)
     for run in run_folders(grid_root):
         cfg = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True)
         evals = read_jsonl(run / "eval.jsonl")
@@ -55,7 +63,7 @@ def load_runs(grid_root: Path) -> pd.DataFrame:
                "steps": cfg["train"]["steps"], "step": train[-1]["step"] if train else 0}
         lab = read_label(run)
         row.update({f"label.{k}": v for k, v in lab.items()})
-        row["group"] = group_name(lab)
+        row["group"] = group_name(lab, const)
         if evals:
             row.update({f"first.{k}": evals[0].get(k) for k in METRICS})
             row.update({f"final.{k}": evals[-1].get(k) for k in METRICS})
@@ -74,12 +82,12 @@ def load_runs(grid_root: Path) -> pd.DataFrame:
 
 def load_curves(grid_root: Path) -> pd.DataFrame:
     """Long table: one row per (run, eval step) with every eval metric and the run's labels."""
-    rows = []
+    rows, const = [], constant_axes(grid_root)
     for run in run_folders(grid_root):
         cfg = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True)
         lab = read_label(run)
         for ev in read_jsonl(run / "eval.jsonl"):
             rows.append({"run_id": run.name, "method": cfg["method"]["name"], "backbone": cfg["backbone"]["name"],
-                         "seed": cfg["seed"], "group": group_name(lab),
+                         "seed": cfg["seed"], "group": group_name(lab, const),
                          **{f"label.{k}": v for k, v in lab.items()}, **ev})
     return pd.DataFrame(rows)

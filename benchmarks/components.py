@@ -13,7 +13,7 @@ from torch import nn
 from benchmarks.prepare import FD_NET, Prepared, build_latent, load_artifacts, load_latent_cache
 from core.config import ConfigError, check_keys
 from core.registry import BACKBONES
-from core.seed import generator, step_seed
+from core.seed import generator, seed_everything, step_seed
 from core.types import Batch
 from methods.compose import Method, build_method, build_schedule
 
@@ -27,11 +27,13 @@ class LatentFeed:
                  flips: bool, device: torch.device) -> None:
         self.batch_size, self.seed, self.device = batch_size, seed, device
         self.flips = flips and "x1_flip" in tensors
+        # Latents are normalised once here; aux targets stay in their stored dtype (fp16 tokens: half the
+        # memory) and are cast per batch.
         keys = ["x1", *latent.aux_keys]
-        norm = {"x1": latent.normalize, **{k: (lambda v: v) for k in latent.aux_keys}}
-        self.data = {k: norm[k](tensors[k].float()).to(device) for k in keys}
+        norm = {"x1": lambda v: latent.normalize(v.float()), **{k: (lambda v: v) for k in latent.aux_keys}}
+        self.data = {k: norm[k](tensors[k]).to(device) for k in keys}
         if self.flips:
-            self.flipped = {k: norm[k](tensors[f"{k}_flip"].float()).to(device) for k in keys}
+            self.flipped = {k: norm[k](tensors[f"{k}_flip"]).to(device) for k in keys}
         self.y = tensors["y"].long().to(device)
         self.n = self.y.shape[0]
 
@@ -45,7 +47,7 @@ class LatentFeed:
                 mask = flip.view(-1, *([1] * (v.dim() - 1)))
                 out[k] = torch.where(mask, v[idx], out[k])
         x1 = out.pop("x1")
-        return Batch(x1=x1, y=self.y[idx], aux=out)
+        return Batch(x1=x1, y=self.y[idx], aux={k: v.float() for k, v in out.items()})
 
 
 @dataclass
@@ -83,6 +85,7 @@ def build_run(cfg: dict, prepared: Prepared, device: torch.device) -> RunParts:
     latent.set_stats(mean.to(device), std.to(device))
     shape = tuple(tensors["x1"].shape[1:])
     schedule = build_schedule(cfg["method"], latent.groups)
+    seed_everything(cfg["seed"])        # weight init (backbone, projector heads) depends only on the seed
     model = build_backbone(cfg, schedule, shape, prepared.data.num_classes).to(device)
     enc_dim = int(tensors["tokens"].shape[-1]) if "tokens" in tensors else 0
     method = build_method(cfg["method"], groups=latent.groups, hidden_size=model.hidden_size,

@@ -40,17 +40,25 @@ class U8Images(Dataset):
 
 def fidelity(images: torch.Tensor, reference: torch.Tensor, fdnet: Any, ref_dir: Path,
              device: torch.device) -> dict[str, float]:
-    """FD, KID, precision, recall of uint8 images (N,C,H,W) against the cached reference features."""
+    """FD, KID, precision, recall of uint8 images (N,C,H,W) against the cached reference features.
+
+    FD and KID use the whole reference split. Precision/recall (k-NN manifolds, k = 3) use a fixed random
+    subset of the reference of the same size N as the samples: the manifold radii depend on N, equal sizes
+    keep precision and recall symmetric, and it avoids an O(N_ref²) distance matrix at every eval.
+    """
     name = make_fidelity_extractor(fdnet)[0]
     n = images.shape[0]
-    m = torch_fidelity.calculate_metrics(
-        input1=U8Images(images), input2=U8Images(reference), input2_cache_name=REF_NAME,
-        cache_root=str(ref_dir), cache=True, feature_extractor=name, fid=True, kid=True, prc=True,
-        cuda=device.type == "cuda", save_cpu_ram=True, verbose=False, batch_size=500,
-        kid_subset_size=min(1000, n), kid_subsets=50, samples_shuffle=False)
+    common = dict(input1=U8Images(images), cache_root=str(ref_dir), cache=True, feature_extractor=name,
+                  cuda=device.type == "cuda", save_cpu_ram=True, verbose=False, batch_size=500,
+                  samples_shuffle=False)
+    m = torch_fidelity.calculate_metrics(input2=U8Images(reference), input2_cache_name=REF_NAME, fid=True,
+                                         kid=True, kid_subset_size=min(1000, n), kid_subsets=50, **common)
+    sub = torch.randperm(reference.shape[0], generator=generator(0))[:n]
+    p = torch_fidelity.calculate_metrics(input2=U8Images(reference[sub]), input2_cache_name=f"{REF_NAME}-n{n}",
+                                         prc=True, **common)
     return {"fd": float(m["frechet_inception_distance"]), "kid": float(m["kernel_inception_distance_mean"]),
-            "kid_std": float(m["kernel_inception_distance_std"]), "precision": float(m["precision"]),
-            "recall": float(m["recall"])}
+            "kid_std": float(m["kernel_inception_distance_std"]), "precision": float(p["precision"]),
+            "recall": float(p["recall"])}
 
 
 def reference_dir(cache_dir: str, fd_dir: Path, data, num_samples: int, device: torch.device, fdnet) -> Path:

@@ -121,6 +121,10 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"train.steps must be ≥ 1, got {cfg['train']['steps']}")
     if cfg["train"]["batch_size"] < 1:
         raise ConfigError(f"train.batch_size must be ≥ 1, got {cfg['train']['batch_size']}")
+    from core.registry import BACKBONES
+
+    if cfg["backbone"]["name"] not in BACKBONES:
+        raise ConfigError(f"unknown backbone {cfg['backbone']['name']!r}; valid: {', '.join(BACKBONES.names())}")
     lat = cfg["method"]["latent"]
     try:
         check_keys(f"method.latent {lat.get('name')!r}", LATENTS.get(lat["name"]), lat, deps=("artifacts",))
@@ -157,6 +161,8 @@ def expand(grid_name: str, cli: list[str] | None = None, profile: str | None = N
         method, backbone = cfg["method"]["name"], cfg["backbone"]["name"]
         run_id = f"{label.get('method', method)}-{backbone}-s{cfg['seed']}-{run_hash(cfg)[:8]}"
         label = {"method": label.get("method", method), **{k: v for k, v in label.items() if k != "method"}}
+        if "backbone" in label:
+            label["backbone"] = backbone          # the command line may have replaced the axis value
         runs.append(RunSpec(run_id=run_id, label=label, cfg=cfg))
     ids = [r.run_id for r in runs]
     if len(set(ids)) != len(ids):

@@ -119,37 +119,73 @@ def build_latent(cfg: dict, artifacts: dict[str, Any]):
     return LATENTS.build(latent_cfg, artifacts=artifacts)
 
 
+ENCODER = "semantic-encoder"
+
+
 @torch.no_grad()
-def _encode_split(latent, images_u8: torch.Tensor, device: torch.device, seed: int, batch: int = 500) -> dict:
-    """Encode uint8 images (N,C,H,W) -> {"x1": (N,C',h,w) float32, aux...}; fixed generator per call."""
+def _batched(fn, x: torch.Tensor, device: torch.device, seed: int, batch: int = 1000) -> torch.Tensor:
+    """fn(x_chunk on device, generator) over chunks of x, one generator for the whole pass, output on CPU."""
     gen = generator(seed, device)
-    outs: dict[str, list[torch.Tensor]] = {}
-    for i in range(0, images_u8.shape[0], batch):
-        enc = latent.encode(to_unit(images_u8[i:i + batch].to(device)), generator=gen)
-        for k, v in enc.items():
-            outs.setdefault(k, []).append(v.float().cpu() if k == "x1" else v.half().cpu())
-    return {k: torch.cat(v) for k, v in outs.items()}
+    return torch.cat([fn(x[i:i + batch].to(device), gen).cpu() for i in range(0, x.shape[0], batch)])
+
+
+def _splits(cfg: dict, data: ImageData) -> dict[str, torch.Tensor]:
+    """uint8 training images, and their horizontal flips when the profile caches flips."""
+    out = {"": data.train_x}
+    if cfg["data"]["flips"]:
+        out["_flip"] = data.train_x.flip(-1)
+    return out
+
+
+def build_encodings(cfg: dict, data: ImageData, kind: str, art_dir: Path, device: torch.device) -> Path:
+    """Run one frozen network over the training set (and flips) once: texture latents (posterior samples,
+    fixed seeds) for a tokenizer, fp16 patch tokens for the semantic encoder. Shared by every latent builder."""
+    key_obj = {"artifact": art_dir.name, "data": _data_key(cfg), "flips": cfg["data"]["flips"]}
+
+    def build(tmp: Path) -> None:
+        art = ENCODERS.get(kind).load(art_dir, device)
+        t0 = time.time()
+        if kind == ENCODER:
+            fn, name = (lambda x, g: art.tokens(to_unit(x)).half()), "tokens"
+        else:
+            fn, name = (lambda x, g: art.encode(to_unit(x), generator=g).float()), "texture"
+        tensors = {f"{name}{sfx}": _batched(fn, imgs, device, seed=i) for i, (sfx, imgs) in
+                   enumerate(_splits(cfg, data).items())}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
+        log.info("prepare: %s encodings %s in %.1fs", kind, list(next(iter(tensors.values())).shape), time.time() - t0)
+
+    return cached_dir(cfg["cache_dir"], f"enc-{kind}", key_obj, build)
 
 
 def build_latent_cache(cfg: dict, data: ImageData, dirs: dict[str, Path], device: torch.device) -> Path:
-    key_obj = {"latent": cfg["method"]["latent"], "data": _data_key(cfg), "flips": cfg["data"]["flips"],
+    """Compose the run's latents from the cached encodings; per-channel stats from 10k of them."""
+    arts = load_artifacts({k: d for k, d in dirs.items() if k != FD_NET}, device)
+    latent = build_latent(cfg, arts)
+    enc = {latent.tokenizer_kind: build_encodings(cfg, data, latent.tokenizer_kind, dirs[latent.tokenizer_kind], device)}
+    if latent.uses_tokens:
+        enc[ENCODER] = build_encodings(cfg, data, ENCODER, dirs[ENCODER], device)
+    key_obj = {"latent": cfg["method"]["latent"], "encodings": {k: d.name for k, d in enc.items()},
                "artifacts": {k: d.name for k, d in dirs.items() if k != FD_NET}}
 
     def build(tmp: Path) -> None:
         t0 = time.time()
-        arts = load_artifacts({k: d for k, d in dirs.items() if k != FD_NET}, device)
-        latent = build_latent(cfg, arts)
-        tensors = {f"{k}": v for k, v in _encode_split(latent, data.train_x, device, seed=0).items()}
-        if cfg["data"]["flips"]:
-            flipped = _encode_split(latent, data.train_x.flip(-1), device, seed=1)
-            tensors.update({f"{k}_flip": v for k, v in flipped.items()})
-        tensors["y"] = data.train_y.long()
+        tex = load_file(str(enc[latent.tokenizer_kind] / "texture.safetensors"))
+        tok = load_file(str(enc[ENCODER] / "tokens.safetensors")) if ENCODER in enc else {}
+        tensors = {"y": data.train_y.long()}
+        for i, sfx in enumerate(_splits(cfg, data)):
+            x_tex, tokens = tex[f"texture{sfx}"], tok.get(f"tokens{sfx}")
+            gen = generator(100 + i, device)
+            tensors[f"x1{sfx}"] = torch.cat([
+                latent.compose(x_tex[j:j + 1000].to(device), None if tokens is None else
+                               tokens[j:j + 1000].to(device).float(), gen)["x1"].cpu()
+                for j in range(0, x_tex.shape[0], 1000)])
         idx = torch.randperm(tensors["x1"].shape[0], generator=generator(0))[:STATS_SAMPLES]
         mean, std = latent.stats_from(tensors["x1"][idx])
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "train.safetensors"))
-        save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(tmp / "stats.safetensors"))
+        save_file({"mean": mean.float().contiguous(), "std": std.float().contiguous()}, str(tmp / "stats.safetensors"))
         write_json(tmp / "info.json", {"groups": list(latent.groups.names), "sizes": list(latent.groups.sizes),
-                                       "shape": list(tensors["x1"].shape[1:]), "aux": list(latent.aux_keys),
+                                       "shape": list(tensors["x1"].shape[1:]),
+                                       "aux": {k: enc[ENCODER].name for k in latent.aux_keys},
                                        "seconds": round(time.time() - t0, 1)})
         log.info("prepare: latent cache %s in %.1fs", list(tensors["x1"].shape), time.time() - t0)
 
@@ -166,7 +202,11 @@ def prepare_run(cfg: dict, device: torch.device | str = "cpu") -> Prepared:
 
 
 def load_latent_cache(latent_dir: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """(train tensors, mean (1,C,1,1), std (1,C,1,1)) from a finished latent cache."""
-    tensors = load_file(str(Path(latent_dir) / "train.safetensors"))
-    stats = load_file(str(Path(latent_dir) / "stats.safetensors"))
+    """(train tensors incl. aux targets, mean (1,C,1,1), std (1,C,1,1)) from a finished latent cache."""
+    latent_dir = Path(latent_dir)
+    tensors = load_file(str(latent_dir / "train.safetensors"))
+    for key, enc_dir in read_json(latent_dir / "info.json")["aux"].items():
+        # aux targets live once in the encodings cache next door (the REPA tokens are ~0.5 GB per split)
+        tensors.update(load_file(str(latent_dir.parent / enc_dir / f"{key}.safetensors")))
+    stats = load_file(str(latent_dir / "stats.safetensors"))
     return tensors, stats["mean"], stats["std"]

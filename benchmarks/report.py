@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import plots
-from benchmarks.collect import load_curves, load_runs
+from benchmarks.collect import constant_axes, group_name, load_curves, load_runs
 from benchmarks.grid import find_yaml, load_yaml
 from core.config import ConfigError
 from core.rundir import atomic_write_text
@@ -22,23 +22,30 @@ from core.rundir import atomic_write_text
 FD_NAME = "FD-fdnet"   # Fréchet distance in the profile's FD classifier features (not Inception FID)
 
 
-def faster_convergence(curves: pd.DataFrame, runs: pd.DataFrame, baseline: str) -> pd.DataFrame:
+def faster_convergence(curves: pd.DataFrame, runs: pd.DataFrame, baseline: str,
+                       constant: tuple[str, ...] = ()) -> pd.DataFrame:
     """Steps each group needs for its FD to first reach the baseline's final FD, as a ratio.
 
-    target = mean over the baseline's seeds of their final FD; baseline steps = the eval step of that
-    final FD. For each run: the first eval step s with FD ≤ target; speed-up = baseline steps / s.
-    Resolution is the eval interval (no interpolation). Runs that never reach it say "not reached".
+    Each group is compared with the baseline group that has the same labels except the method (e.g. the
+    same backbone). target = mean over the baseline's seeds of their final FD; baseline steps = the eval
+    step of that final FD. For each run: the first eval step s with FD ≤ target; speed-up = baseline
+    steps / s. Resolution is the eval interval (no interpolation). Runs that never reach it say so.
     """
-    base = runs[runs["group"] == baseline]
-    if base.empty or "final.fd" not in base:
-        return pd.DataFrame()
-    target, base_steps = float(base["final.fd"].mean()), int(base["final.step"].max())
+    done = runs[runs["status"] == "done"]
     rows = []
     for group, g in curves.groupby("group"):
+        base = done[done["group"] == _baseline_group(runs[runs["group"] == group].iloc[0], baseline, constant)]
+        if base.empty or base["final.fd"].isna().all():
+            continue
+        target, base_steps = float(base["final.fd"].mean()), int(base["final.step"].max())
         reached = []
-        for _, c in g.groupby("run_id"):
+        for run_id, c in g.groupby("run_id"):
+            if run_id not in set(done["run_id"]):
+                continue                                        # failed or unfinished runs have no say
             hit = c[(c["fd"] <= target) & (c["step"] > 0)].sort_values("step")
             reached.append(int(hit["step"].iloc[0]) if len(hit) else None)
+        if not reached:
+            continue
         ok = [s for s in reached if s is not None]
         ratios = [base_steps / s for s in ok]
         rows.append({"group": group, "target FD": round(target, 3), "baseline steps": base_steps,
@@ -47,6 +54,11 @@ def faster_convergence(curves: pd.DataFrame, runs: pd.DataFrame, baseline: str) 
                      if not ok else f"{np.mean(ratios):.2f}× ({len(ok)}/{len(reached)} seeds)",
                      "× faster (min–max)": f"{min(ratios):.2f}–{max(ratios):.2f}" if ok else "–"})
     return pd.DataFrame(rows)
+
+
+def _baseline_group(row: pd.Series, baseline: str, constant: tuple[str, ...]) -> str:
+    label = {c[len("label."):]: row[c] for c in row.index if c.startswith("label.") and pd.notna(row[c])}
+    return group_name({**label, "method": baseline}, constant)
 
 
 def final_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -117,7 +129,7 @@ def write_report(grid_name: str, results_root: Path = Path("results")) -> Path:
     ft = final_table(runs)
     md += ["## Final metrics (mean over seeds)", "", ft.to_markdown(index=False) if not ft.empty else "(no finished runs)", ""]
     if meta.get("baseline") and not curves.empty:
-        fc = faster_convergence(curves, runs, meta["baseline"])
+        fc = faster_convergence(curves, runs, meta["baseline"], constant_axes(grid_root))
         md += [f"## × faster convergence (vs `{meta['baseline']}`)", "",
                "Steps at which each group's FD first reaches the baseline's final FD; ratio = baseline steps / "
                "those steps. Resolution is the eval interval.", "", fc.to_markdown(index=False) if not fc.empty else "(baseline not finished)", ""]

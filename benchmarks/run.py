@@ -24,6 +24,7 @@ from core.rundir import RunDir, atomic_write_text
 log = logging.getLogger("benchmarks.run")
 META_KEYS = ("grid", "profile", "launcher", "slurm", "parallel", "results")
 FLAGS = ("--dry-run", "--no-wait", "--quiet")
+DEFAULT_LAUNCHER = "local"     # submitit LocalExecutor: runs in parallel subprocesses, isolated from each other
 
 
 def parse(argv: list[str]) -> tuple[dict[str, str], list[str], set[str]]:
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         meta, dotlist, flags = parse(list(sys.argv[1:] if argv is None else argv))
         grid = expand(meta["grid"], dotlist, profile=meta.get("profile"))
-        launcher = get_launcher(meta.get("launcher", "inline"))
+        launcher = get_launcher(meta.get("launcher", DEFAULT_LAUNCHER))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     write_run_stubs(grid, results)
     t0 = time.time()
-    if meta.get("launcher", "inline") != "slurm":
+    if meta.get("launcher", DEFAULT_LAUNCHER) != "slurm":
         prepare_stage(grid, results)
     todo = pending(grid, results)
     log.info("grid %s: %d runs, %d to do (prepare took %.0fs)", grid.name, len(grid.runs), len(todo), time.time() - t0)

@@ -29,7 +29,7 @@ class LatentBuilder:
     """Common part: the texture tokenizer, optional extra (semantic) groups, per-channel stats, decode.
 
     Subclasses set `groups` and `normalized` (one bool per group; a False group gets stats (0, 1), i.e. is fed
-    un-normalised), and override `_extra(images, tokens, size, generator) -> [(N, C_extra, h, w)]` and
+    un-normalised), and override `_extra(tokens, size, generator) -> [(N, C_extra, h, w)]` and
     `_requires`; `needs_tokens` says whether `_extra` uses the semantic encoder's tokens.
     """
 
@@ -71,14 +71,31 @@ class LatentBuilder:
         """images (N, C_img, H, W) in [-1, 1] -> {"x1": raw latent (N, C, h, w), **aux}; aux "tokens" (N, T, D)."""
         x_tex = self.tokenizer.encode(images, generator=generator)               # (N, c_tex, h, w) sample
         tokens = self.encoder.tokens(images) if self.encoder is not None else None
-        parts = [x_tex] + self._extra(images, tokens, x_tex.shape[-2:], generator)
-        out = {"x1": torch.cat([p.to(x_tex.device, x_tex.dtype) for p in parts], dim=1)}   # (N, C, h, w)
+        out = self.compose(x_tex, tokens, generator)
         if "tokens" in self.aux_keys:
             out["tokens"] = tokens
         return out
 
-    def _extra(self, images: Tensor, tokens: Tensor | None, size: torch.Size,
-               generator: torch.Generator | None) -> list[Tensor]:
+    @property
+    def tokenizer_kind(self) -> str:
+        return self._tokenizer_kind
+
+    @property
+    def uses_tokens(self) -> bool:
+        """Whether the latent or its aux targets need the semantic encoder's tokens."""
+        return self.encoder is not None
+
+    @torch.no_grad()
+    def compose(self, x_tex: Tensor, tokens: Tensor | None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """The latent from already computed parts: texture latent (N, c_tex, h, w) and encoder tokens (N, T, D).
+
+        `prepare` encodes the texture latents and the tokens once per tokenizer / encoder and composes every
+        latent builder's cache from them, instead of running the frozen networks once per builder.
+        """
+        parts = [x_tex] + self._extra(tokens, x_tex.shape[-2:], generator)
+        return {"x1": torch.cat([p.to(x_tex.device, x_tex.dtype) for p in parts], dim=1)}   # (N, C, h, w)
+
+    def _extra(self, tokens: Tensor | None, size: torch.Size, generator: torch.Generator | None) -> list[Tensor]:
         return []
 
     #------------------------------ normalisation ------------------------------#
@@ -176,8 +193,7 @@ class VAEPCALatent(LatentBuilder):
     def _requires(args: dict[str, Any]) -> tuple[str, ...]:
         return (args["tokenizer"], ENCODER, "pca")
 
-    def _extra(self, images: Tensor, tokens: Tensor | None, size: torch.Size,
-               generator: torch.Generator | None) -> list[Tensor]:
+    def _extra(self, tokens: Tensor | None, size: torch.Size, generator: torch.Generator | None) -> list[Tensor]:
         return [_to_grid(self.pca.project(tokens, self.rank), size)]             # (N, r, h, w)
 
 
@@ -199,7 +215,6 @@ class VAESemVAELatent(LatentBuilder):
     def _requires(args: dict[str, Any]) -> tuple[str, ...]:
         return (args["tokenizer"], ENCODER, "semvae")
 
-    def _extra(self, images: Tensor, tokens: Tensor | None, size: torch.Size,
-               generator: torch.Generator | None) -> list[Tensor]:
+    def _extra(self, tokens: Tensor | None, size: torch.Size, generator: torch.Generator | None) -> list[Tensor]:
         # SFD's grids match (16×16 texture and token grid); the resize only matters for mismatched ablations.
         return [_to_grid(self.semvae.encode(tokens, generator), size)]           # (N, c_sem, h, w)

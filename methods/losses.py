@@ -5,6 +5,8 @@ Every knob defaults to off, and then the loss is the plain SiT velocity MSE bit 
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +85,23 @@ def build_projector(hidden_size: int, projector_dim: int, encoder_dim: int) -> n
             nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
     return mlp
+
+
+def pool_tokens(y: Tensor, n_tokens: int, depth: int) -> Tensor:
+    """Average-pool square-grid target tokens (N, T', E) onto the backbone's square token grid (N, T, E).
+
+    In the papers the encoder grid equals the backbone grid (DINOv2 16×16 = 256 tokens = SiT-XL/2 on 32×32
+    latents = LightningDiT/1 on 16×16), so this is a no-op there. On small profiles the encoder's patch grid
+    matches the *latent* grid while a patch-2 backbone has 4× fewer tokens; each backbone token then aligns
+    with the mean of the encoder tokens it covers (decision: docs/decisions.md).
+    """
+    src, dst = math.isqrt(y.shape[1]), math.isqrt(n_tokens)
+    if src * src != y.shape[1] or dst * dst != n_tokens or src % dst:
+        raise ValueError(f"repa: backbone has {n_tokens} tokens after block {depth} but the target has "
+                         f"{y.shape[1]}; token grids must be squares and the target grid a multiple of the backbone's")
+    grid = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], src, src)   # (N, E, s, s)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(grid.float(), dst)   # (N, E, d, d)
+    return pooled.flatten(2).transpose(1, 2).to(y.dtype)                  # (N, T, E)
 
 
 @LOSSES.register("flow")
@@ -191,9 +210,7 @@ class FlowLoss(Loss):
             raise KeyError(f"repa target {self.repa_key!r} missing from batch.aux (keys: {sorted(ctx.batch.aux)})")
         y = ctx.batch.aux[self.repa_key]                                   # (N, T', E)
         if y.shape[1] != h.shape[1]:
-            raise ValueError(f"repa: backbone has {h.shape[1]} tokens after block {self.repa_depth} but "
-                             f"target {self.repa_key!r} has {y.shape[1]}; resample the encoder tokens "
-                             f"to the backbone's token grid")
+            y = pool_tokens(y, h.shape[1], self.repa_depth)               # (N, T, E)
         z = self.projector(h)                                              # (N, T, E)
         return repa_alignment(z, y, self.repa_mode)
 

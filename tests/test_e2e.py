@@ -19,7 +19,7 @@ def _args(tmp_path, cache, *extra):
 
 
 def _run_dirs(tmp_path):
-    return sorted(p for p in (tmp_path / "results" / "smoke").iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in (tmp_path / "results" / "smoke").iterdir() if (p / "config.yaml").exists())
 
 
 def test_smoke_grid_inline_report_and_rerun(tmp_path, smoke_cache):
@@ -85,7 +85,9 @@ def test_nan_run_is_isolated_and_reported(tmp_path, smoke_cache):
 
 def test_exception_marks_failed_and_grid_goes_on(tmp_path, smoke_cache):
     (spec,) = expand("smoke", [f"cache_dir={smoke_cache}"]).runs
-    bad = {**spec.cfg, "method": {**spec.cfg["method"], "sampler": {"name": "ode", "solver": "nope"}}}
+    # A REPA head at block 99 of a 4-block backbone raises inside the first training step.
+    loss = {"name": "flow", "repa": {"depth": 99, "weight": 1.0}}
+    bad = {**spec.cfg, "method": {**spec.cfg["method"], "loss": loss}}
     out = guarded_run(bad, str(tmp_path / "bad"))
     assert out["status"] == "failed" and (tmp_path / "bad" / "failed.json").exists()
 
