@@ -92,6 +92,11 @@ def build_run(cfg: dict, prepared: Prepared, device: torch.device) -> RunParts:
                           encoder_dim=enc_dim, null_label=model.null_label, schedule=schedule,
                           sampler_overrides=cfg["eval"]["sampler"], guidance=cfg["eval"]["guidance"])
     method.loss.to(device)
+    guide_from = getattr(method.guidance, "guide_from", None)
+    if guide_from:                       # AutoGuidance: the guide is another run's EMA model
+        from benchmarks.guides import load_guide
+
+        method.guidance.guide = load_guide(guide_from, latent.groups, shape, prepared.data.num_classes, device)
     feed = LatentFeed(tensors, latent, batch_size=cfg["train"]["batch_size"], seed=cfg["seed"],
                       flips=cfg["data"]["flips"], device=device)
     return RunParts(latent=latent, method=method, model=model, feed=feed, fdnet=fdnet, latent_shape=shape,

@@ -131,11 +131,80 @@ def validate(cfg: dict) -> None:
         kinds = artifact_order(latent_requires(lat) + ("fd-net",))
     except KeyError as e:
         raise ConfigError(f"method.latent: {e.args[0]}") from None
+    _check_ranges(cfg)
+    _check_components(cfg)
     for kind, fit_cfg in cfg["prepare"].items():
         if kind not in ENCODERS:
             raise ConfigError(f"prepare.{kind}: unknown artifact kind; valid: {', '.join(ENCODERS.names())}")
         check_keys(f"prepare.{kind}", ENCODERS.get(kind).fit, fit_cfg or {}, deps=("data", "deps", "device"))
     del kinds
+
+
+def resolve(profile: str, label: dict[str, Any], overrides: list[str] | None = None,
+            cli: list[str] | None = None) -> dict:
+    """One fully resolved, validated run config: profile < method preset < overrides < other axes < cli."""
+    prof = load_yaml("profile", profile)
+    first = [x for k, v in label.items() if k == "method" for x in _axis_layer(k, v, profile)]
+    rest = [x for k, v in label.items() if k != "method" for x in _axis_layer(k, v, profile)]
+    cfg = to_dict(structured(prof, {"profile": profile}, *first, OmegaConf.from_dotlist(list(overrides or [])),
+                             *rest, OmegaConf.from_dotlist(list(cli or []))))
+    validate(cfg)
+    return cfg
+
+
+def _check_ranges(cfg: dict) -> None:
+    t, e = cfg["train"], cfg["eval"]
+    checks = [
+        (t["lr"] > 0, f"train.lr must be > 0, got {t['lr']}"),
+        (0 <= t["ema_decay"] < 1, f"train.ema_decay must be in [0, 1), got {t['ema_decay']}"),
+        (t["precision"] in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t['precision']!r}"),
+        (t["device"] in ("auto", "cpu", "cuda") or t["device"].startswith("cuda:"),
+         f"train.device must be auto, cpu or cuda[:N], got {t['device']!r}"),
+        (t["log_every"] >= 1 and t["ckpt_every"] >= 1, "train.log_every and train.ckpt_every must be ≥ 1"),
+        (t["keep_ckpts"] >= 1, f"train.keep_ckpts must be ≥ 1, got {t['keep_ckpts']}"),
+        (t["grad_clip"] is None or t["grad_clip"] > 0, f"train.grad_clip must be > 0 or null, got {t['grad_clip']}"),
+        (e["num_samples"] >= 10 and e["batch_size"] >= 1, "eval.num_samples must be ≥ 10 and eval.batch_size ≥ 1"),
+        (e["every"] >= 0, f"eval.every must be ≥ 0 (0 = only eval.at and the last step), got {e['every']}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def _check_components(cfg: dict) -> None:
+    """Build every component once with stand-in shapes (backbone on the meta device: no memory, no
+    compute), so a bad value (Δt ≥ 1, an unknown solver, a REPA depth past the last block, a bad
+    time_embed_order) fails at load with one line instead of minutes later inside a job."""
+    import torch
+
+    from benchmarks.components import build_backbone
+    from core.registry import LATENTS
+    from core.types import Groups
+    from methods.compose import build_method, build_schedule
+    from methods.guidance import build_guidance
+
+    names = LATENTS.get(cfg["method"]["latent"]["name"]).group_names
+    groups = Groups(tuple(names), (2,) * len(names))
+    where = "method.schedule"
+    try:
+        schedule = build_schedule(cfg["method"], groups)
+        where = "backbone"
+        with torch.device("meta"):
+            model = build_backbone(cfg, schedule, (groups.channels, 8, 8), 10)
+        where = "method (loss / sampler / guidance)"
+        method = build_method(cfg["method"], groups=groups, hidden_size=model.hidden_size, encoder_dim=8,
+                              null_label=10, schedule=schedule, sampler_overrides=cfg["eval"]["sampler"],
+                              guidance=cfg["eval"]["guidance"])
+        build_guidance(cfg["method"]["guidance"], null_label=10)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, KeyError) as e:
+        msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e).splitlines()[0]
+        raise ConfigError(f"{where}: {msg}") from None
+    too_deep = [d for d in method.loss.hidden_at if not 1 <= d <= model.depth]
+    if too_deep:
+        raise ConfigError(f"method.loss: hidden states requested after block(s) {too_deep} but backbone "
+                          f"{cfg['backbone']['name']!r} has {model.depth} blocks (set e.g. method.loss.repa.depth)")
 
 
 def expand(grid_name: str, cli: list[str] | None = None, profile: str | None = None) -> Grid:
@@ -145,19 +214,13 @@ def expand(grid_name: str, cli: list[str] | None = None, profile: str | None = N
     if unknown:
         raise ConfigError(f"grid {grid_name!r}: unknown keys {sorted(unknown)}; valid: {', '.join(sorted(GRID_KEYS))}")
     prof_name = profile or g.get("profile", "tiny")
-    prof = load_yaml("profile", prof_name)
     axes: dict[str, list] = g.get("axes") or {}
     if not axes or any(not isinstance(v, list) or not v for v in axes.values()):
         raise ConfigError(f"grid {grid_name!r} has no runs: every axis needs a non-empty list (axes: {axes})")
-    overrides = OmegaConf.from_dotlist(list(g.get("overrides") or []))
-    cli_layer = OmegaConf.from_dotlist(list(cli or []))
     runs = []
     for values in itertools.product(*axes.values()):
         label = dict(zip(axes.keys(), values))
-        first = [x for k, v in label.items() if k == "method" for x in _axis_layer(k, v, prof_name)]
-        rest = [x for k, v in label.items() if k != "method" for x in _axis_layer(k, v, prof_name)]
-        cfg = to_dict(structured(prof, {"profile": prof_name}, *first, overrides, *rest, cli_layer))
-        validate(cfg)
+        cfg = resolve(prof_name, label, list(g.get("overrides") or []), cli)
         method, backbone = cfg["method"]["name"], cfg["backbone"]["name"]
         run_id = f"{label.get('method', method)}-{backbone}-s{cfg['seed']}-{run_hash(cfg)[:8]}"
         label = {"method": label.get("method", method), **{k: v for k, v in label.items() if k != "method"}}

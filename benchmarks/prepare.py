@@ -123,7 +123,7 @@ ENCODER = "semantic-encoder"
 
 
 @torch.no_grad()
-def _batched(fn, x: torch.Tensor, device: torch.device, seed: int, batch: int = 1000) -> torch.Tensor:
+def _batched(fn, x: torch.Tensor, device: torch.device, seed: int, batch: int = 500) -> torch.Tensor:
     """fn(x_chunk on device, generator) over chunks of x, one generator for the whole pass, output on CPU."""
     gen = generator(seed, device)
     return torch.cat([fn(x[i:i + batch].to(device), gen).cpu() for i in range(0, x.shape[0], batch)])

@@ -116,6 +116,8 @@ def write_report(grid_name: str, results_root: Path = Path("results")) -> Path:
         pngs = sorted((Path(run) / "samples").glob("step_*.png"))
         if pngs:
             shutil.copyfile(pngs[-1], samples / f"{Path(run).name}.png")
+        if (Path(run) / "samples" / "phases.png").exists():
+            shutil.copyfile(Path(run) / "samples" / "phases.png", samples / f"{Path(run).name}_phases.png")
     md = [f"# Grid `{grid_name}`", "", f"{meta.get('description', '')}", "",
           f"Profile `{runs['cfg.profile'].iloc[0]}`, {len(runs)} runs "
           f"({(runs['status'] == 'done').sum()} done, {(runs['status'] == 'failed').sum()} failed), "
@@ -138,6 +140,14 @@ def write_report(grid_name: str, results_root: Path = Path("results")) -> Path:
         md += [f"## Sweep over `{meta['sweep']}`", "", "![sweep](sweep.png)", ""]
     if not curves.empty:
         md += ["## Convergence", "", "![convergence](convergence.png)", "", "Data: `curves.csv`.", ""]
+    phase_pngs = {g: f"samples/{r}_phases.png" for g, r in runs.sort_values("seed").groupby("group")["run_id"].first().items()
+                  if (samples / f"{r}_phases.png").exists()}
+    if phase_pngs:
+        md += ["## Sampling, phase by phase", "", "The state at a few global times τ for 4 class-conditional samples "
+               "(first seed of each group, last EMA weights): the texture group decoded, other groups as the mean "
+               "of their channels. An asynchronous schedule (SFD) moves only the semantic channels first "
+               "(τ < Δt), then both, then only the texture (τ > 1).", ""]
+        md += [f"**{g}**\n\n![{g}]({p})\n" for g, p in phase_pngs.items()]
     cols = ["run_id", "group", "seed", "status", "step", "final.step", "first.fd", "final.fd", "final.class_acc",
             "sec_per_step", "failure"]
     md += ["## Runs", "", runs[[c for c in cols if c in runs]].round(4).to_markdown(index=False), "",

@@ -18,6 +18,7 @@ from torchvision.utils import save_image
 
 from benchmarks.components import RunParts, build_run
 from benchmarks.evaluate import class_accuracy, eval_labels, fidelity, generate, reference_dir
+from benchmarks.phases import phase_figure
 from benchmarks.plugins import load_all
 from benchmarks.prepare import FD_NET, prepare_run
 from core.ema import ema_decay, make_ema, update_ema
@@ -169,6 +170,8 @@ def _loop(tr: Trainer) -> dict:
         if tr.step % t["ckpt_every"] == 0 or tr.step == t["steps"]:
             rd.save_checkpoint(tr.step, tr.state(), keep=t["keep_ckpts"])
     evals_rows = rd.rows("eval.jsonl")
+    p = tr.parts
+    phase_figure(p.method, tr.ema, p.latent, p.latent_shape, rd.samples_dir / "phases.png", device=tr.device)
     done = {"step": tr.step, "final": evals_rows[-1] if evals_rows else last_eval,
             "first": evals_rows[0] if evals_rows else None, "wall_sec": round(time.time() - t_start, 1),
             "last_train": last_finite}

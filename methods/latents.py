@@ -35,6 +35,7 @@ class LatentBuilder:
 
     aux_keys: tuple[str, ...] = ()
     needs_tokens: bool = False
+    group_names: tuple[str, ...] = ("texture",)     # known before any artifact exists (config validation)
 
     def __init__(self, artifacts: dict[str, Any], tokenizer: str, aux_tokens: bool) -> None:
         self.tokenizer, self._tokenizer_kind = _artifact(artifacts, tokenizer), tokenizer
@@ -178,6 +179,7 @@ class VAEPCALatent(LatentBuilder):
     """
 
     needs_tokens = True
+    group_names = ("texture", "semantic")
 
     def __init__(self, artifacts: dict[str, Any], tokenizer: str = "texture-vae", rank: int = 8,
                  normalize_semantic: bool = False, aux_tokens: bool = False) -> None:
@@ -204,6 +206,7 @@ class VAESemVAELatent(LatentBuilder):
     """
 
     needs_tokens = True
+    group_names = ("texture", "semantic")
 
     def __init__(self, artifacts: dict[str, Any], tokenizer: str = "texture-vae", aux_tokens: bool = True) -> None:
         self.semvae = _artifact(artifacts, "semvae")
