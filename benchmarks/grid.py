@@ -13,6 +13,7 @@ Precedence: schema < profile < method preset < grid overrides < axis values < co
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -117,6 +118,10 @@ def validate(cfg: dict) -> None:
     load_all()
     if cfg["data"]["name"] not in DATASETS:
         raise ConfigError(f"unknown dataset {cfg['data']['name']!r}; valid: {', '.join(sorted(DATASETS))}")
+    for split in ("train", "test"):
+        limit = cfg["data"][f"limit_{split}"]
+        if limit is not None and limit < 1:
+            raise ConfigError(f"data.limit_{split} must be ≥ 1 or null, got {limit}")
     if cfg["train"]["steps"] < 1:
         raise ConfigError(f"train.steps must be ≥ 1, got {cfg['train']['steps']}")
     if cfg["train"]["batch_size"] < 1:
@@ -133,10 +138,19 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"method.latent: {e.args[0]}") from None
     _check_ranges(cfg)
     _check_components(cfg)
+    _check_dataset(cfg["data"]["name"], cfg["data"]["root"], cfg["data"]["image_size"])
     for kind, fit_cfg in cfg["prepare"].items():
         if kind not in ENCODERS:
             raise ConfigError(f"prepare.{kind}: unknown artifact kind; valid: {', '.join(ENCODERS.names())}")
-        check_keys(f"prepare.{kind}", ENCODERS.get(kind).fit, fit_cfg or {}, deps=("data", "deps", "device"))
+        fit_cfg = dict(fit_cfg or {})
+        use = fit_cfg.pop("use", kind)
+        if use not in ENCODERS:
+            raise ConfigError(f"prepare.{kind}.use: unknown artifact class {use!r}; valid: {', '.join(ENCODERS.names())}")
+        for key, value in fit_cfg.items():
+            if (key == "weights" or key.endswith("_path")) and value and not Path(str(value)).expanduser().exists():
+                raise ConfigError(f"prepare.{kind}.{key}: weights file {value} does not exist; download it and "
+                                  "pass its path (which files and where: docs/paper_scale.md)")
+        check_keys(f"prepare.{kind}", ENCODERS.get(use).fit, fit_cfg, deps=("data", "deps", "device"))
     del kinds
 
 
@@ -150,6 +164,17 @@ def resolve(profile: str, label: dict[str, Any], overrides: list[str] | None = N
                              *rest, OmegaConf.from_dotlist(list(cli or []))))
     validate(cfg)
     return cfg
+
+
+@functools.lru_cache(maxsize=8)
+def _check_dataset(name: str, root: str | None, image_size: int) -> None:
+    """Load the dataset once per process so a missing one fails at load with where it looked."""
+    from benchmarks.datasets import load_dataset
+
+    try:
+        load_dataset(name, root, image_size)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
 
 
 def _check_ranges(cfg: dict) -> None:

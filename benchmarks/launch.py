@@ -134,9 +134,28 @@ def profile_parameters(profile: dict) -> tuple[dict, dict]:
     return ctor, update
 
 
+def check_partition(partition: str | None) -> None:
+    """Fail before submitting when the profile names a partition this cluster does not have."""
+    import subprocess
+
+    if not partition:
+        return
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ConfigError(f"cannot query SLURM partitions ({e}); is this a SLURM login node? "
+                          "(the CI cluster: bash scripts/slurm/start.sh)") from None
+    names = sorted({p.strip().rstrip("*") for p in out.split() if p.strip()})
+    if partition not in names:
+        raise ConfigError(f"slurm partition {partition!r} does not exist on this cluster; available: "
+                          f"{', '.join(names) or '(none)'}; fix `partition` in your slurm/<profile>.yaml")
+
+
 def slurm_executor(profile: str, folder: Path) -> submitit.AutoExecutor:
     """AutoExecutor with parameters from slurm/<profile>.yaml (see slurm/README.md)."""
-    ctor, update = profile_parameters(load_slurm_profile(profile))
+    prof = load_slurm_profile(profile)
+    check_partition(prof.get("partition"))
+    ctor, update = profile_parameters(prof)
     ex = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm", **ctor)
     ex.update_parameters(name="semprior", **update)
     return ex

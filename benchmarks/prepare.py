@@ -91,14 +91,18 @@ def build_artifacts(cfg: dict, data: ImageData, device: torch.device) -> dict[st
     keys: dict[str, str] = {}
     loaded: dict[str, Any] = {}
     for kind in kinds:
-        cls = ENCODERS.get(kind)
         fit_cfg = dict(cfg["prepare"].get(kind, {}))
-        key_obj = {"kind": kind, "fit": fit_cfg, "data": _data_key(cfg),
-                   "deps": {d: keys[d] for d in cls.requires}}
+        # `use` fills a slot with another registered class, e.g. the semantic-encoder slot with the
+        # pretrained timm DINOv2 ("dinov2") at paper scale; every consumer still reads the slot's name.
+        use = fit_cfg.pop("use", kind)
+        cls = ENCODERS.get(use)
+        key_obj = {"kind": kind, "fit": fit_cfg, "data": _data_key(cfg), "deps": {d: keys[d] for d in cls.requires}}
+        if use != kind:
+            key_obj["use"] = use
         keys[kind] = cache_key(kind, key_obj)
 
         def build(tmp: Path, cls=cls, kind=kind, fit_cfg=fit_cfg) -> None:
-            deps = {d: loaded.get(d) or ENCODERS.get(d).load(dirs[d], device) for d in cls.requires}
+            deps = {d: loaded.get(d) or artifact_class(dirs[d]).load(dirs[d], device) for d in cls.requires}
             t0 = time.time()
             log.info("prepare: training %s %s", kind, fit_cfg)
             art = cls.fit(data, deps, device, **fit_cfg)
@@ -111,7 +115,13 @@ def build_artifacts(cfg: dict, data: ImageData, device: torch.device) -> dict[st
 
 
 def load_artifacts(dirs: dict[str, Path], device: torch.device) -> dict[str, Any]:
-    return {kind: ENCODERS.get(kind).load(d, device) for kind, d in dirs.items()}
+    return {kind: artifact_class(d).load(d, device) for kind, d in dirs.items()}
+
+
+def artifact_class(art_dir: Path) -> Any:
+    """The class that built a cached artifact (key.json records `use` when a slot holds another class)."""
+    key = read_json(Path(art_dir) / "key.json")
+    return ENCODERS.get(key.get("use", key["kind"]))
 
 
 def build_latent(cfg: dict, artifacts: dict[str, Any]):
@@ -143,7 +153,7 @@ def build_encodings(cfg: dict, data: ImageData, kind: str, art_dir: Path, device
     key_obj = {"artifact": art_dir.name, "data": _data_key(cfg), "flips": cfg["data"]["flips"]}
 
     def build(tmp: Path) -> None:
-        art = ENCODERS.get(kind).load(art_dir, device)
+        art = artifact_class(art_dir).load(art_dir, device)
         t0 = time.time()
         if kind == ENCODER:
             fn, name = (lambda x, g: art.tokens(to_unit(x)).half()), "tokens"

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.grid import Grid, expand
-from benchmarks.launch import get_launcher, pending, run_dirs
+from benchmarks.launch import check_partition, get_launcher, load_slurm_profile, pending, run_dirs
 from benchmarks.report import write_report
 from benchmarks.status import StatusBoard
 from core.config import ConfigError
@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         meta, dotlist, flags = parse(list(sys.argv[1:] if argv is None else argv))
         grid = expand(meta["grid"], dotlist, profile=meta.get("profile"))
         launcher = get_launcher(meta.get("launcher", DEFAULT_LAUNCHER))
+        if meta.get("launcher") == "slurm":          # a bad cluster profile fails before anything is written
+            check_partition(load_slurm_profile(meta.get("slurm", "local-ci")).get("partition"))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
