@@ -7,8 +7,10 @@ encoder per step: they read only the latent cache.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,32 +87,56 @@ def load_data(cfg: dict) -> ImageData:
 
 
 # ----------------------------------------------------------------------------- building
-def build_artifacts(cfg: dict, data: ImageData, device: torch.device) -> dict[str, Path]:
-    kinds = artifact_order(latent_requires(cfg["method"]["latent"]) + (FD_NET,))
-    dirs: dict[str, Path] = {}
-    keys: dict[str, str] = {}
-    loaded: dict[str, Any] = {}
-    for kind in kinds:
+@dataclass
+class Node:
+    """One artifact to build: its slot (kind), the class that fills it, fit() keywords, cache key."""
+
+    kind: str
+    cls: Any
+    fit_cfg: dict
+    key_obj: dict
+
+    @property
+    def name(self) -> str:
+        return cache_key(self.kind, self.key_obj)
+
+
+def artifact_plan(cfg: dict) -> list[Node]:
+    """The artifacts a run needs, dependencies first; each key holds its dependencies' keys."""
+    names: dict[str, str] = {}
+    nodes = []
+    for kind in artifact_order(latent_requires(cfg["method"]["latent"]) + (FD_NET,)):
         fit_cfg = dict(cfg["prepare"].get(kind, {}))
         # `use` fills a slot with another registered class, e.g. the semantic-encoder slot with the
         # pretrained timm DINOv2 ("dinov2") at paper scale; every consumer still reads the slot's name.
         use = fit_cfg.pop("use", kind)
         cls = ENCODERS.get(use)
-        key_obj = {"kind": kind, "fit": fit_cfg, "data": _data_key(cfg), "deps": {d: keys[d] for d in cls.requires}}
+        key_obj = {"kind": kind, "fit": fit_cfg, "data": _data_key(cfg), "deps": {d: names[d] for d in cls.requires}}
         if use != kind:
             key_obj["use"] = use
-        keys[kind] = cache_key(kind, key_obj)
+        node = Node(kind, cls, fit_cfg, key_obj)
+        names[kind] = node.name
+        nodes.append(node)
+    return nodes
 
-        def build(tmp: Path, cls=cls, kind=kind, fit_cfg=fit_cfg) -> None:
-            deps = {d: loaded.get(d) or artifact_class(dirs[d]).load(dirs[d], device) for d in cls.requires}
-            t0 = time.time()
-            log.info("prepare: training %s %s", kind, fit_cfg)
-            art = cls.fit(data, deps, device, **fit_cfg)
-            art.save(tmp)
-            loaded[kind] = art
-            log.info("prepare: %s done in %.1fs: %s", kind, time.time() - t0, art.summary())
 
-        dirs[kind] = cached_dir(cfg["cache_dir"], kind, key_obj, build)
+def build_node(node: Node, cfg: dict, data: ImageData, dirs: dict[str, Path], device: torch.device) -> Path:
+    """Train (or find cached) one artifact; `dirs` holds its finished dependencies."""
+    def build(tmp: Path) -> None:
+        deps = {d: artifact_class(dirs[d]).load(dirs[d], device) for d in node.cls.requires}
+        t0 = time.time()
+        log.info("prepare: training %s %s", node.kind, node.fit_cfg)
+        art = node.cls.fit(data, deps, device, **node.fit_cfg)
+        art.save(tmp)
+        log.info("prepare: %s done in %.1fs: %s", node.kind, time.time() - t0, art.summary())
+
+    return cached_dir(cfg["cache_dir"], node.kind, node.key_obj, build)
+
+
+def build_artifacts(cfg: dict, data: ImageData, device: torch.device) -> dict[str, Path]:
+    dirs: dict[str, Path] = {}
+    for node in artifact_plan(cfg):
+        dirs[node.kind] = build_node(node, cfg, data, dirs, device)
     return dirs
 
 
@@ -220,3 +246,49 @@ def load_latent_cache(latent_dir: Path) -> tuple[dict[str, torch.Tensor], torch.
         tensors.update(load_file(str(latent_dir.parent / enc_dir / f"{key}.safetensors")))
     stats = load_file(str(latent_dir / "stats.safetensors"))
     return tensors, stats["mean"], stats["std"]
+
+
+def prepare_grid(cfgs: list[dict], device: torch.device | str = "cpu", workers: int = 2) -> list[Prepared]:
+    """Prepare many runs at once: every distinct artifact and encoding is built once, independent ones in
+    parallel threads (torch releases the GIL in its kernels), each thread with cores/workers torch threads.
+
+    The texture chain (VAE, its encodings) and the semantic chain (encoder, tokens, PCA, SemVAE) have no
+    edge between them, so on 2 cores they overlap; the FD network fills the gaps.
+    """
+    device = torch.device(device)
+    datas = {json.dumps(_data_key(c), sort_keys=True): None for c in cfgs}
+    for c in cfgs:
+        k = json.dumps(_data_key(c), sort_keys=True)
+        datas[k] = datas[k] or load_data(c)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // workers))
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            futures: dict[str, Future] = {}
+            plans = [(c, artifact_plan(c)) for c in cfgs]
+            ordered = [(c, n) for c, p in plans for n in p if n.kind != FD_NET] + \
+                      [(c, n) for c, p in plans for n in p if n.kind == FD_NET]
+            for c, node in ordered:                         # submitted in dependency order: no deadlock
+                if node.name in futures:
+                    continue
+                deps = {k: futures[v] for k, v in node.key_obj["deps"].items()}
+                data = datas[json.dumps(_data_key(c), sort_keys=True)]
+                futures[node.name] = pool.submit(
+                    lambda node=node, c=c, data=data, deps=deps:
+                    build_node(node, c, data, {k: f.result() for k, f in deps.items()}, device))
+            encodings: dict[tuple, Future] = {}
+            for c, plan in plans:                        # texture latents and tokens, once each
+                dirs = {n.kind: futures[n.name] for n in plan}
+                req = latent_requires(c["method"]["latent"])
+                data = datas[json.dumps(_data_key(c), sort_keys=True)]
+                for kind in {req[0], *(k for k in req if k == ENCODER)}:
+                    key = (kind, plan[[n.kind for n in plan].index(kind)].name)
+                    if key not in encodings:
+                        encodings[key] = pool.submit(lambda c=c, data=data, kind=kind, d=dirs[kind]:
+                                                     build_encodings(c, data, kind, d.result(), device))
+            for f in [*futures.values(), *encodings.values()]:
+                f.result()
+            jobs = [pool.submit(prepare_run, c, device) for c in cfgs]
+            return [j.result() for j in jobs]
+    finally:
+        torch.set_num_threads(threads)

@@ -58,16 +58,17 @@ def write_run_stubs(grid: Grid, results: Path) -> None:
 def prepare_stage(grid: Grid, results: Path) -> None:
     """Build every distinct cache the grid needs, once, in this process (with the same locks the jobs use)."""
     from benchmarks.evaluate import reference_dir
-    from benchmarks.prepare import FD_NET, load_artifacts, prepare_run
+    from benchmarks.prepare import FD_NET, load_artifacts, prepare_grid
     from benchmarks.train import resolve_device
 
     summary: dict = {"artifacts": {}, "latents": {}}
     seen: set[str] = set()
-    for spec in grid.runs:
+    t0 = time.time()
+    device = resolve_device(grid.runs[0].cfg["train"]["device"])
+    preps = prepare_grid([spec.cfg for spec in grid.runs], device)
+    log.info("prepare: all caches ready in %.0fs", time.time() - t0)
+    for spec, prep in zip(grid.runs, preps):
         cfg = spec.cfg
-        device = resolve_device(cfg["train"]["device"])
-        t0 = time.time()
-        prep = prepare_run(cfg, device)
         if prep.latent_dir.name in seen:
             continue
         seen.add(prep.latent_dir.name)
@@ -78,7 +79,6 @@ def prepare_stage(grid: Grid, results: Path) -> None:
                             device, fd)
         summary["real_data_floor"] = json.loads((ref / "floor.json").read_text())
         summary["num_samples"] = cfg["eval"]["num_samples"]
-        log.info("prepare for %s ready (%.1fs)", spec.label["method"], time.time() - t0)
     atomic_write_text(results / grid.name / "prepare.json", json.dumps(summary, indent=2, sort_keys=True))
 
 
