@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,47 +248,60 @@ def load_latent_cache(latent_dir: Path) -> tuple[dict[str, torch.Tensor], torch.
     return tensors, stats["mean"], stats["std"]
 
 
+def run_dag(tasks: dict[str, tuple[Any, tuple[str, ...]]], workers: int) -> dict[str, Any]:
+    """Run {name: (fn(results_of_deps) -> result, dep names)} on a thread pool; a task starts when its
+    dependencies are done (never blocking a worker), ready tasks in the dict's order. Re-raises errors."""
+    results: dict[str, Any] = {}
+    pending = dict(tasks)
+    with ThreadPoolExecutor(workers) as pool:
+        running: dict[Future, str] = {}
+        while pending or running:
+            for name in [n for n, (_, deps) in pending.items() if all(d in results for d in deps)]:
+                if len(running) >= workers:
+                    break
+                fn, deps = pending.pop(name)
+                running[pool.submit(fn, {d: results[d] for d in deps})] = name
+            if not running:
+                raise RuntimeError(f"prepare: unsatisfiable dependencies among {sorted(pending)}")
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for f in done:
+                results[running.pop(f)] = f.result()
+    return results
+
+
 def prepare_grid(cfgs: list[dict], device: torch.device | str = "cpu", workers: int = 2) -> list[Prepared]:
     """Prepare many runs at once: every distinct artifact and encoding is built once, independent ones in
     parallel threads (torch releases the GIL in its kernels), each thread with cores/workers torch threads.
 
     The texture chain (VAE, its encodings) and the semantic chain (encoder, tokens, PCA, SemVAE) have no
-    edge between them, so on 2 cores they overlap; the FD network fills the gaps.
+    edge between them, so on 2 cores they overlap; the FD network fills a gap at the end.
     """
     device = torch.device(device)
-    datas = {json.dumps(_data_key(c), sort_keys=True): None for c in cfgs}
+    datas: dict[str, ImageData] = {}
     for c in cfgs:
         k = json.dumps(_data_key(c), sort_keys=True)
-        datas[k] = datas[k] or load_data(c)
+        datas[k] = datas.get(k) or load_data(c)
+    tasks: dict[str, tuple[Any, tuple[str, ...]]] = {}
+    plans = [(c, artifact_plan(c)) for c in cfgs]
+    ordered = [(c, n) for c, p in plans for n in p if n.kind != FD_NET] + \
+              [(c, n) for c, p in plans for n in p if n.kind == FD_NET]
+    for c, node in ordered:
+        data = datas[json.dumps(_data_key(c), sort_keys=True)]
+        deps = {v: k for k, v in node.key_obj["deps"].items()}            # dep name -> slot
+        tasks.setdefault(node.name, (lambda r, node=node, c=c, data=data, deps=deps:
+                                     build_node(node, c, data, {deps[n]: d for n, d in r.items()}, device),
+                                     tuple(deps)))
+        req = latent_requires(c["method"]["latent"])
+        if node.kind == req[0] or (node.kind == ENCODER and ENCODER in req):
+            tasks.setdefault(f"enc:{node.name}", (lambda r, node=node, c=c, data=data:
+                                                   build_encodings(c, data, node.kind, r[node.name], device),
+                                                   (node.name,)))
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // workers))
     try:
-        with ThreadPoolExecutor(workers) as pool:
-            futures: dict[str, Future] = {}
-            plans = [(c, artifact_plan(c)) for c in cfgs]
-            ordered = [(c, n) for c, p in plans for n in p if n.kind != FD_NET] + \
-                      [(c, n) for c, p in plans for n in p if n.kind == FD_NET]
-            for c, node in ordered:                         # submitted in dependency order: no deadlock
-                if node.name in futures:
-                    continue
-                deps = {k: futures[v] for k, v in node.key_obj["deps"].items()}
-                data = datas[json.dumps(_data_key(c), sort_keys=True)]
-                futures[node.name] = pool.submit(
-                    lambda node=node, c=c, data=data, deps=deps:
-                    build_node(node, c, data, {k: f.result() for k, f in deps.items()}, device))
-            encodings: dict[tuple, Future] = {}
-            for c, plan in plans:                        # texture latents and tokens, once each
-                dirs = {n.kind: futures[n.name] for n in plan}
-                req = latent_requires(c["method"]["latent"])
-                data = datas[json.dumps(_data_key(c), sort_keys=True)]
-                for kind in {req[0], *(k for k in req if k == ENCODER)}:
-                    key = (kind, plan[[n.kind for n in plan].index(kind)].name)
-                    if key not in encodings:
-                        encodings[key] = pool.submit(lambda c=c, data=data, kind=kind, d=dirs[kind]:
-                                                     build_encodings(c, data, kind, d.result(), device))
-            for f in [*futures.values(), *encodings.values()]:
-                f.result()
-            jobs = [pool.submit(prepare_run, c, device) for c in cfgs]
-            return [j.result() for j in jobs]
+        run_dag(tasks, workers)
+        runs = {f"run:{i}": (lambda r, c=c: prepare_run(c, device), ()) for i, c in enumerate(cfgs)}
+        out = run_dag(runs, workers)
+        return [out[f"run:{i}"] for i in range(len(cfgs))]
     finally:
         torch.set_num_threads(threads)
