@@ -5,11 +5,8 @@ Skipped unless that cluster is up. Job functions live in this module and are pic
 this file. Each test uses its own submitit folder: job ids restart at 1 when the cluster's state is purged,
 and an old `1_0_result.pkl` in a shared folder would be read back as the new job's result.
 """
-import shutil
-import subprocess
 import sys
 import time
-from functools import lru_cache
 from pathlib import Path
 
 import cloudpickle
@@ -19,28 +16,11 @@ from omegaconf import OmegaConf
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from benchmarks.launch import profile_parameters
+from slurm_util import cluster_down_reason as _cluster_down_reason
 
 PROFILE = Path(__file__).resolve().parents[1] / "slurm" / "local-ci.yaml"
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-@lru_cache(maxsize=1)
-def _cluster_down_reason() -> str:
-    """Why the CI cluster cannot be used, or "" when it is up with a usable node."""
-    if shutil.which("sinfo") is None:
-        return "sinfo not found: SLURM is not installed (bash scripts/slurm/start.sh installs and starts it)"
-    try:
-        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10)
-        if "is UP" not in ping.stdout:  # checked first: sinfo retries for ~9 s when slurmctld is down
-            first_line = (ping.stdout.strip() or ping.stderr.strip()).splitlines()[:1]
-            return f"slurmctld is not up ({' '.join(first_line)}): bash scripts/slurm/start.sh"
-        node = subprocess.run(["sinfo", "-h", "-p", "debug", "-o", "%T"], capture_output=True, text=True, timeout=20)
-    except subprocess.TimeoutExpired:
-        return "scontrol ping / sinfo timed out: start the cluster with bash scripts/slurm/start.sh"
-    if node.stdout.strip() not in {"idle", "mixed", "allocated", "completing"}:
-        return f"partition debug has no usable node ({node.stdout.strip() or node.stderr.strip()!r})"
-    return ""
 
 
 pytestmark = [

@@ -10,7 +10,7 @@ from benchmarks import run as cli
 from benchmarks.grid import expand
 from benchmarks.launch import launch_slurm, run_dirs
 from core.rundir import RunDir
-from tests.test_slurm_cluster import _cluster_down_reason
+from slurm_util import cluster_down_reason as _cluster_down_reason
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow,
               pytest.mark.skipif(bool(_cluster_down_reason()), reason=_cluster_down_reason() or "cluster up")]
