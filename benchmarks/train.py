@@ -79,7 +79,9 @@ class Trainer:
 
     def restore(self) -> None:
         st = self.rd.load_latest(map_location=self.device)
-        if st is None:
+        if st is None:                   # a fresh start: drop rows an attempt killed before its first checkpoint wrote
+            self.rd.truncate_after("metrics.jsonl", 0)
+            self.rd.truncate_after("eval.jsonl", -1)
             return
         self.parts.model.load_state_dict(st["model"])
         self.ema.load_state_dict(st["ema"])
