@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.grid import _axis_layer, load_yaml
+from benchmarks.grid import _axis_layer
 from benchmarks.plugins import load_all
 from core.config import structured, to_dict
 from core.types import Groups

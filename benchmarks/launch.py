@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import submitit
 
-from benchmarks.grid import Grid, RunSpec, load_yaml
+from benchmarks.grid import Grid, RunSpec
 from benchmarks.train import run_job
 from core.config import ConfigError
 from core.rundir import RunDir

@@ -38,6 +38,29 @@ def load_state(out_dir: Path, device: torch.device | str = "cpu") -> tuple[dict[
     return state, read_json(out_dir / "config.json"), read_json(out_dir / "summary.json")
 
 
+class ModuleArtifact:
+    """save / load / summary for an artifact that is one nn.Module built from a config dict.
+
+    Subclasses set `net_cls` and keep `self.net`, `self.config`, `self._summary`; their constructor takes
+    (net, config, summary).
+    """
+
+    net_cls: Any = None
+
+    def save(self, out_dir: Path) -> None:
+        save_module(self.net, self.config, self._summary, out_dir)
+
+    @classmethod
+    def load(cls, out_dir: Path, device: torch.device | str = "cpu") -> Any:
+        state, config, summary = load_state(out_dir, device)
+        net = cls.net_cls(**config).to(device)
+        net.load_state_dict(state)
+        return cls(net, config, summary)
+
+    def summary(self) -> dict:
+        return dict(self._summary)
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Atomic JSON write (temp file + rename)."""
     path = Path(path)

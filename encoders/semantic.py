@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from core.registry import ENCODERS
 from core.types import ImageData, to_unit
-from encoders.base import batched, load_state, read_json, save_module, write_json
+from encoders.base import ModuleArtifact, batched, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def probe_tokens(encoder, data: ImageData, max_train: int, device: torch.device 
 #################################################################################
 
 @ENCODERS.register("semantic-encoder")
-class SemanticEncoder:
+class SemanticEncoder(ModuleArtifact):
     """Self-supervised stand-in for DINOv2 on small images: an MLP-Mixer trained with SimCLR, no labels.
 
     Why this network and objective: on 2 CPU cores the budget is ≈ 60 s, i.e. a few hundred steps. In that
@@ -221,6 +221,8 @@ class SemanticEncoder:
     same budget it cost 40 % more time and gave 0.79.
     A different network (Mixer, self-supervised) from the FD feature net (a supervised CNN).
     """
+
+    net_cls = TokenNet
 
     requires: tuple[str, ...] = ()
 
@@ -280,18 +282,6 @@ class SemanticEncoder:
         log.info("semantic-encoder: %s", encoder._summary)
         return encoder
 
-    def save(self, out_dir: Path) -> None:
-        save_module(self.net, self.config, self._summary, out_dir)
-
-    @classmethod
-    def load(cls, out_dir: Path, device: torch.device | str = "cpu") -> "SemanticEncoder":
-        state, config, summary = load_state(out_dir, device)
-        net = TokenNet(**config).to(device)
-        net.load_state_dict(state)
-        return cls(net, config, summary)
-
-    def summary(self) -> dict:
-        return dict(self._summary)
 
 
 #################################################################################

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +14,7 @@ from torch import Tensor, nn
 
 from core.registry import ENCODERS
 from core.types import ImageData, to_unit
-from encoders.base import batched, load_state, save_module
+from encoders.base import ModuleArtifact, batched
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +117,11 @@ def train_semvae(net: SemVAENet, tokens: Tensor, *, steps: int, batch_size: int,
 
 
 @ENCODERS.register("semvae")
-class SemVAE:
+class SemVAE(ModuleArtifact):
     """SFD's semantic VAE as an artifact: `encode(tokens, generator) -> (N, c, h, w)` (a posterior sample,
     as SFD extracts its training latents), `encode_mean`, `decode(latent) -> tokens (N, T, D)`."""
+
+    net_cls = SemVAENet
 
     requires: tuple[str, ...] = ("semantic-encoder",)
 
@@ -201,15 +202,3 @@ class SemVAE:
             out["mse"].append((recon - f).pow(2).mean(-1).flatten())
         return {f"test_recon_{k}": round(float(torch.cat(v).mean()), 4) for k, v in out.items()}
 
-    def save(self, out_dir: Path) -> None:
-        save_module(self.net, self.config, self._summary, out_dir)
-
-    @classmethod
-    def load(cls, out_dir: Path, device: torch.device | str = "cpu") -> "SemVAE":
-        state, config, summary = load_state(out_dir, device)
-        net = SemVAENet(**config).to(device)
-        net.load_state_dict(state)
-        return cls(net, config, summary)
-
-    def summary(self) -> dict:
-        return dict(self._summary)

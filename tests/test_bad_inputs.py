@@ -1,7 +1,6 @@
 """The catalogue of bad inputs (docs/bad_inputs.md): each gives a one-line error that names the problem
 and the fix, exits with status 2, and leaves everything already on disk untouched."""
 import hashlib
-import os
 from pathlib import Path
 
 import pytest

@@ -1,7 +1,6 @@
 """End to end on real Fashion-MNIST with the seconds-long `smoke` profile: the CLI, the report,
 rerun-is-a-no-op, exact resume after a crash, NaN isolation, the submitit LocalExecutor launcher."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -12,13 +12,6 @@ from encoders.fdnet import FDNet, make_fidelity_extractor
 SIZE = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on 2 shared cores, 2 OpenMP threads make these tiny ops up to 100× slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def blobs(n: int, seed: int, classes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,13 +8,6 @@ from core.types import ImageData, to_unit
 from encoders.texture_vae import TextureVAE, autoencoder_config, lr_at, match_channels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on 2 shared cores, 2 OpenMP threads make these tiny ops up to 100× slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 TINY = dict(block_out_channels=(8, 8, 8), norm_num_groups=4, steps=3, batch_size=8, eval_images=16)

@@ -13,13 +13,6 @@ from encoders.vavae import VAVAE, adaptive_weight, tokens_on_grid, vf_losses
 TINY = dict(block_out_channels=(8, 8, 8), norm_num_groups=4, steps=3, batch_size=8, eval_images=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on 2 shared cores, 2 OpenMP threads make these tiny ops up to 100× slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class StandInEncoder(nn.Module):
