@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.get("precision", "bf16" if device.type == "cuda" else "fp32"),
                         args.get("compile", "1" if device.type == "cuda" else "0") == "1",
                         int(args.get("steps", 30)), int(args.get("warmup", 10)), device,
-                        float(args.get("peak_tflops", 790)))
+                        float(args.get("peak_tflops", 790 if device.type == "cuda" else "nan")))
             print(row, flush=True)
             rows.append(row)
     df = pd.DataFrame(rows)
