@@ -21,17 +21,28 @@ from benchmarks.evaluate import class_accuracy, eval_labels, fidelity, generate,
 from benchmarks.phases import phase_figure
 from benchmarks.plugins import load_all
 from benchmarks.prepare import FD_NET, prepare_run
+from core.dist import Dist, all_reduce_grads, barrier, mean_over_ranks, setup
 from core.ema import ema_decay, make_ema, update_ema
 from core.rundir import RunDir
 from core.seed import seed_everything
+from core.types import Batch
 
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def shard(batch: Batch, j: int, shards: int) -> Batch:
+    """Shard j of `shards` equal slices of a batch (the batch size must divide)."""
+    n = batch.x1.shape[0]
+    if n % shards:
+        raise ValueError(f"train.batch_size {n} is not divisible into {shards} micro-batches / processes")
+    s = slice(j * n // shards, (j + 1) * n // shards)
+    return Batch(batch.x1[s], batch.y[s], {k: v[s] for k, v in batch.aux.items()})
 
 
 def autocast_ctx(precision: str, device: torch.device):
@@ -58,6 +69,7 @@ class Trainer:
     device: torch.device
     ref_images: torch.Tensor         # (N,C,H,W) uint8 reference split (the FD statistics' source)
     ref_dir: Path                    # torch-fidelity cache of the reference features
+    dist: Dist = Dist()
 
     def __post_init__(self) -> None:
         t = self.cfg["train"]
@@ -80,34 +92,44 @@ class Trainer:
     def restore(self) -> None:
         st = self.rd.load_latest(map_location=self.device)
         if st is None:                   # a fresh start: drop rows an attempt killed before its first checkpoint wrote
-            self.rd.truncate_after("metrics.jsonl", 0)
-            self.rd.truncate_after("eval.jsonl", -1)
+            if self.dist.main:
+                self.rd.truncate_after("metrics.jsonl", 0)
+                self.rd.truncate_after("eval.jsonl", -1)
             return
         self.parts.model.load_state_dict(st["model"])
         self.ema.load_state_dict(st["ema"])
         self.parts.method.loss.load_state_dict(st["loss"])
         self.opt.load_state_dict(st["opt"])
         self.step = int(st["step"])
-        self.rd.truncate_after("metrics.jsonl", self.step)
-        self.rd.truncate_after("eval.jsonl", self.step - 1)     # the eval at `step` is redone
+        if self.dist.main:
+            self.rd.truncate_after("metrics.jsonl", self.step)
+            self.rd.truncate_after("eval.jsonl", self.step - 1)     # the eval at `step` is redone
         log.info("resumed %s at step %d", self.rd.path.name, self.step)
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
-        t = self.cfg["train"]
-        seed_everything(self.cfg["seed"], 0, self.step)
+        """One optimizer step on the global batch: this rank's shards, each seeded by (seed, shard, step),
+        losses averaged over all shards of all ranks (core/dist.py)."""
+        t, d = self.cfg["train"], self.dist
+        shards = t["micro_batches"] or d.world
         batch = self.parts.feed.batch(self.step)
         self.parts.model.train()
-        with autocast_ctx(t["precision"], self.device):
-            out = self.parts.method.losses(self.forward, batch)
         self.opt.zero_grad(set_to_none=True)
-        out.total.backward()
+        terms: dict[str, torch.Tensor] = {}
+        for j in range(d.rank * shards // d.world, (d.rank + 1) * shards // d.world):
+            seed_everything(self.cfg["seed"], j, self.step)
+            with autocast_ctx(t["precision"], self.device):
+                out = self.parts.method.losses(self.forward, shard(batch, j, shards))
+            (out.total / shards).backward()
+            for k, v in {"loss": out.total, **{f"loss/{k}": v for k, v in out.terms.items()}}.items():
+                terms[k] = terms.get(k, 0.0) + v.detach() * d.world / shards
+        all_reduce_grads(self.params, d)
         if t["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(self.params, t["grad_clip"])
         self.opt.step()
         update_ema(self.ema, self.parts.model, ema_decay(t["ema_decay"], self.step, t["ema_warmup"]))
         self.step += 1
-        return {"loss": out.total.detach(), **{f"loss/{k}": v.detach() for k, v in out.terms.items()}}
+        return terms
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
@@ -129,20 +151,23 @@ class Trainer:
 def run_job(cfg: dict, run_dir: str) -> dict:
     """Train one run to cfg.train.steps with periodic evaluation; resumes when rerun."""
     load_all()
+    d = setup()                          # one process, or a rank of torchrun / a multi-task SLURM job
     rd = RunDir(run_dir)
     if rd.is_done():
         return rd.read_done()
-    rd.write_config(cfg)
-    rd.clear_failed()
+    if d.main:
+        rd.write_config(cfg)
+        rd.clear_failed()
     t = cfg["train"]
     if t["threads"] > 0:
         torch.set_num_threads(t["threads"])
-    device = resolve_device(t["device"])
+    device = resolve_device(t["device"], d.local_rank)
     prepared = prepare_run(cfg, device)
     parts = build_run(cfg, prepared, device)
     ref_dir = reference_dir(cfg["cache_dir"], prepared.artifact_dirs[FD_NET], prepared.data,
                             cfg["eval"]["num_samples"], device, parts.fdnet)
-    trainer = Trainer(cfg, rd, parts, device, ref_images=prepared.data.test_x, ref_dir=ref_dir)
+    trainer = Trainer(cfg, rd, parts, device, ref_images=prepared.data.test_x, ref_dir=ref_dir, dist=d)
+    barrier(d)                           # every rank sees the same checkpoints
     trainer.restore()
     return _loop(trainer)
 
@@ -152,10 +177,13 @@ def _loop(tr: Trainer) -> dict:
     evals = eval_steps(cfg)
     t_start, t_log, last_eval, acc = time.time(), time.time(), None, {}
     last_finite: dict = {}
+    main = tr.dist.main
     while True:
         if tr.step in evals and not any(r["step"] == tr.step for r in rd.rows("eval.jsonl")):
-            last_eval = tr.evaluate()
-            log.info("%s step %d: %s", rd.path.name, tr.step, last_eval)
+            if main:                     # evaluation on rank 0; the others wait for it
+                last_eval = tr.evaluate()
+                log.info("%s step %d: %s", rd.path.name, tr.step, last_eval)
+            barrier(tr.dist)
         if tr.step >= t["steps"]:
             break
         terms = tr.train_step()
@@ -163,14 +191,20 @@ def _loop(tr: Trainer) -> dict:
             acc[k] = acc.get(k, 0.0) + v
         if tr.step % t["log_every"] == 0 or tr.step == t["steps"] or tr.step % t["ckpt_every"] == 0:
             n = (tr.step - 1) % t["log_every"] + 1
+            acc = mean_over_ranks(acc, tr.dist)
             row = {k: float(v) / n for k, v in acc.items()}          # the one host sync per log interval
             if not all(math.isfinite(v) for v in row.values()):
-                return _fail(rd, tr.step, row, last_finite)
+                return _fail(rd, tr.step, row, last_finite) if main else {"status": "failed", "step": tr.step}
             row.update(step=tr.step, sec_per_step=(time.time() - t_log) / n)
-            rd.append("metrics.jsonl", row)
+            if main:
+                rd.append("metrics.jsonl", row)
             last_finite, acc, t_log = row, {}, time.time()
         if tr.step % t["ckpt_every"] == 0 or tr.step == t["steps"]:
-            rd.save_checkpoint(tr.step, tr.state(), keep=t["keep_ckpts"])
+            if main:
+                rd.save_checkpoint(tr.step, tr.state(), keep=t["keep_ckpts"])
+            barrier(tr.dist)
+    if not main:
+        return {"rank": tr.dist.rank, "step": tr.step}
     evals_rows = rd.rows("eval.jsonl")
     p = tr.parts
     phase_figure(p.method, tr.ema, p.latent, p.latent_shape, rd.samples_dir / "phases.png", device=tr.device)

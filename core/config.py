@@ -54,6 +54,7 @@ class TrainCfg:
     compile: bool = False              # torch.compile the backbone (worth it on GPU only)
     device: str = "auto"               # auto | cpu | cuda
     threads: int = 0                   # torch intra-op threads; 0 = leave torch's default
+    micro_batches: int = 0             # shards of the global batch (0 = one per process); see core/dist.py
     log_every: int = 50
     ckpt_every: int = 500
     keep_ckpts: int = 2
