@@ -38,6 +38,11 @@ class Resumable:
         return guarded_run(self.cfg, self.run_dir)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        from benchmarks.train import checkpoint_active
+
+        path = checkpoint_active()           # the state at the signal, not just the last periodic save
+        log.info("preempted: %s; requeueing %s", f"checkpoint {path.name}" if path else "no new checkpoint",
+                 Path(self.run_dir).name)
         return submitit.helpers.DelayedSubmission(Resumable(self.cfg, self.run_dir))
 
 

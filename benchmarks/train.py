@@ -80,6 +80,7 @@ class Trainer:
                                      weight_decay=t["weight_decay"], fused=fused, foreach=not fused)
         self.ema = make_ema(self.parts.model)
         self.step = 0
+        self.phase = "idle"              # where train_step is, for checkpoint_now()
         self.forward = torch.compile(self.parts.model) if t["compile"] else self.parts.model
         self.labels = eval_labels(self.cfg["eval"]["num_samples"], self.parts.num_classes,
                                   self.cfg["eval"]["sample_seed"])
@@ -111,6 +112,7 @@ class Trainer:
         """One optimizer step on the global batch: this rank's shards, each seeded by (seed, shard, step),
         losses averaged over all shards of all ranks (core/dist.py)."""
         t, d = self.cfg["train"], self.dist
+        self.phase = "grads"
         shards = t["micro_batches"] or d.world
         batch = self.parts.feed.batch(self.step)
         self.parts.model.train()
@@ -126,10 +128,32 @@ class Trainer:
         all_reduce_grads(self.params, d)
         if t["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(self.params, t["grad_clip"])
+        self.phase = "stepping"
         self.opt.step()
+        self.phase = "stepped"
+        self.finish_step()
+        return terms
+
+    def finish_step(self) -> None:
+        t = self.cfg["train"]
         update_ema(self.ema, self.parts.model, ema_decay(t["ema_decay"], self.step, t["ema_warmup"]))
         self.step += 1
-        return terms
+        self.phase = "idle"
+
+    def checkpoint_now(self) -> Path | None:
+        """Save a consistent checkpoint from a signal handler (preemption), wherever the step was
+        interrupted: before the optimizer step the weights are still those of `self.step`; after it the
+        EMA update is completed first. Inside the optimizer step (partial update) nothing can be saved
+        and the newest periodic checkpoint is used instead."""
+        if self.phase == "stepping":
+            log.warning("%s: preempted inside the optimizer step; resuming from the last periodic checkpoint",
+                        self.rd.path.name)
+            return None
+        if self.phase == "stepped":
+            self.finish_step()
+        if not self.dist.main:
+            return None
+        return self.rd.save_checkpoint(self.step, self.state(), keep=self.cfg["train"]["keep_ckpts"] + 1)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
@@ -169,7 +193,19 @@ def run_job(cfg: dict, run_dir: str) -> dict:
     trainer = Trainer(cfg, rd, parts, device, ref_images=prepared.data.test_x, ref_dir=ref_dir, dist=d)
     barrier(d)                           # every rank sees the same checkpoints
     trainer.restore()
-    return _loop(trainer)
+    ACTIVE[:] = [trainer]
+    try:
+        return _loop(trainer)
+    finally:
+        ACTIVE.clear()
+
+
+ACTIVE: list[Trainer] = []               # the trainer of this process, for the preemption handler
+
+
+def checkpoint_active() -> Path | None:
+    """Called by the submitit job's checkpoint() on SLURM's signal: save the running trainer's state."""
+    return ACTIVE[0].checkpoint_now() if ACTIVE else None
 
 
 def _loop(tr: Trainer) -> dict:

@@ -99,3 +99,60 @@ def test_kill_and_rerun_equals_uninterrupted(kill, reference, tmp_path, monkeypa
         for k, v in ref_ck[key].items():
             assert torch.equal(ck[key][k], v), (key, k)
     assert fds == ref_fds and losses == ref_losses
+
+
+def test_preemption_signal_writes_a_checkpoint_and_resume_is_exact(tmp_path, reference, smoke_cache, monkeypatch):
+    """submitit calls Resumable.checkpoint() on SLURM's USR2; it must save the state of that moment."""
+    (spec,) = expand("smoke", [f"cache_dir={smoke_cache}"]).runs
+    run_dir = tmp_path / "smoke" / spec.run_id
+    real_step = train.Trainer.train_step
+    monkeypatch.setattr(train.Trainer, "train_step", lambda self: _signal_at(self, 2, real_step))
+    with pytest.raises(Killed):
+        train.run_job(spec.cfg, str(run_dir))
+    assert 2 in [s for s, _ in RunDir(run_dir).checkpoints()]      # written by the handler, not periodic (4)
+    monkeypatch.undo()
+    train.run_job(spec.cfg, str(run_dir))
+    ck = RunDir(run_dir).load_latest()
+    ref_ck = reference[0]
+    for key in ("model", "ema"):
+        for k, v in ref_ck[key].items():
+            assert torch.equal(ck[key][k], v), (key, k)
+
+
+def _signal_at(trainer, step, real_step):
+    """Run the real step; when it has finished step `step`, deliver the preemption like submitit does."""
+    from benchmarks.launch import Resumable
+
+    out = real_step(trainer)
+    if trainer.step == step:
+        Resumable(trainer.cfg, str(trainer.rd.path)).checkpoint()
+        raise Killed("USR2")
+    return out
+
+
+def test_preemption_between_optimizer_and_ema_completes_the_step(tmp_path, reference, smoke_cache, monkeypatch):
+    """The signal lands after optimizer.step() but before the EMA update: the handler finishes the step."""
+    from benchmarks.launch import Resumable
+
+    (spec,) = expand("smoke", [f"cache_dir={smoke_cache}"]).runs
+    run_dir = tmp_path / "smoke" / spec.run_id
+    real_finish = train.Trainer.finish_step
+    fired = []
+
+    def signal_before_ema(self):
+        if self.step == 2 and self.phase == "stepped" and not fired:
+            fired.append(True)
+            Resumable(self.cfg, str(self.rd.path)).checkpoint()      # finishes step 3 and saves it
+            raise Killed("USR2")
+        return real_finish(self)
+
+    monkeypatch.setattr(train.Trainer, "finish_step", signal_before_ema)
+    with pytest.raises(Killed):
+        train.run_job(spec.cfg, str(run_dir))
+    assert 3 in [s for s, _ in RunDir(run_dir).checkpoints()]
+    monkeypatch.undo()
+    train.run_job(spec.cfg, str(run_dir))
+    ck, ref_ck = RunDir(run_dir).load_latest(), reference[0]
+    for key in ("model", "ema"):
+        for k, v in ref_ck[key].items():
+            assert torch.equal(ck[key][k], v), (key, k)
