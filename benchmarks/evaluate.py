@@ -16,6 +16,7 @@ import torch_fidelity
 from torch.utils.data import Dataset
 
 from core.cache import cached_dir
+from core.dist import Dist, gather_to_main
 from core.seed import generator
 from core.types import to_uint8
 from encoders.fdnet import make_fidelity_extractor
@@ -89,13 +90,22 @@ def eval_labels(n: int, num_classes: int, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(method: Any, model: torch.nn.Module, latent: Any, shape: tuple[int, ...], labels: torch.Tensor,
-             *, seed: int, batch_size: int, device: torch.device, guidance: Any = "default") -> torch.Tensor:
-    """Sample len(labels) images as uint8 (N,C,H,W); the same seed gives the same noise every eval."""
+             *, seed: int, batch_size: int, device: torch.device, guidance: Any = "default",
+             dist: Dist = Dist()) -> torch.Tensor | None:
+    """Sample len(labels) images as uint8 (N,C,H,W); the same seed gives the same noise every eval.
+
+    With several processes, chunk k of `batch_size` samples is drawn by rank k mod world (its noise and
+    generator depend only on k, so the images equal a 1-process run's) and rank 0 gathers them; the
+    other ranks get None.
+    """
     gen = generator(seed, "cpu")
     noise = torch.randn((labels.shape[0], *shape), generator=gen)
-    out = []
-    for i in range(0, labels.shape[0], batch_size):
+    mine = {}
+    for k, i in enumerate(range(0, labels.shape[0], batch_size)):
+        if k % dist.world != dist.rank:
+            continue
         x0, y = noise[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
         x1 = method.sample(model, x0, y, guidance=guidance, generator=generator(seed + 1 + i, device))
-        out.append(to_uint8(latent.decode(x1.float())).cpu())
-    return torch.cat(out)
+        mine[i] = to_uint8(latent.decode(x1.float())).cpu()
+    chunks = gather_to_main(mine, dist)
+    return None if chunks is None else torch.cat([chunks[i] for i in sorted(chunks)])

@@ -160,7 +160,9 @@ class Trainer:
         e, p = self.cfg["eval"], self.parts
         t0 = time.time()
         images = generate(p.method, self.ema, p.latent, p.latent_shape, self.labels, seed=e["sample_seed"],
-                          batch_size=e["batch_size"], device=self.device)
+                          batch_size=e["batch_size"], device=self.device, dist=self.dist)
+        if images is None:               # not rank 0: its share of the samples went to rank 0
+            return {}
         row = {"step": self.step, **fidelity(images, self.ref_images, p.fdnet, self.ref_dir, self.device),
                "class_acc": class_accuracy(p.fdnet, images, self.labels, self.device),
                "nfe": int(getattr(p.method.sampler, "last_nfe", 0)), "sec": round(time.time() - t0, 2)}
@@ -216,8 +218,8 @@ def _loop(tr: Trainer) -> dict:
     main = tr.dist.main
     while True:
         if tr.step in evals and not any(r["step"] == tr.step for r in rd.rows("eval.jsonl")):
-            if main:                     # evaluation on rank 0; the others wait for it
-                last_eval = tr.evaluate()
+            last_eval = tr.evaluate()    # sampling sharded over ranks, scored on rank 0
+            if main:
                 log.info("%s step %d: %s", rd.path.name, tr.step, last_eval)
             barrier(tr.dist)
         if tr.step >= t["steps"]:

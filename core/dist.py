@@ -79,3 +79,14 @@ def mean_over_ranks(values: dict[str, torch.Tensor], d: Dist) -> dict[str, torch
 def barrier(d: Dist) -> None:
     if d.world > 1:
         dist.barrier()
+
+
+def gather_to_main(part: dict, d: Dist) -> dict | None:
+    """Merge every rank's dict on rank 0 (None elsewhere); pickled through the process group."""
+    if d.world == 1:
+        return part
+    parts: list = [None] * d.world if d.main else None   # type: ignore[assignment]
+    dist.gather_object(part, parts, dst=0)
+    if not d.main:
+        return None
+    return {k: v for p in parts for k, v in p.items()}

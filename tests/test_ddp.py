@@ -1,5 +1,6 @@
 """Data parallelism on the CPU (gloo, 2 processes): the same global batch gives the same training as one
-process that splits it into the same 2 micro-batches (core/dist.py), to float tolerance."""
+process that splits it into the same 2 micro-batches (core/dist.py), to float tolerance, and evaluation
+sampling sharded over the ranks gives the same scores."""
 import os
 import socket
 
@@ -31,7 +32,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, run_dir: str) -> None:
 
 def test_two_processes_match_one_process(tmp_path, smoke_cache):
     (spec,) = expand("smoke", [f"cache_dir={smoke_cache}", "train.micro_batches=2", "train.steps=4",
-                               "train.ckpt_every=2"]).runs
+                               "train.ckpt_every=2", "eval.batch_size=50"]).runs     # 2 sample chunks
     from benchmarks.train import run_job
 
     run_job(spec.cfg, str(tmp_path / "one"))
@@ -45,4 +46,8 @@ def test_two_processes_match_one_process(tmp_path, smoke_cache):
     la = [r["loss"] for r in a.rows("metrics.jsonl")]
     lb = [r["loss"] for r in b.rows("metrics.jsonl")]
     assert la == pytest.approx(lb, rel=1e-5)
-    assert [r["step"] for r in b.rows("eval.jsonl")] == [0, 4]       # rank 0 evaluated, once per point
+    ea, eb = a.rows("eval.jsonl"), b.rows("eval.jsonl")
+    assert [r["step"] for r in eb] == [0, 4]                      # one row per eval point (rank 0 writes)
+    # sampling was sharded over the 2 ranks and gathered: the same images, so the same scores
+    assert [r["fd"] for r in eb] == pytest.approx([r["fd"] for r in ea], rel=1e-4)
+    assert [r["class_acc"] for r in eb] == [r["class_acc"] for r in ea]
