@@ -7,6 +7,7 @@ the profile's own classifier), a different number from Inception FID (docs/metri
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,7 @@ def reference_dir(cache_dir: str, fd_dir: Path, data, num_samples: int, device: 
         idx = torch.randperm(data.train_x.shape[0], generator=generator(0))[:num_samples]
         floor = fidelity(data.train_x[idx], data.test_x, fdnet, tmp, device)
         floor["class_acc"] = class_accuracy(fdnet, data.train_x[idx], data.train_y[idx], device)
-        (tmp / "floor.json").write_text(__import__("json").dumps(floor, indent=2))
+        (tmp / "floor.json").write_text(json.dumps(floor, indent=2))
         log.info("prepare: FD reference cached; real-data floor at N=%d: %s", num_samples, floor)
 
     return cached_dir(cache_dir, "fdref", key, build)
