@@ -118,3 +118,25 @@ def test_ema_init_exact_and_update():
 def test_to_dict_resolves_defaults():
     cfg = to_dict(structured({"method": {"name": "m"}}))
     assert cfg["train"]["steps"] > 0 and json.dumps(cfg)
+
+
+def _build_slowly(root, counter):
+    import time as _t
+
+    def build(d):
+        with open(counter, "a") as f:
+            f.write("built\n")
+        _t.sleep(0.5)
+        (d / "payload.txt").write_text("ok")
+
+    return str(cached_dir(root, "k", {"same": True}, build))
+
+
+def test_two_processes_preparing_the_same_cache_build_it_once(tmp_path):
+    import multiprocessing as mp
+
+    counter = tmp_path / "builds.txt"
+    with mp.get_context("fork").Pool(2) as pool:
+        outs = pool.starmap(_build_slowly, [(tmp_path / "cache", counter)] * 2)
+    assert len(set(outs)) == 1 and counter.read_text() == "built\n"
+    assert (tmp_path / "cache").joinpath(outs[0].split("/")[-1], "payload.txt").read_text() == "ok"
