@@ -154,12 +154,17 @@ class TextureVAE(nn.Module):
                         layers_per_block=layers_per_block, norm_num_groups=norm_num_groups,
                         mid_attention=mid_attention, steps=steps, batch_size=batch_size, lr=lr,
                         kl_weight=kl_weight, bf16=bf16, seed=seed, eval_images=eval_images)
-        config = autoencoder_config(data.channels, data.image_size, latent_channels, block_out_channels,
-                                    layers_per_block, norm_num_groups, mid_attention)
+        return cls.seeded(data, fit_args).train_on(data, device)
+
+    @classmethod
+    def seeded(cls, data: ImageData, fit_args: dict) -> "TextureVAE":
+        """A fresh model for fit(): the AutoencoderKL config from fit_args, weights from fit_args["seed"]."""
+        a = fit_args
+        config = autoencoder_config(data.channels, data.image_size, a["latent_channels"], a["block_out_channels"],
+                                    a["layers_per_block"], a["norm_num_groups"], a["mid_attention"])
         with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's global RNG
-            torch.manual_seed(seed)
-            model = cls(config, fit_args)
-        return model.train_on(data, device)
+            torch.manual_seed(a["seed"])
+            return cls(config, fit_args)
 
     def train_on(self, data: ImageData, device: torch.device | str,
                  extra_loss: ExtraLoss | None = None) -> "TextureVAE":

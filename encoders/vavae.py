@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from core.registry import ENCODERS
 from core.types import ImageData, to_unit
-from encoders.texture_vae import TextureVAE, autoencoder_config
+from encoders.texture_vae import TextureVAE
 
 # ---------------------------------------------------------------------------------------------------
 # Pure loss functions (spec §5.1)
@@ -110,11 +110,7 @@ class VAVAE(TextureVAE):
                         mid_attention=mid_attention, steps=steps, batch_size=batch_size, lr=lr,
                         kl_weight=kl_weight, vf_weight=vf_weight, margin_cos=margin_cos, margin_dist=margin_dist,
                         bf16=bf16, seed=seed, eval_images=eval_images, encoder_dim=encoder_dim)
-        config = autoencoder_config(data.channels, data.image_size, latent_channels, block_out_channels,
-                                    layers_per_block, norm_num_groups, mid_attention)
-        with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's global RNG
-            torch.manual_seed(seed)
-            model = cls(config, fit_args)
+        model = cls.seeded(data, fit_args)
         model.train_on(data, device, extra_loss=model._vf_term(encoder))
         model._summary.update(model.alignment(data.test_x[:eval_images], encoder))
         return model
