@@ -8,11 +8,14 @@ on one GPU is the same code path.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ def setup() -> Dist:
         dist.init_process_group(backend, rank=rank, world_size=world)
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
+        log.info("process group: rank %d of %d (%s)", rank, world, dist.get_backend())
     return Dist(rank, world, local)
 
 

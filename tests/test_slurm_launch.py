@@ -54,3 +54,23 @@ def test_absent_partition_fails_before_submitting(tmp_path, monkeypatch):
     monkeypatch.setattr(launch, "SLURM_DIR", tmp_path)
     with pytest.raises(Exception, match="partition 'gpu-a100' does not exist.*debug"):
         launch.slurm_executor("nope", tmp_path / "sub")
+
+
+def test_two_task_job_trains_data_parallel(tmp_path, smoke_cache, monkeypatch):
+    """tasks_per_node: 2 makes one run a 2-rank gloo group inside one SLURM job (core/dist.py)."""
+    from benchmarks import launch
+
+    (tmp_path / "ddp.yaml").write_text(
+        "partition: debug\ngpus_per_node: 0\ncpus_per_task: 1\nmem_gb: 2\ntimeout_min: 10\nnodes: 1\n"
+        "tasks_per_node: 2\nsignal_delay_s: 30\nmax_num_timeout: 1\n")
+    monkeypatch.setattr(launch, "SLURM_DIR", tmp_path)
+    grid = expand("smoke", [f"cache_dir={smoke_cache}", "train.steps=4", "eval.batch_size=50"])
+    out = launch_slurm(run_dirs(grid, tmp_path / "results"), folder=tmp_path / ".submitit", slurm="ddp")
+    run = run_dirs(grid, tmp_path / "results")[0][1]
+    assert RunDir(run).is_done(), out
+    assert [r["step"] for r in RunDir(run).rows("eval.jsonl")] == [0, 4]
+    import pickle
+
+    (task1,) = (tmp_path / ".submitit").glob("*/*_1_result.pkl")       # our own job's result file
+    status, result = pickle.loads(task1.read_bytes())
+    assert status == "success" and result == {"rank": 1, "step": 4}   # rank 1 of a 2-rank group
