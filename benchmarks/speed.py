@@ -1,5 +1,6 @@
 """`python -m benchmarks.speed [backbones=lightningdit-xl-1,lightningdit-b-1] [methods=sit,repa,sfd]
-[batch=128] [precision=bf16|fp32] [compile=1|0] [steps=30] [warmup=10] [out=results/speed]`
+[batch=128] [precision=bf16|fp32] [compile=1|0] [steps=30] [warmup=10] [threads=N] [small=4,2,8,64]
+[out=results/speed]`
 
 Times the full training step (forward, loss, backward, AdamW, EMA: the training job's own `train_step`)
 and the sampling forward (EMA model, no grad) on random latents of the method's shape, after warm-up,
@@ -29,7 +30,15 @@ SEMANTIC = {"sfd": 16, "redi": 8, "sfd_redi": 8, "sfd_vavae": 16}
 TOKENS = {"repa": (256, 768), "sfd": (256, 768), "sfd_vavae": (256, 768)}
 
 
-def latent_shape(backbone: str, method: str) -> tuple[tuple[int, ...], int, tuple[int, int] | None]:
+def latent_shape(backbone: str, method: str, small: dict | None = None
+                 ) -> tuple[tuple[int, ...], int, tuple[int, int] | None]:
+    """Channels per group, latent grid and aux tokens (T, D) at 256 px, or a small profile's shape given as
+    small={"texture": 4, "semantic": 2, "grid": 8, "token_dim": 64} (the tiny profile's SFD latent; the
+    encoder tokens then sit on the latent grid, as there)."""
+    if small:
+        sem = small["semantic"] if method in SEMANTIC else 0
+        tokens = (small["grid"] ** 2, small["token_dim"]) if method in TOKENS else None
+        return ((small["texture"], sem) if sem else (small["texture"],)), small["grid"], tokens
     tex, grid = (32, 16) if backbone.endswith("-1") else (4, 32)
     sem = SEMANTIC.get(method, 0)
     return ((tex, sem) if sem else (tex,)), grid, TOKENS.get(method)
@@ -59,8 +68,8 @@ def _time(fn, steps: int, warmup: int, device: torch.device) -> list[float]:
 
 
 def bench(backbone: str, method_name: str, batch: int, precision: str, compile_: bool, steps: int,
-          warmup: int, device: torch.device, peak_tflops: float) -> dict:
-    sizes, grid, tokens = latent_shape(backbone, method_name)
+          warmup: int, device: torch.device, peak_tflops: float, small: dict | None = None) -> dict:
+    sizes, grid, tokens = latent_shape(backbone, method_name, small)
     g = _groups(sizes)
     mcfg = api.preset(method_name, "tiny" if "tiny" in backbone else None)   # tiny: REPA depth 1
     model = api.backbone(backbone, method_cfg=mcfg, in_channels=g.channels, input_size=grid, groups=g,
@@ -118,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     backbones = args.get("backbones", "lightningdit-xl-1,lightningdit-b-1" if device.type == "cuda"
                          else "lightningdit-tiny-1").split(",")
     methods = args.get("methods", "sit,repa,sfd").split(",")
+    if "threads" in args:
+        torch.set_num_threads(int(args["threads"]))
+    # small=4,2,8,64 -> texture, semantic channels, latent grid, token dim (the tiny profile: small=4,2,8,64)
+    small = dict(zip(("texture", "semantic", "grid", "token_dim"), map(int, args["small"].split(",")))) \
+        if "small" in args else None
     rows = []
     for bb in backbones:
         for m in methods:
@@ -125,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.get("precision", "bf16" if device.type == "cuda" else "fp32"),
                         args.get("compile", "1" if device.type == "cuda" else "0") == "1",
                         int(args.get("steps", 30)), int(args.get("warmup", 10)), device,
-                        float(args.get("peak_tflops", 790 if device.type == "cuda" else "nan")))
+                        float(args.get("peak_tflops", 790 if device.type == "cuda" else "nan")), small)
             print(row, flush=True)
             rows.append(row)
     df = pd.DataFrame(rows)
