@@ -48,7 +48,12 @@ def run_folders(grid_root: Path) -> list[Path]:
     grid_root = Path(grid_root)
     if not grid_root.exists():
         return []
-    return sorted(p for p in grid_root.iterdir() if p.is_dir() and (p / "config.yaml").exists())
+    runs = sorted(p for p in grid_root.iterdir() if p.is_dir() and (p / "config.yaml").exists())
+    current = grid_root / "grid_runs.json"      # written by benchmarks.run: the grid's runs as last expanded
+    if current.exists():                        # folders of an older expansion (changed config) are left out
+        keep = set(json.loads(current.read_text()))
+        runs = [p for p in runs if p.name in keep]
+    return runs
 
 
 def load_runs(grid_root: Path) -> pd.DataFrame:

@@ -48,6 +48,8 @@ def parse(argv: list[str]) -> tuple[dict[str, str], list[str], set[str]]:
 
 def write_run_stubs(grid: Grid, results: Path) -> None:
     """config.yaml and label.json for every run before anything starts, so reports see pending runs."""
+    (results / grid.name).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(results / grid.name / "grid_runs.json", json.dumps([r.run_id for r in grid.runs]))
     for spec, d in run_dirs(grid, results):
         rd = RunDir(d)
         if not (d / "config.yaml").exists():
