@@ -21,33 +21,52 @@ from methods.compose import Method, build_method, build_schedule
 class LatentFeed:
     """Batches drawn from the in-memory latent cache; batch k depends only on (seed, k), so a resumed
     run sees exactly the batches an uninterrupted one would. Flips (when cached) are chosen per sample
-    with p = 0.5, the same choice for every key of a sample (spec §6.1)."""
+    with p = 0.5, the same choice for every key of a sample (spec §6.1).
+
+    On CUDA the cache lives on the GPU when it fits in `gpu_fraction` of the free memory (one gather
+    kernel per key per step, nothing crosses PCIe but the indices); otherwise it stays in host memory,
+    each batch is gathered there and copied from pinned memory without blocking the host.
+    """
 
     def __init__(self, tensors: dict[str, torch.Tensor], latent: Any, *, batch_size: int, seed: int,
-                 flips: bool, device: torch.device) -> None:
+                 flips: bool, device: torch.device, gpu_fraction: float = 0.5) -> None:
         self.batch_size, self.seed, self.device = batch_size, seed, device
         self.flips = flips and "x1_flip" in tensors
         # Latents are normalised once here; aux targets stay in their stored dtype (fp16 tokens: half the
         # memory) and are cast per batch.
         keys = ["x1", *latent.aux_keys]
         norm = {"x1": lambda v: latent.normalize(v.float()), **{k: (lambda v: v) for k in latent.aux_keys}}
-        self.data = {k: norm[k](tensors[k]).to(device) for k in keys}
+        nbytes = sum(tensors[k].numel() * (4 if k == "x1" else tensors[k].element_size()) for k in keys)
+        nbytes *= 2 if self.flips else 1
+        self.store = device
+        if device.type == "cuda" and nbytes > gpu_fraction * torch.cuda.mem_get_info(device)[0]:
+            self.store = torch.device("cpu")
+        self.data = {k: norm[k](tensors[k]).to(self.store) for k in keys}
         if self.flips:
-            self.flipped = {k: norm[k](tensors[f"{k}_flip"]).to(device) for k in keys}
-        self.y = tensors["y"].long().to(device)
+            self.flipped = {k: norm[k](tensors[f"{k}_flip"]).to(self.store) for k in keys}
+        self.y = tensors["y"].long().to(self.store)
         self.n = self.y.shape[0]
 
     def batch(self, step: int) -> Batch:
         g = generator(step_seed(self.seed, 0, step))
-        idx = torch.randint(self.n, (self.batch_size,), generator=g).to(self.device)
+        idx = self._to(torch.randint(self.n, (self.batch_size,), generator=g), self.store)
         out = {k: v[idx] for k, v in self.data.items()}
         if self.flips:
-            flip = (torch.rand(self.batch_size, generator=g) < 0.5).to(self.device)
+            flip = self._to(torch.rand(self.batch_size, generator=g) < 0.5, self.store)
             for k, v in self.flipped.items():
                 mask = flip.view(-1, *([1] * (v.dim() - 1)))
                 out[k] = torch.where(mask, v[idx], out[k])
+        out = {k: self._to(v, self.device) for k, v in out.items()}
         x1 = out.pop("x1")
-        return Batch(x1=x1, y=self.y[idx], aux={k: v.float() for k, v in out.items()})
+        return Batch(x1=x1, y=self._to(self.y[idx], self.device), aux={k: v.float() for k, v in out.items()})
+
+    @staticmethod
+    def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Host -> GPU through pinned memory without blocking: the hot loop never waits for the GPU to
+        drain (indices are drawn on the CPU so every device sees the same batches)."""
+        if device.type == "cuda" and t.device.type == "cpu":
+            return t.pin_memory().to(device, non_blocking=True)
+        return t.to(device)
 
 
 @dataclass

@@ -1,16 +1,20 @@
 """`python -m benchmarks.speed [backbones=lightningdit-xl-1,lightningdit-b-1] [methods=sit,repa,sfd]
-[batch=128] [precision=bf16|fp32] [compile=1|0] [steps=30] [warmup=10] [threads=N] [small=4,2,8,64]
-[out=results/speed]`
+[batch=128] [precision=bf16|fp32] [compile=auto|blocks|full|off] [steps=30] [warmup=10] [threads=N]
+[small=4,2,8,64] [peak_tflops=measure|<number>] [out=results/speed]`
 
-Times the full training step (forward, loss, backward, AdamW, EMA: the training job's own `train_step`)
-and the sampling forward (EMA model, no grad) on random latents of the method's shape, after warm-up,
-with CUDA events on a GPU (wall clock on the CPU) and the median of many repeats. FLOPs are counted
-with torch's FlopCounterMode on one step (not guessed); MFU = achieved FLOP/s over the card's bf16
-dense peak given with `peak_tflops=` (default: the measured H200 matmul ceiling, 790). A script, not
-a test: it prints a table and writes speed.csv / speed.md under `out`.
+Times the training job's own step (`benchmarks.train.Trainer.train_step`: forward, loss incl. the REPA
+head, backward, fused AdamW, foreach EMA) and the sampling forward (the EMA model, no grad) on random
+latents of the method's shape, after warm-up, with CUDA events on a GPU (wall clock on the CPU), the
+median of `steps` repeats. The first step's time (compilation included) is reported separately.
+FLOPs are counted with torch's FlopCounterMode on one eager step (not guessed); MFU = achieved FLOP/s
+over the bf16 matrix ceiling, measured on the card at start (an 8192³ bf16 product on random data)
+unless `peak_tflops=` gives a number. A script, not a test: it prints a table and writes speed.csv /
+speed.md under `out`, one row at a time (a killed run keeps the rows it finished).
 """
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import statistics
 import sys
 import time
@@ -21,12 +25,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import api
-from core.ema import make_ema, update_ema
+from core.config import TrainCfg
 from core.types import Batch
 
 # Extra (semantic) channels and aux tokens per method at 256 px (spec §0.3); the texture latent follows
 # the backbone's patch size: /1 models run on f16d32 latents (16×16×32), /2 models on SD-VAE (32×32×4).
 SEMANTIC = {"sfd": 16, "redi": 8, "sfd_redi": 8, "sfd_vavae": 16}
+FLOP_SLICE = 8               # samples in the FLOP-counting step
+GRAD_CLIP = {"repa": 1.0}    # spec §8: REPA clips the global grad norm at 1.0, the others do not clip
 TOKENS = {"repa": (256, 768), "sfd": (256, 768), "sfd_vavae": (256, 768)}
 
 
@@ -67,8 +73,43 @@ def _time(fn, steps: int, warmup: int, device: torch.device) -> list[float]:
     return times
 
 
-def bench(backbone: str, method_name: str, batch: int, precision: str, compile_: bool, steps: int,
+class FixedFeed:
+    """The training job's feed interface serving one batch already on the device (data loading is not
+    what this script measures: the real feed gathers from a GPU-resident cache, benchmarks/components.py)."""
+
+    def __init__(self, batch: Batch) -> None:
+        self.fixed = batch
+
+    def batch(self, step: int) -> Batch:
+        return self.fixed
+
+
+def matmul_ceiling(device: torch.device, n: int = 8192, reps: int = 10) -> float:
+    """Measured bf16 matrix ceiling in TFLOP/s: mean of `reps` n³ products on random data after warm-up."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def count_flops(fn) -> int:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def bench(backbone: str, method_name: str, batch: int, precision: str, compile_mode: str, steps: int,
           warmup: int, device: torch.device, peak_tflops: float, small: dict | None = None) -> dict:
+    from benchmarks.components import RunParts
+    from benchmarks.train import Trainer, autocast_ctx
+
+    torch._dynamo.reset()           # each configuration compiles from scratch, with static shapes
     sizes, grid, tokens = latent_shape(backbone, method_name, small)
     g = _groups(sizes)
     mcfg = api.preset(method_name, "tiny" if "tiny" in backbone else None)   # tiny: REPA depth 1
@@ -76,49 +117,65 @@ def bench(backbone: str, method_name: str, batch: int, precision: str, compile_:
                          num_classes=1000).to(device)
     method = api.method(mcfg, groups=g, hidden_size=model.hidden_size, encoder_dim=tokens[1] if tokens else 0)
     method.loss.to(device)
-    ema = make_ema(model)
-    params = [*model.parameters(), *method.loss.parameters()]
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused, foreach=not fused)
-    fwd = torch.compile(model) if compile_ else model
     x1 = torch.randn(batch, g.channels, grid, grid, device=device)
     aux = {"tokens": torch.randn(batch, *tokens, device=device)} if tokens else {}
     b = Batch(x1=x1, y=torch.randint(0, 1000, (batch,), device=device), aux=aux)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    t = torch.rand(batch, method.schedule.num_time_inputs, device=device)
+    amp = autocast_ctx(precision, device)
 
-    def step():
+    # FLOPs are counted on one eager step of a slice of the batch, before anything is compiled, and scaled
+    # by batch/slice: every op of these models is per-sample, so the count is exactly linear in the batch
+    # (and an eager step at the full batch may not fit where the compiled one does).
+    k = min(batch, FLOP_SLICE)
+    bk = Batch(x1=x1[:k], y=b.y[:k], aux={n: v[:k] for n, v in aux.items()})
+
+    def eager_step() -> None:
         with amp:
-            out = method.losses(fwd, b)
-        opt.zero_grad(set_to_none=True)
-        out.total.backward()
-        opt.step()
-        update_ema(ema, model, 0.9999)
+            method.losses(model, bk).total.backward()
+        model.zero_grad(set_to_none=True)
+        method.loss.zero_grad(set_to_none=True)
 
-    t_compile = time.perf_counter()
-    step()
+    def eager_sample() -> None:
+        with torch.no_grad(), amp:
+            model(x1[:k], t[:k], b.y[:k])
+
+    flops, sample_flops = (count_flops(f) * batch / k for f in (eager_step, eager_sample))
+    train_cfg = dataclasses.asdict(TrainCfg(batch_size=batch, lr=1e-4, precision=precision, compile=compile_mode,
+                                            grad_clip=GRAD_CLIP.get(method_name), ema_decay=0.9999))
+    cfg = {"seed": 0, "train": train_cfg, "eval": {"num_samples": 10, "sample_seed": 0}}
+    parts = RunParts(latent=None, method=method, model=model, feed=FixedFeed(b), fdnet=None,
+                     latent_shape=tuple(x1.shape[1:]), num_classes=1000)
+    tr = Trainer(cfg, rd=None, parts=parts, device=device, ref_images=None, ref_dir=None)
+
+    def sample_fwd() -> None:
+        with torch.no_grad(), amp:
+            tr.sampling_model(x1, t, b.y)
+
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t_compile = time.perf_counter() - t_compile
-    with FlopCounterMode(display=False) as fc:
-        step()
-    flops = fc.get_total_flops()
-    train = statistics.median(_time(step, steps, warmup, device))
-    t = torch.rand(batch, method.schedule.num_time_inputs, device=device)
-
-    def sample_fwd():
-        with torch.no_grad(), amp:
-            fwd(x1, t, b.y)
-
-    sample = statistics.median(_time(sample_fwd, steps, warmup, device))
+    t0 = time.perf_counter()
+    tr.train_step()                  # compilation of the training graph, paid once
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    train = statistics.median(_time(tr.train_step, steps, warmup, device))
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    t0 = time.perf_counter()
+    sample_fwd()                     # compilation of the no-grad sampling graph
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    first_sample = time.perf_counter() - t0
+    sample = statistics.median(_time(sample_fwd, steps, warmup, device))
     return {"backbone": backbone, "method": method_name, "batch": batch, "precision": precision,
-            "compile": compile_, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
-            "first_step_s": round(t_compile, 1), "ms_per_step": round(train * 1e3, 2),
+            "compile": tr.compile_mode, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+            "first_step_s": round(first, 1), "ms_per_step": round(train * 1e3, 2),
             "img_per_s": round(batch / train, 1), "GFLOP_per_img": round(flops / batch / 1e9, 1),
             "TFLOP_per_s": round(flops / train / 1e12, 2), "MFU": round(flops / train / 1e12 / peak_tflops, 3),
-            "sample_fwd_img_per_s": round(batch / sample, 1), "peak_mem_GiB": round(mem, 2),
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+            "first_sample_s": round(first_sample, 1), "sample_fwd_img_per_s": round(batch / sample, 1),
+            "sample_TFLOP_per_s": round(sample_flops / sample / 1e12, 2), "peak_mem_GiB": round(mem, 2),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "date": dt.date.today().isoformat()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,22 +189,30 @@ def main(argv: list[str] | None = None) -> int:
     # small=4,2,8,64 -> texture, semantic channels, latent grid, token dim (the tiny profile: small=4,2,8,64)
     small = dict(zip(("texture", "semantic", "grid", "token_dim"), map(int, args["small"].split(",")))) \
         if "small" in args else None
+    peak = args.get("peak_tflops", "measure" if device.type == "cuda" else "nan")
+    peak_tflops = round(matmul_ceiling(device), 1) if peak == "measure" else float(peak)
+    print(f"bf16 matrix ceiling: {peak_tflops} TFLOP/s ({'measured' if peak == 'measure' else 'given'})", flush=True)
+    out = Path(args.get("out", "results/speed"))
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for bb in backbones:
         for m in methods:
-            row = bench(bb, m, int(args.get("batch", 128 if device.type == "cuda" else 32)),
-                        args.get("precision", "bf16" if device.type == "cuda" else "fp32"),
-                        args.get("compile", "1" if device.type == "cuda" else "0") == "1",
-                        int(args.get("steps", 30)), int(args.get("warmup", 10)), device,
-                        float(args.get("peak_tflops", 790 if device.type == "cuda" else "nan")), small)
+            batch = int(args.get("batch", 128 if device.type == "cuda" else 32))
+            precision = args.get("precision", "bf16" if device.type == "cuda" else "fp32")
+            try:
+                row = bench(bb, m, batch, precision, args.get("compile", "auto"), int(args.get("steps", 30)),
+                            int(args.get("warmup", 10)), device, peak_tflops, small)
+            except torch.cuda.OutOfMemoryError:     # a row that says so; the other configurations still run
+                row = {"backbone": bb, "method": m, "batch": batch, "precision": precision,
+                       "compile": args.get("compile", "auto"), "error": "out of memory"}
+                torch.cuda.empty_cache()
+            row["peak_TFLOP_per_s"] = peak_tflops
             print(row, flush=True)
             rows.append(row)
-    df = pd.DataFrame(rows)
-    out = Path(args.get("out", "results/speed"))
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "speed.csv", index=False)
-    (out / "speed.md").write_text(df.to_markdown(index=False))
-    print(df.to_markdown(index=False))
+            df = pd.DataFrame(rows)
+            df.to_csv(out / "speed.csv", index=False)
+            (out / "speed.md").write_text(df.to_markdown(index=False) + "\n")
+    print(pd.DataFrame(rows).to_markdown(index=False))
     return 0
 
 

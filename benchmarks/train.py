@@ -21,6 +21,7 @@ from benchmarks.evaluate import class_accuracy, eval_labels, fidelity, generate,
 from benchmarks.phases import phase_figure
 from benchmarks.plugins import load_all
 from benchmarks.prepare import FD_NET, prepare_run
+from core.compile import compile_model, resolve_mode
 from core.dist import Dist, all_reduce_grads, barrier, mean_over_ranks, setup
 from core.ema import ema_decay, make_ema, update_ema
 from core.rundir import RunDir
@@ -81,7 +82,11 @@ class Trainer:
         self.ema = make_ema(self.parts.model)
         self.step = 0
         self.phase = "idle"              # where train_step is, for checkpoint_now()
-        self.forward = torch.compile(self.parts.model) if t["compile"] else self.parts.model
+        # Compiled in place after the EMA copy is made; the EMA (the sampling model) gets its own compiled
+        # blocks, traced without grad at the eval batch size (core/compile.py).
+        self.compile_mode = resolve_mode(t["compile"], self.device)
+        self.forward = compile_model(self.parts.model, self.compile_mode)
+        self.sampling_model = compile_model(self.ema, self.compile_mode)
         self.labels = eval_labels(self.cfg["eval"]["num_samples"], self.parts.num_classes,
                                   self.cfg["eval"]["sample_seed"])
 
@@ -159,7 +164,7 @@ class Trainer:
     def evaluate(self) -> dict:
         e, p = self.cfg["eval"], self.parts
         t0 = time.time()
-        images = generate(p.method, self.ema, p.latent, p.latent_shape, self.labels, seed=e["sample_seed"],
+        images = generate(p.method, self.sampling_model, p.latent, p.latent_shape, self.labels, seed=e["sample_seed"],
                           batch_size=e["batch_size"], device=self.device, dist=self.dist)
         if images is None:               # not rank 0: its share of the samples went to rank 0
             return {}
@@ -245,7 +250,7 @@ def _loop(tr: Trainer) -> dict:
         return {"rank": tr.dist.rank, "step": tr.step}
     evals_rows = rd.rows("eval.jsonl")
     p = tr.parts
-    phase_figure(p.method, tr.ema, p.latent, p.latent_shape, rd.samples_dir / "phases.png", device=tr.device)
+    phase_figure(p.method, tr.sampling_model, p.latent, p.latent_shape, rd.samples_dir / "phases.png", device=tr.device)
     done = {"step": tr.step, "final": evals_rows[-1] if evals_rows else last_eval,
             "first": evals_rows[0] if evals_rows else None, "wall_sec": round(time.time() - t_start, 1),
             "last_train": last_finite}

@@ -51,7 +51,7 @@ class TrainCfg:
     ema_decay: float = 0.999
     ema_warmup: bool = True            # decay_k = min(decay, (1 + k) / (10 + k)): early EMA curves are honest
     precision: str = "auto"            # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
-    compile: bool = False              # torch.compile the backbone (worth it on GPU only)
+    compile: str = "auto"              # auto (per-block torch.compile on CUDA, eager on CPU) | blocks | full | off (core/compile.py)
     device: str = "auto"               # auto | cpu | cuda
     threads: int = 0                   # torch intra-op threads; 0 = leave torch's default
     micro_batches: int = 0             # shards of the global batch (0 = one per process); see core/dist.py

@@ -36,6 +36,7 @@ CASES = [
     ("negative lr", ["grid=smoke", "train.lr=-0.1"], "train.lr must be > 0"),
     ("EMA decay 1", ["grid=smoke", "train.ema_decay=1.0"], r"ema_decay must be in \[0, 1\)"),
     ("bad precision", ["grid=smoke", "train.precision=fp8"], "precision must be auto, fp32 or bf16"),
+    ("bad compile mode", ["grid=smoke", "train.compile=fast"], "train.compile must be one of auto, blocks, full, off"),
     ("Δt ≥ 1", ["grid=sfd_delta_t", "profile=smoke", "method.schedule.delta_t.texture=1.0"],
      r"delta_t\['texture'\] must be in \[0, 1\)"),
     ("negative Δt", ["grid=sfd_delta_t", "profile=smoke", "method.schedule.delta_t.texture=-0.1"],
