@@ -1,6 +1,6 @@
 """`python -m benchmarks.speed [backbones=lightningdit-xl-1,lightningdit-b-1] [methods=sit,repa,sfd]
 [batch=128] [precision=bf16|fp32] [compile=auto|blocks|full|off] [steps=30] [warmup=10] [threads=N]
-[small=4,2,8,64] [peak_tflops=measure|<number>] [out=results/speed]`
+[small=4,2,8,64] [peak_tflops=measure|<number>] [tune=cd|autotune] [profile=1] [out=results/speed]`
 
 Times the training job's own step (`benchmarks.train.Trainer.train_step`: forward, loss incl. the REPA
 head, backward, fused AdamW, foreach EMA) and the sampling forward (the EMA model, no grad) on random
@@ -8,7 +8,10 @@ latents of the method's shape, after warm-up, with CUDA events on a GPU (wall cl
 median of `steps` repeats. The first step's time (compilation included) is reported separately.
 FLOPs are counted with torch's FlopCounterMode on one eager step (not guessed); MFU = achieved FLOP/s
 over the bf16 matrix ceiling, measured on the card at start (an 8192³ bf16 product on random data)
-unless `peak_tflops=` gives a number. A script, not a test: it prints a table and writes speed.csv /
+unless `peak_tflops=` gives a number. `tune=cd` turns on inductor's coordinate-descent tuning of its
+fused kernels, `tune=autotune` its GEMM autotuning (Triton templates with fused epilogues; minutes of
+compile). `profile=1` adds a torch.profiler breakdown of three steps by kernel class (GEMM, attention,
+fused inductor kernels, optimizer/EMA, other) to `out`/profile.txt. A script, not a test: it prints a table and writes speed.csv /
 speed.md under `out`, one row at a time (a killed run keeps the rows it finished).
 """
 from __future__ import annotations
@@ -104,8 +107,45 @@ def count_flops(fn) -> int:
     return fc.get_total_flops()
 
 
+KERNEL_CLASSES = (("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "matmul", "_mm_")),
+                  ("attention", ("flash", "fmha", "attention", "sdpa")),
+                  ("optimizer+ema", ("adam", "multi_tensor", "foreach", "lerp")),
+                  ("inductor fused", ("triton_",)))
+
+
+def profile_step(step, device: torch.device, path: Path, reps: int = 3) -> None:
+    """Device time of `reps` steps by kernel class and the top kernels, written to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(reps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    per_class: dict[str, float] = {}
+    kernels = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", 0.0) if device.type == "cuda" else 0.0
+        if us <= 0 or ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = ev.key.lower()
+        cls = next((c for c, keys in KERNEL_CLASSES if any(k in name for k in keys)), "other")
+        per_class[cls] = per_class.get(cls, 0.0) + us / reps / 1e3
+        kernels.append((us / reps / 1e3, ev.count // reps, cls, ev.key[:110]))
+    total = sum(per_class.values())
+    lines = [f"device time per step: {total:.1f} ms (kernels only)"]
+    lines += [f"  {c:16s} {ms:8.1f} ms  {ms / max(total, 1e-9):6.1%}" for c, ms in
+              sorted(per_class.items(), key=lambda kv: -kv[1])]
+    lines += ["top kernels (ms/step, launches/step, class, name):"]
+    lines += [f"  {ms:8.2f} {n:5d}  {c:16s} {k}" for ms, n, c, k in sorted(kernels, reverse=True)[:25]]
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:8]), flush=True)
+
+
 def bench(backbone: str, method_name: str, batch: int, precision: str, compile_mode: str, steps: int,
-          warmup: int, device: torch.device, peak_tflops: float, small: dict | None = None) -> dict:
+          warmup: int, device: torch.device, peak_tflops: float, small: dict | None = None,
+          profile_dir: Path | None = None) -> dict:
     from benchmarks.components import RunParts
     from benchmarks.train import Trainer, autocast_ctx
 
@@ -167,6 +207,11 @@ def bench(backbone: str, method_name: str, batch: int, precision: str, compile_m
         torch.cuda.synchronize()
     first_sample = time.perf_counter() - t0
     sample = statistics.median(_time(sample_fwd, steps, warmup, device))
+    if profile_dir is not None:
+        try:
+            profile_step(tr.train_step, device, profile_dir / f"profile_{backbone}_{method_name}.txt")
+        except Exception as e:  # noqa: BLE001 - the breakdown is extra; the timed row stands without it
+            print(f"profile failed: {type(e).__name__}: {e}", flush=True)
     return {"backbone": backbone, "method": method_name, "batch": batch, "precision": precision,
             "compile": tr.compile_mode, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
             "first_step_s": round(first, 1), "ms_per_step": round(train * 1e3, 2),
@@ -194,6 +239,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bf16 matrix ceiling: {peak_tflops} TFLOP/s ({'measured' if peak == 'measure' else 'given'})", flush=True)
     out = Path(args.get("out", "results/speed"))
     out.mkdir(parents=True, exist_ok=True)
+    tune = args.get("tune", "")
+    if tune:
+        import torch._inductor.config as inductor
+
+        if tune not in ("cd", "autotune"):
+            raise SystemExit(f"tune={tune!r}: valid: cd, autotune")
+        inductor.coordinate_descent_tuning = True
+        if tune == "autotune":
+            inductor.max_autotune = inductor.max_autotune_gemm = True
+    profile_dir = out if args.get("profile", "0") == "1" else None
     rows = []
     for bb in backbones:
         for m in methods:
@@ -201,12 +256,13 @@ def main(argv: list[str] | None = None) -> int:
             precision = args.get("precision", "bf16" if device.type == "cuda" else "fp32")
             try:
                 row = bench(bb, m, batch, precision, args.get("compile", "auto"), int(args.get("steps", 30)),
-                            int(args.get("warmup", 10)), device, peak_tflops, small)
+                            int(args.get("warmup", 10)), device, peak_tflops, small, profile_dir)
             except torch.cuda.OutOfMemoryError:     # a row that says so; the other configurations still run
                 row = {"backbone": bb, "method": m, "batch": batch, "precision": precision,
                        "compile": args.get("compile", "auto"), "error": "out of memory"}
                 torch.cuda.empty_cache()
             row["peak_TFLOP_per_s"] = peak_tflops
+            row["tune"] = tune or "default"
             print(row, flush=True)
             rows.append(row)
             df = pd.DataFrame(rows)
