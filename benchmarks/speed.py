@@ -127,8 +127,8 @@ def profile_step(step, device: torch.device, path: Path, reps: int = 3) -> None:
     kernels = []
     for ev in prof.key_averages():
         us = getattr(ev, "device_time_total", 0.0) if device.type == "cuda" else 0.0
-        if us <= 0 or ev.device_type != torch.autograd.DeviceType.CUDA:
-            continue
+        if us <= 0 or ev.device_type != torch.autograd.DeviceType.CUDA or "#" in ev.key:
+            continue                 # "Optimizer.step#AdamW.step"-style ranges would count their kernels twice
         name = ev.key.lower()
         cls = next((c for c, keys in KERNEL_CLASSES if any(k in name for k in keys)), "other")
         per_class[cls] = per_class.get(cls, 0.0) + us / reps / 1e3

@@ -21,9 +21,9 @@ speed() {  # stage timeout args...
   timeout "$limit" python3 -m benchmarks.speed "$@" out="$OUT/$stage" 2>&1 | tee -a "$LOG" | grep -v "^|"
 }
 common="backbones=lightningdit-xl-1 batch=128 precision=bf16 compile=blocks steps=20 warmup=5"
-speed profile 75 $common methods=sfd profile=1
-speed cd 90 $common methods=sfd tune=cd
-speed autotune 200 $common methods=sfd,sit tune=autotune
+speed profile 70 $common methods=sfd profile=1
+speed cd 80 $common methods=sfd tune=cd
+speed autotune 95 $common methods=sfd tune=autotune
 stamp "done"
 for f in "$OUT"/*/speed.md; do echo "$f"; cat "$f"; rm -f "$f"; done
 cat "$OUT"/profile/profile_*.txt
