@@ -5,3 +5,4 @@ from encoders import semantic  # noqa: F401
 from encoders import semvae  # noqa: F401
 from encoders import pca  # noqa: F401
 from encoders import vavae  # noqa: F401
+from encoders import pretrained  # noqa: F401

@@ -1,7 +1,8 @@
 """Semantic encoders: patch tokens that play DINOv2's role (REPA target, ReDi PCA input, SFD SemVAE input).
 
 "semantic-encoder": a small self-supervised stand-in trained in `prepare` for the offline profiles.
-"dinov2": timm DINOv2 (https://arxiv.org/abs/2304.07193, registers https://arxiv.org/abs/2309.16588) for paper scale.
+"dinov2": timm DINOv2 (https://arxiv.org/abs/2304.07193, registers https://arxiv.org/abs/2309.16588) for paper scale,
+any timm name (encoders/pretrained.py registers "dinov2-b14-reg" and "dinov2-l14", the two the papers use).
 Both expose `tokens(images in [-1, 1]) -> (N, T, D)` final-normalised patch tokens, row-major over `grid`.
 """
 from __future__ import annotations
@@ -297,15 +298,19 @@ def resolve_dinov2_weights(name: str, weights: str | None) -> str:
 
     Never returns None: a missing file raises a one-line FileNotFoundError saying where it looked.
     """
-    if weights is not None:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"DINOv2 weights file {path} does not exist (encoder weights=...)")
-        return str(path)
     import timm
     from huggingface_hub import constants, hf_hub_download
 
-    repo = timm.models.get_pretrained_cfg(name).hf_hub_id
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        raise ValueError(f"unknown timm model {name!r}; DINOv2 names: {', '.join(timm.list_pretrained('*dinov2*'))}")
+    repo = cfg.hf_hub_id
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"DINOv2 weights file {path} does not exist (encoder weights=...); get it with "
+                                    f"`huggingface-cli download {repo} model.safetensors` (docs/paper_scale.md)")
+        return str(path)
     try:
         return hf_hub_download(repo, "model.safetensors")
     except OSError as e:  # offline cache miss, no network, HTTP errors: all are OSError subclasses here
@@ -325,6 +330,7 @@ class DinoV2Encoder:
     weights path (json), not a copy of the 350 MB checkpoint.
     """
 
+    kind = "dinov2"
     requires: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, name: str, weights: str | None, img_size: int) -> None:
@@ -333,7 +339,7 @@ class DinoV2Encoder:
         patch = model.patch_embed.patch_size[0]
         self.grid = (img_size // patch, img_size // patch)
         self.dim = int(model.embed_dim)
-        self._summary = dict(kind="dinov2", name=name, weights=weights, img_size=img_size,
+        self._summary = dict(kind=self.kind, name=name, weights=weights, img_size=img_size,
                              params=sum(p.numel() for p in model.parameters()))
 
     @classmethod

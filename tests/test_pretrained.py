@@ -1,0 +1,400 @@
+"""Pretrained tokenizers and encoders (encoders/pretrained.py, encoders/ldm_vae.py, DINOv2 entries): each
+loads the weights of a small random-weight file written here in the real format, computes the same function
+as an independent implementation, slots into prepare like texture-vae, and fails in one line without it."""
+import functools
+import time
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from benchmarks.prepare import artifact_class, artifact_plan, build_encodings, build_node
+from core.config import ConfigError, check_keys
+from core.registry import ENCODERS
+from core.types import ImageData, to_unit
+from encoders.ldm_vae import convert_state, ldm_to_diffusers, read_checkpoint
+from encoders.pretrained import (DinoV2B14Reg, DinoV2L14, LDMf16d32, SDVAEftEMA, SDVAEftMSE, VAVAEf16d32,
+                                 load_latent_stats, sfd_latent_stats)
+from encoders.semantic import IMAGENET_MEAN, IMAGENET_STD
+from encoders.texture_vae import autoencoder_config
+from methods.latents import VAELatent
+
+CPU = torch.device("cpu")
+MULT, CH, Z = (1, 1, 2, 2, 4), 32, 32   # five levels as f16d32 (ch 128 there), widths divisible by 32 groups
+
+
+def toy_data(n: int = 6) -> ImageData:
+    x = torch.randint(0, 256, (n, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    return ImageData("toy", x, torch.arange(n) % 10, x.clone(), torch.arange(n) % 10, 10)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def fails_in_one_line(fn, *args, **kwargs) -> str:
+    """The FileNotFoundError message of fn(...), asserted to be one line and to come fast (no retries)."""
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError) as err:
+        fn(*args, **kwargs)
+    assert time.perf_counter() - start < 5
+    assert "\n" not in str(err.value), str(err.value)
+    return str(err.value)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty HF cache with the hub offline: what a compute node without the files sees."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    return tmp_path / "hf"
+
+
+def fake_hub_cache(root, repo: str):
+    """The snapshot folder huggingface_hub reads `repo`'s main revision from (offline reads need no more)."""
+    base = root / f"models--{repo.replace('/', '--')}"
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text("0" * 40)
+    (base / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    return base / "snapshots" / ("0" * 40)
+
+
+# -------------------- Reference LDM autoencoder, written from the latent-diffusion layout ------------------
+
+def norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, c, eps=1e-6)
+
+
+class RefResnet(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x):
+        h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+
+
+class RefAttn(nn.Module):
+    """Single-head self-attention over positions with 1×1-conv q, k, v, proj_out and a residual."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.norm = norm(c)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        n, c, hh, ww = x.shape
+        h = self.norm(x)
+        q = self.q(h).reshape(n, c, hh * ww).transpose(1, 2)               # (N, T, C)
+        w = torch.softmax(q @ self.k(h).reshape(n, c, hh * ww) * c ** -0.5, dim=-1)   # (N, T_q, T_k)
+        out = self.v(h).reshape(n, c, hh * ww) @ w.transpose(1, 2)         # (N, C, T_q)
+        return x + self.proj_out(out.reshape(n, c, hh, ww))
+
+
+class RefResample(nn.Module):
+    """down: pad (0, 1, 0, 1) then a stride-2 3×3 conv without padding; up: nearest ×2 then a 3×3 conv."""
+
+    def __init__(self, c: int, down: bool) -> None:
+        super().__init__()
+        self.down, self.conv = down, nn.Conv2d(c, c, 3, stride=2 if down else 1, padding=0 if down else 1)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.down else F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def ref_level(cin: int, cout: int, n: int, attn: bool) -> tuple[nn.Module, int]:
+    level = nn.Module()
+    level.block = nn.ModuleList([RefResnet(cin if j == 0 else cout, cout) for j in range(n)])
+    level.attn = nn.ModuleList([RefAttn(cout) for _ in range(n)] if attn else [])
+    return level, cout
+
+
+def ref_mid(c: int) -> nn.Module:
+    mid = nn.Module()
+    mid.block_1, mid.attn_1, mid.block_2 = RefResnet(c, c), RefAttn(c), RefResnet(c, c)
+    return mid
+
+
+def run_level(level: nn.Module, h, resample: str):
+    for j, block in enumerate(level.block):
+        h = level.attn[j](block(h)) if len(level.attn) else block(h)
+    return getattr(level, resample)(h) if hasattr(level, resample) else h
+
+
+class RefEncoder(nn.Module):
+    def __init__(self, attn_levels: tuple[int, ...]) -> None:
+        super().__init__()
+        self.conv_in, c = nn.Conv2d(3, CH, 3, padding=1), CH
+        self.down = nn.ModuleList()
+        for i, m in enumerate(MULT):
+            level, c = ref_level(c, CH * m, 2, i in attn_levels)
+            if i != len(MULT) - 1:
+                level.downsample = RefResample(c, down=True)
+            self.down.append(level)
+        self.mid, self.norm_out, self.conv_out = ref_mid(c), norm(c), nn.Conv2d(c, 2 * Z, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            h = run_level(level, h, "downsample")
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class RefDecoder(nn.Module):
+    def __init__(self, attn_levels: tuple[int, ...]) -> None:
+        super().__init__()
+        c = CH * MULT[-1]
+        self.conv_in, self.mid, levels = nn.Conv2d(Z, c, 3, padding=1), ref_mid(c), []
+        for i in reversed(range(len(MULT))):            # built deepest first, stored by level index
+            level, c = ref_level(c, CH * MULT[i], 3, i in attn_levels)
+            if i != 0:
+                level.upsample = RefResample(c, down=False)
+            levels.insert(0, level)
+        self.up, self.norm_out, self.conv_out = nn.ModuleList(levels), norm(c), nn.Conv2d(c, 3, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        for level in reversed(self.up):
+            h = run_level(level, h, "upsample")
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class RefAutoencoder(nn.Module):
+    def __init__(self, attn_levels: tuple[int, ...] = (4,)) -> None:
+        super().__init__()
+        self.encoder, self.decoder = RefEncoder(attn_levels), RefDecoder(attn_levels)
+        self.quant_conv, self.post_quant_conv = nn.Conv2d(2 * Z, 2 * Z, 1), nn.Conv2d(Z, Z, 1)
+
+    def moments(self, x):
+        return self.quant_conv(self.encoder(x))          # (N, 2Z, h, w): mean, log-variance
+
+    def decode(self, z):
+        return self.decoder(self.post_quant_conv(z))
+
+
+def ref_model(seed: int = 0, attn_levels: tuple[int, ...] = (4,)) -> RefAutoencoder:
+    torch.manual_seed(seed)
+    model = RefAutoencoder(attn_levels).eval()
+    with torch.no_grad():   # GroupNorm affines away from (1, 0), so a swapped norm would show
+        for p in (p for name, p in model.named_parameters() if p.dim() == 1 and "norm" in name):
+            p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def write_ldm_ckpt(path, model: RefAutoencoder) -> None:
+    """SFD's texture decoder container: a Lightning checkpoint, weights under `state_dict`, loss keys included."""
+    state = {**model.state_dict(), "loss.logvar": torch.zeros(()), "loss.perceptual_loss.net.0.weight":
+             torch.randn(8, 3, 3, 3), "loss.discriminator.main.0.weight": torch.randn(8, 3, 4, 4)}
+    torch.save({"state_dict": state, "global_step": 3, "epoch": 1}, path)
+
+
+def write_vavae_pt(path, model: RefAutoencoder) -> None:
+    """LightningDiT's VA-VAE container: a bare state dict with the training-only reverse_proj and loss keys."""
+    torch.save({**model.state_dict(), "reverse_proj.weight": torch.randn(64, Z, 1, 1),
+                "loss.logvar": torch.zeros(())}, path)
+
+
+# -------------------- LDM f16d32 -> diffusers ---------------------------------------------------
+
+@pytest.mark.parametrize("attn_levels", [(4,), ()])
+@pytest.mark.parametrize("entry, write", [(LDMf16d32, write_ldm_ckpt), (VAVAEf16d32, write_vavae_pt)])
+def test_ldm_conversion_computes_the_reference_function(entry, write, attn_levels, tmp_path):
+    ref = ref_model(attn_levels=attn_levels)
+    path = tmp_path / ("vae.ckpt" if entry is LDMf16d32 else "vae.pt")
+    write(path, ref)
+    model = entry.fit(toy_data(), {}, CPU, weights=str(path), eval_images=4)
+    cfg = model.vae_config
+    assert cfg["block_out_channels"] == [CH * m for m in MULT] and cfg["layers_per_block"] == 2
+    assert model.downsample == 16 and model.latent_channels == Z and model.image_channels == 3
+    assert cfg["down_block_types"][-1] == ("AttnDownEncoderBlock2D" if attn_levels else "DownEncoderBlock2D")
+    assert model.summary()["dropped"] == ({"loss": 3} if entry is LDMf16d32 else {"loss": 1, "reverse_proj": 1})
+
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        moments = ref.moments(x)                                            # (3, 2Z, 2, 2)
+        z = torch.randn(3, Z, 2, 2)
+        ref_img = ref.decode(z)
+    assert rel_err(model.encode_mean(x), moments[:, :Z]) < 1e-5
+    assert rel_err(model.vae.encode(x).latent_dist.logvar, moments[:, Z:].clamp(-30, 20)) < 1e-5
+    assert rel_err(model.decode(z), ref_img) < 1e-5
+    # The posterior sample is mean + std·ε with ε from the caller's generator (spec §5.1: a sample).
+    eps = torch.randn(3, Z, 2, 2, generator=torch.Generator().manual_seed(5))
+    sample = model.encode(x, generator=torch.Generator().manual_seed(5))
+    assert rel_err(sample, moments[:, :Z] + (0.5 * moments[:, Z:].clamp(-30, 20)).exp() * eps) < 1e-5
+
+
+def test_converter_rejects_what_it_cannot_map(tmp_path):
+    state = ref_model().state_dict()
+    with pytest.raises(KeyError, match="unknown LDM autoencoder key"):
+        convert_state({**state, "encoder.down.0.block.0.extra.weight": torch.zeros(1)}, 5)
+    with pytest.raises(ValueError, match="missing"):
+        ldm_to_diffusers({k: v for k, v in state.items() if k != "decoder.up.4.attn.2.q.weight"})
+    with pytest.raises(ValueError, match="not an LDM-format autoencoder"):
+        ldm_to_diffusers({"model.weight": torch.zeros(1)})
+    torch.save({"state_dict": {"a": torch.zeros(1)}, "opt": torch.optim.SGD}, tmp_path / "x.ckpt")
+    with pytest.raises(ValueError, match="trust_pickle"):
+        read_checkpoint(tmp_path / "x.ckpt")
+    assert set(read_checkpoint(tmp_path / "x.ckpt", trust_pickle=True)) == {"a"}
+
+
+def test_ldm_entry_saves_the_source_not_the_weights_and_detects_changes(tmp_path):
+    path = tmp_path / "ldm-imagenet256-f16d32-50ep.ckpt"
+    write_ldm_ckpt(path, ref_model(0))
+    model = LDMf16d32.fit(toy_data(), {}, CPU, weights=str(path), eval_images=0)
+    model.save(tmp_path / "art")
+    assert sorted(p.name for p in (tmp_path / "art").iterdir()) == ["config.json", "summary.json"]
+    back = LDMf16d32.load(tmp_path / "art", CPU)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(back.encode_mean(x), model.encode_mean(x))
+    write_ldm_ckpt(path, ref_model(1))              # the file changed under the cache: never used silently
+    with pytest.raises(ValueError, match="changed since"):
+        LDMf16d32.load(tmp_path / "art", CPU)
+
+
+def test_ldm_weights_from_file_or_hf_cache_else_one_line_error(hub_cache):
+    msg = fails_in_one_line(LDMf16d32.fit, toy_data(), {}, CPU, weights="/nope/ldm.ckpt")
+    assert "/nope/ldm.ckpt" in msg and "huggingface.co/hustvl/va-vae-imagenet256-experimental-variants" in msg
+    msg = fails_in_one_line(VAVAEf16d32.fit, toy_data(), {}, CPU)     # weights=None: the official file, HF cache
+    assert str(hub_cache) in msg and "huggingface-cli download hustvl/vavae-imagenet256-f16d32-dinov2 " \
+                                      "vavae-imagenet256-f16d32-dinov2.pt" in msg
+    write_ldm_ckpt(fake_hub_cache(hub_cache, LDMf16d32.hub_repo) / LDMf16d32.hub_file_name, ref_model())
+    assert LDMf16d32.fit(toy_data(), {}, CPU, eval_images=0).summary()["weights"].startswith(str(hub_cache))
+
+
+# -------------------- SD-VAE (diffusers folders) ------------------------------------------------
+
+def sd_like_folder(path) -> AutoencoderKL:
+    """A 4-level (f8), 4-channel diffusers VAE with SD's scaling_factor in its config, random weights."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**autoencoder_config(3, 32, 4, (8, 16, 16, 16), 1, 4, True)).eval()
+    vae.save_pretrained(path, safe_serialization=True)
+    return vae
+
+
+def test_sd_vae_local_folder_raw_latents_and_round_trip(tmp_path):
+    vae = sd_like_folder(tmp_path / "sd")
+    model = SDVAEftEMA.fit(toy_data(), {}, CPU, source=str(tmp_path / "sd"), eval_images=4)
+    assert model.downsample == 8 and model.latent_channels == 4 and "test_psnr_db" in model.summary()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    expect = vae.encode(x).latent_dist.mean.detach()
+    assert torch.equal(model.encode_mean(x), expect)         # raw: no 0.18215 applied (spec §5.2)
+    assert model.encode_mean(x.mean(1, keepdim=True)).shape == (2, 4, 4, 4)    # grey input: repeated to RGB
+    model.save(tmp_path / "art")
+    assert not list((tmp_path / "art").glob("*.safetensors"))
+    assert torch.equal(SDVAEftEMA.load(tmp_path / "art").decode(expect), model.decode(expect))
+
+
+def test_sd_vae_hub_ids_from_cache_or_one_line_error(hub_cache):
+    sd_like_folder(fake_hub_cache(hub_cache, "stabilityai/sd-vae-ft-ema"))
+    assert SDVAEftEMA.fit(toy_data(), {}, CPU, eval_images=0).summary()["source"] == "stabilityai/sd-vae-ft-ema"
+    msg = fails_in_one_line(SDVAEftMSE.fit, toy_data(), {}, CPU)
+    assert str(hub_cache) in msg and "huggingface-cli download stabilityai/sd-vae-ft-mse" in msg
+    assert "/no/such/folder" in fails_in_one_line(SDVAEftEMA.fit, toy_data(), {}, CPU, source="/no/such/folder")
+
+
+# -------------------- Registry, prepare's `use:` slot, latent builders, stats -------------------
+
+def test_registered_and_config_keys_checked():
+    for name, cls in [("sd-vae-ft-ema", SDVAEftEMA), ("sd-vae-ft-mse", SDVAEftMSE), ("ldm-f16d32", LDMf16d32),
+                      ("vavae-f16d32", VAVAEf16d32), ("dinov2-b14-reg", DinoV2B14Reg), ("dinov2-l14", DinoV2L14)]:
+        assert ENCODERS.get(name) is cls and cls.kind == name and cls.requires == ()
+    deps = ("data", "deps", "device")
+    check_keys("prepare.texture-vae", LDMf16d32.fit, {"weights": "x", "eval_images": 0}, deps=deps)
+    with pytest.raises(ConfigError, match="unknown key 'steps'"):   # nothing to train: no training knobs
+        check_keys("prepare.texture-vae", SDVAEftEMA.fit, {"steps": 3}, deps=deps)
+    with pytest.raises(TypeError, match="name"):                    # the entry is the model: no name knob
+        DinoV2L14.fit(toy_data(), {}, CPU, name=DinoV2B14Reg.timm_name)
+
+
+def test_fills_the_texture_slot_in_prepare_and_the_latent_builder(tmp_path):
+    path = tmp_path / "ldm.ckpt"
+    write_ldm_ckpt(path, ref_model())
+    cfg = {"method": {"latent": {"name": "vae", "tokenizer": "texture-vae", "aux_tokens": False}},
+           "prepare": {"texture-vae": {"use": "ldm-f16d32", "weights": str(path), "eval_images": 0}},
+           "data": {"name": "toy", "image_size": 32, "limit_train": None, "limit_test": None, "flips": True},
+           "cache_dir": str(tmp_path / "cache")}
+    data = toy_data()
+    node = next(n for n in artifact_plan(cfg) if n.kind == "texture-vae")
+    art_dir = build_node(node, cfg, data, {}, CPU)
+    assert node.cls is LDMf16d32 and artifact_class(art_dir) is LDMf16d32
+    enc = load_file(str(build_encodings(cfg, data, "texture-vae", art_dir, CPU) / "texture.safetensors"))
+    assert enc["texture"].shape == enc["texture_flip"].shape == (6, Z, 2, 2)
+
+    # SFD's stats files in the suite's (1, C, 1, 1) format drive the latent builder's normalisation.
+    torch.save({"mean": torch.randn(1, Z, 1, 1), "std": torch.rand(1, Z, 1, 1) + 0.5}, tmp_path / "latents_stats.pt")
+    latent = VAELatent({"texture-vae": LDMf16d32.load(art_dir, CPU)})
+    latent.set_stats(*load_latent_stats(tmp_path / "latents_stats.pt", channels=Z))
+    x1 = latent.normalize(latent.encode(to_unit(data.train_x[:2]))["x1"])    # (2, 32, 2, 2)
+    assert latent.decode(x1).shape == (2, 3, 32, 32)
+
+
+def test_latent_stats_files(tmp_path):
+    tex, sem = tmp_path / "latents_stats.pt", tmp_path / "latents_sv_stats.pt"
+    m_tex, s_tex = torch.randn(1, 32, 1, 1), torch.rand(1, 32, 1, 1) + 0.1
+    torch.save({"mean": m_tex, "std": s_tex}, tex)
+    torch.save({"mean": torch.zeros(16), "std": torch.ones(16).double()}, sem)     # flat shapes are accepted
+    mean, std = load_latent_stats(tex)
+    assert torch.equal(mean, m_tex) and torch.equal(std, s_tex) and mean.dtype == torch.float32
+    mean, std = sfd_latent_stats(tex, sem)
+    assert mean.shape == std.shape == (1, 48, 1, 1)                  # texture first, semantic last (spec §6.1)
+    assert torch.equal(mean[:, :32], m_tex) and torch.equal(std[:, 32:], torch.ones(1, 16, 1, 1))
+    assert "SFD-Project/SFD" in fails_in_one_line(load_latent_stats, tmp_path / "none.pt")
+    with pytest.raises(ValueError, match="one value per channel for 16"):
+        load_latent_stats(tex, channels=16)
+    torch.save({"mu": m_tex}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="'mean' and 'std'"):
+        load_latent_stats(tmp_path / "bad.pt")
+    torch.save({"mean": m_tex, "std": torch.zeros(1, 32, 1, 1)}, tmp_path / "zero.pt")
+    with pytest.raises(ValueError, match="std > 0"):
+        load_latent_stats(tmp_path / "zero.pt")
+
+
+# -------------------- DINOv2 entries (timm) -----------------------------------------------------
+
+def test_dinov2_b14_reg_loads_a_real_size_file(tmp_path):
+    torch.manual_seed(0)
+    src = timm.create_model(DinoV2B14Reg.timm_name, pretrained=False)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    del src
+    enc = ENCODERS.get("dinov2-b14-reg").fit(toy_data(), {}, CPU, weights=str(path))
+    got = enc.model.state_dict()    # every tensor is the file's; pos_embed is resampled from 37² to 16²
+    assert all(torch.equal(got[k], v) for k, v in load_file(str(path)).items() if k != "pos_embed")
+    assert enc.grid == (16, 16) and enc.dim == 768 and enc.model.num_prefix_tokens == 5   # CLS + 4 registers
+    assert enc.summary()["kind"] == "dinov2-b14-reg"
+    assert enc.tokens(torch.rand(1, 3, 32, 32) * 2 - 1).shape == (1, 256, 768)
+
+
+def test_dinov2_l14_outputs_equal_the_file_model(tmp_path, monkeypatch):
+    """ViT-L/14 at its real width, depth cut to 2 so the test stays fast; .pth container."""
+    monkeypatch.setattr(timm, "create_model", functools.partial(timm.create_model, depth=2))
+    torch.manual_seed(0)
+    src = timm.create_model(DinoV2L14.timm_name, pretrained=False).eval()
+    torch.save(src.state_dict(), tmp_path / "dinov2_vitl14.pth")
+    enc = DinoV2L14.fit(toy_data(), {}, CPU, weights=str(tmp_path / "dinov2_vitl14.pth"), img_size=518)
+    x = torch.rand(1, 1, 32, 32) * 2 - 1
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    ref_in = F.interpolate(((x.expand(-1, 3, -1, -1) + 1) / 2 - mean) / std, size=518, mode="bicubic")
+    with torch.no_grad():
+        ref = src.forward_features(ref_in)[:, 1:]                              # no registers: CLS only
+    tokens = enc.tokens(x)
+    assert tokens.shape == (1, 37 * 37, 1024) and rel_err(tokens, ref) < 1e-5
+    enc.save(tmp_path / "art")
+    assert torch.equal(ENCODERS.get("dinov2-l14").load(tmp_path / "art").tokens(x), tokens)
+
+
+def test_dinov2_entries_fail_in_one_line_without_weights(tmp_path, hub_cache):
+    msg = fails_in_one_line(DinoV2B14Reg.fit, toy_data(), {}, CPU, weights=str(tmp_path / "none.safetensors"))
+    assert str(tmp_path / "none.safetensors") in msg and "timm/vit_base_patch14_reg4_dinov2.lvd142m" in msg
+    msg = fails_in_one_line(DinoV2L14.fit, toy_data(), {}, CPU)
+    assert str(hub_cache) in msg and "huggingface-cli download timm/vit_large_patch14_dinov2.lvd142m" in msg
