@@ -1,0 +1,429 @@
+"""ImageNet-256 evaluation with the ADM protocol (spec/METHODS.md §9): FID, sFID, IS, precision/recall of a
+sample batch against guided-diffusion's reference batch `VIRTUAL_imagenet256_labeled.npz`, and the sample side
+(balanced labels, seed-42 shuffle, the `arr_0` npz the ADM evaluator reads, merging per-rank shards). CLI: USAGE.
+
+ADM's evaluator runs TensorFlow's 2015 Inception graph; here the same weights run through torch-fidelity's
+port (`inception-v3-compat`), which matches the TF graph closely but not bit for bit (docs/paper_scale.md).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import random
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import linalg
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+from torch_fidelity.utils import create_feature_extractor
+
+from benchmarks.datasets import IMAGE_EXTENSIONS
+from core.rundir import atomic_write_text
+
+REF_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
+           "VIRTUAL_imagenet256_labeled.npz")
+REF_HINT = f"download it with `wget {REF_URL}` (guided-diffusion evaluations README) and pass ref=<path>"
+INCEPTION_FILE = Path(URL_INCEPTION_V3).name        # torch-fidelity's pt_inception-2015-12-05 conversion
+# ADM's sFID tensor `mixed_6/conv:0` is the 1×1 branch (conv + BN + ReLU, 192 ch, 17×17) of the TF graph's 7th
+# mixed block: torch-fidelity's weight converter maps `mixed_6/conv/*` to `Mixed_6d.branch1x1` (mixed_3 = Mixed_6a,
+# mixed_4..7 = Mixed_6b..6e), not to the 768-channel concat of Mixed_6e. Uncertain, unchecked against the TF graph
+# here (no TensorFlow, no .pb offline): mixed_5/mixed_6 have equal shapes, so the mapping rests on block order, and
+# the op named `mixed_6/conv` is taken to be the ReLU (its Conv2D and batchnorm ops are named below it).
+SPATIAL_MODULE = "Mixed_6d.branch1x1"
+SPATIAL_CHANNELS = 7                                 # ADM: spatial[..., :7] -> 17·17·7 = 2023 dims
+STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+IS_SPLIT = 5000                                      # ADM's split size (10 splits at 50k)
+PR_K = 3                                             # k-NN manifold radius (ADM's nhood_sizes=(3,))
+FD_METHODS = ("scipy", "eigh")                       # scipy: ADM's sqrtm; eigh: the same trace, faster
+SHARD = re.compile(r"^samples_rank(\d+)\.npz$")
+
+
+#################################################################################
+#                     Sample side: labels, shuffle, npz, shards                 #
+#################################################################################
+
+def balanced_labels(n: int, num_classes: int = 1000) -> np.ndarray:
+    """Exactly n / num_classes labels per class (SFD: 50 per class for 50k), int64 (n,), class-ordered on
+    purpose: a sampler draws them in this order and `pack_npz` shuffles the images afterwards (spec §9)."""
+    if n <= 0 or n % num_classes:
+        raise ValueError(f"balanced labels need n to be a positive multiple of num_classes={num_classes}, got n={n}")
+    return np.repeat(np.arange(num_classes, dtype=np.int64), n // num_classes)
+
+
+def shuffle_order(n: int, seed: int = 42) -> np.ndarray:
+    """The permutation SFD's shuffle script applies (`random.seed(seed); random.shuffle(files)`), as indices:
+    class-ordered files would put whole classes into one IS split and bias IS (spec §9)."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return np.asarray(order, dtype=np.int64)
+
+
+def _shuffled(images: np.ndarray, labels: np.ndarray | None, seed: int | None):
+    if seed is None:
+        return images, labels
+    order = shuffle_order(images.shape[0], seed)
+    return images[order], (None if labels is None else labels[order])
+
+
+def _check_images(images: np.ndarray, where: str) -> None:  # what ADM's evaluator reads from arr_0
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"{where}: expected uint8 images [N, H, W, 3], got {images.dtype} {list(images.shape)}")
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return dict(z)
+
+
+def _savez(path: Path, **arrays: np.ndarray) -> Path:
+    """Uncompressed npz (ADM streams arr_0 from it), written to a temp file and renamed: never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:               # a file object: np.savez appends no second ".npz"
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def pack_npz(images: np.ndarray, labels: np.ndarray | None, path: str | Path, shuffle_seed: int | None = 42) -> Path:
+    """Write the npz the ADM evaluator reads: `arr_0` uint8 [N, H, W, 3], labels in `arr_1` (when given), images
+    and labels shuffled together by `shuffle_order(N, shuffle_seed)` (None keeps the order). Peak memory ≈ 2× images."""
+    _check_images(images, "pack_npz")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"pack_npz: {len(images)} images but {len(labels)} labels")
+    images, labels = _shuffled(images, labels, shuffle_seed)
+    arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": np.asarray(labels, np.int64)}
+    return _savez(Path(path), **arrays)
+
+
+def write_shard(images: np.ndarray, labels: np.ndarray, out_dir: str | Path, rank: int,
+                index: np.ndarray | None = None) -> Path:
+    """One rank's samples as `samples_rank{rank}.npz`: arr_0 images, arr_1 labels and, optionally, `index`
+    (each sample's position in the global order), which makes the merged npz independent of the world size."""
+    _check_images(images, f"write_shard(rank={rank})")
+    arrays = {"arr_0": images, "arr_1": np.asarray(labels, np.int64)}
+    return _savez(Path(out_dir) / f"samples_rank{rank}.npz",
+                  **(arrays if index is None else {**arrays, "index": np.asarray(index, np.int64)}))
+
+
+def read_shards(shard_dir: str | Path, expected: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """All `samples_rank{r}.npz` of a folder as one (images, labels) in global order (by `index`, else by rank).
+    A missing rank, a bad index or a count other than `expected` is an error: a crashed rank must not go unseen."""
+    shard_dir = Path(shard_dir)
+    files = {int(m.group(1)): p for p in shard_dir.glob("samples_rank*.npz") if (m := SHARD.match(p.name))}
+    missing = sorted(set(range(max(files, default=-1) + 1)) - set(files))
+    if not files or missing:
+        raise FileNotFoundError(f"{shard_dir}: expected samples_rank0.npz .. samples_rank<R-1>.npz; "
+                                f"{f'missing ranks {missing}' if files else 'none found'}")
+    parts = [_read_npz(files[r]) for r in sorted(files)]
+    images, labels = (np.concatenate([p[k] for p in parts]) for k in ("arr_0", "arr_1"))
+    if expected is not None and len(images) != expected:
+        raise ValueError(f"{shard_dir}: {len(images)} samples in {len(files)} shards, expected {expected}")
+    if any("index" in p for p in parts):
+        index = np.concatenate([p.get("index", np.full(len(p["arr_0"]), -1)) for p in parts])
+        if not np.array_equal(np.sort(index), np.arange(len(index))):
+            raise ValueError(f"{shard_dir}: shard indices are not a permutation of 0..{len(index) - 1} "
+                             "(a shard lacks `index`, or a sample is duplicated or missing)")
+        images, labels = images[np.argsort(index)], labels[np.argsort(index)]
+    return images, labels
+
+
+def merge_shards(shard_dir: str | Path, out_path: str | Path, shuffle_seed: int | None = 42,
+                 expected: int | None = None) -> Path:
+    """Merge a sharded sampler's `samples_rank{r}.npz` files into one shuffled ADM npz (`pack_npz`)."""
+    return pack_npz(*read_shards(shard_dir, expected), out_path, shuffle_seed)
+
+
+def read_png_folder(folder: str | Path) -> np.ndarray:
+    """The images of a sampler's output folder (000000.png, ...) as uint8 [N, H, W, 3], sorted by file name.
+    Nothing is resized: every image must have the size of the first."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+    images = None
+    for i, p in enumerate(files):
+        with Image.open(p) as im:
+            arr = np.asarray(im.convert("RGB"))                                 # (H, W, 3)
+        images = np.empty((len(files), *arr.shape), np.uint8) if images is None else images
+        if arr.shape != images.shape[1:]:
+            raise ValueError(f"{p} is {arr.shape[1]}×{arr.shape[0]}, {files[0]} is {images.shape[2]}×{images.shape[1]}")
+        images[i] = arr
+    return images
+
+
+def load_samples(path: str | Path, shuffle_seed: int | None = 42) -> tuple[np.ndarray, np.ndarray | None]:
+    """Samples to score: an ADM npz as it is, or a shard folder / image folder shuffled as `pack_npz` would,
+    so that scoring a folder gives the numbers of scoring its packed npz (the IS splits follow the order)."""
+    path = Path(path)
+    if path.is_file():
+        z = _read_npz(path)
+        if "arr_0" not in z:
+            raise ValueError(f"{path} has no arr_0 (keys: {', '.join(z)}); expected the ADM layout")
+        images, labels = z["arr_0"], z.get("arr_1")
+    elif path.is_dir():
+        shards = any(SHARD.match(p.name) for p in path.iterdir())
+        images, labels = _shuffled(*(read_shards(path) if shards else (read_png_folder(path), None)), shuffle_seed)
+    else:
+        raise FileNotFoundError(f"samples {path} does not exist (an npz, a folder of images or of samples_rank*.npz)")
+    _check_images(images, str(path))
+    return images, labels
+
+
+#################################################################################
+#                  Inception-v3 (torch-fidelity) with the sFID hook             #
+#################################################################################
+
+def resolve_inception_weights(path: str | Path | None) -> Path:
+    """`path`, or (None) where torch-fidelity's own download lands in the torch hub cache. Never downloads:
+    a missing file raises a one-line FileNotFoundError saying where it looked and where to get it."""
+    looked = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE if path is None else Path(path).expanduser()
+    if not looked.is_file():
+        raise FileNotFoundError(f"Inception-v3 weights not found at {looked}; download torch-fidelity's "
+                                f"pt_inception-2015-12-05 weights from {URL_INCEPTION_V3} and pass inception=<path>")
+    return looked
+
+
+@dataclass
+class Activations:
+    pool: np.ndarray      # (N, 2048) float32, pool_3: FID and precision/recall
+    spatial: np.ndarray   # (N, 2023) float32, mixed_6/conv[..., :7] flattened in TF's (H, W, C) order: sFID
+    logits: np.ndarray    # (N, 1008) float32, pool_3 @ W without bias ('logits_unbiased', ADM's softmax input)
+
+
+class ADMInception:
+    """torch-fidelity's FeatureExtractorInceptionV3 from a local weights file, plus a hook for sFID."""
+
+    def __init__(self, weights: str | Path | None, device: str | torch.device = "cpu") -> None:
+        self.weights = resolve_inception_weights(weights)
+        self.device = torch.device(device)
+        try:
+            self.net = create_feature_extractor("inception-v3-compat", ["2048", "logits_unbiased"], cuda=False,
+                                                feature_extractor_weights_path=str(self.weights), verbose=False)
+        except (RuntimeError, OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
+            # what torch.load / load_state_dict raise on a wrong, truncated or foreign file
+            raise ValueError(f"{self.weights} is not torch-fidelity's Inception-v3 state_dict "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); get {URL_INCEPTION_V3}") from None
+        self.net.to(self.device)
+        self._spatial: list[torch.Tensor] = []
+        self.net.get_submodule(SPATIAL_MODULE).register_forward_hook(self._keep_spatial)
+
+    def _keep_spatial(self, module, inputs, out: torch.Tensor) -> None:
+        x = out[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1)                     # (N, 17, 17, 7), TF's NHWC
+        self._spatial.append(x.reshape(x.shape[0], -1).float().cpu())          # (N, 2023)
+
+    @torch.no_grad()
+    def activations(self, images: np.ndarray, batch_size: int = 100) -> Activations:
+        """pool_3, sFID and logit features of uint8 images [N, H, W, 3] (resized to 299 inside, as ADM's graph)."""
+        _check_images(images, "activations")
+        pool, logits, self._spatial = [], [], []
+        # ADM's graph is float32; TF32 convolutions (cuDNN's default) moved features by 3e-3 relative (H100), off: 3e-6
+        tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
+        try:
+            for i in range(0, len(images), batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).permute(0, 3, 1, 2)  # (B, 3, H, W)
+                p, lg = self.net(x.to(self.device))
+                pool.append(p.float().cpu())
+                logits.append(lg.float().cpu())
+        finally:
+            torch.backends.cudnn.allow_tf32 = tf32
+        spatial, self._spatial = torch.cat(self._spatial), []
+        return Activations(torch.cat(pool).numpy(), spatial.numpy(), torch.cat(logits).numpy())
+
+
+#################################################################################
+#                       Reference batch and the metrics                         #
+#################################################################################
+
+@dataclass
+class FDStats:
+    mu: np.ndarray      # (D,) float64
+    sigma: np.ndarray   # (D, D) float64
+
+    @classmethod
+    def of(cls, acts: np.ndarray) -> "FDStats":
+        return cls(acts.mean(0, dtype=np.float64), np.cov(acts.astype(np.float64), rowvar=False))
+
+
+@dataclass
+class Reference:
+    pool: FDStats
+    spatial: FDStats
+    acts: Activations              # of arr_0: precision/recall always use them
+    precomputed: bool              # statistics read from the npz (mu, sigma, mu_s, sigma_s), as ADM does
+    image_shape: tuple[int, int]
+
+
+def load_reference(path: str | Path, inception: ADMInception, batch_size: int = 100) -> Reference:
+    """Read an ADM reference batch: statistics from the npz when present (spec §9), else from arr_0."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"ADM reference batch {path} not found; {REF_HINT}")
+    z = _read_npz(path)
+    if "arr_0" not in z:
+        raise ValueError(f"{path} has no arr_0 (keys: {', '.join(z)}); {REF_HINT}")
+    images, stats = z["arr_0"], {k: z[k].astype(np.float64) for k in STATS_KEYS if k in z}
+    _check_images(images, str(path))
+    if stats and len(stats) < len(STATS_KEYS):
+        raise ValueError(f"{path} holds {sorted(stats)} but not {sorted(set(STATS_KEYS) - set(stats))}; "
+                         "ADM reads all four statistics or none")
+    acts = inception.activations(images, batch_size)
+    if stats:
+        pool, spatial = FDStats(stats["mu"], stats["sigma"]), FDStats(stats["mu_s"], stats["sigma_s"])
+        d, ds = acts.pool.shape[1], acts.spatial.shape[1]
+        if [stats[k].shape for k in STATS_KEYS] != [(d,), (d, d), (ds,), (ds, ds)]:
+            got = ", ".join(f"{k} {stats[k].shape}" for k in STATS_KEYS)
+            raise ValueError(f"{path}: statistics {got}; expected {d}-d (mu, sigma) and {ds}-d (mu_s, sigma_s)")
+    else:
+        pool, spatial = FDStats.of(acts.pool), FDStats.of(acts.spatial)
+    return Reference(pool, spatial, acts, bool(stats), images.shape[1:3])
+
+
+def reference_self_check(ref: Reference, fd: str = "scipy") -> dict[str, float] | None:
+    """FID and sFID of the reference's own arr_0, through this port, against its precomputed (TF) statistics:
+    both ≈ 0 when the port and the sFID layer match ADM's graph (docs/paper_scale.md). None without them."""
+    if not ref.precomputed:
+        return None
+    return {"fid": frechet_distance(FDStats.of(ref.acts.pool), ref.pool, fd),
+            "sfid": frechet_distance(FDStats.of(ref.acts.spatial), ref.spatial, fd)}
+
+
+def frechet_distance(a: FDStats, b: FDStats, method: str = "scipy") -> float:
+    """‖μa − μb‖² + tr Σa + tr Σb − 2 tr √(Σa Σb) in float64. "scipy" is ADM's: sqrtm of the product, ε = 1e-6
+    on the diagonals if it is not finite, an error if its diagonal's imaginary part exceeds 1e-3. "eigh" uses
+    tr √(ΣaΣb) = Σ √λ(Lᵀ Σb L) with Σa = L Lᵀ (symmetric eigendecomposition): the same for PSD Σ, ~10× faster."""
+    diff = a.mu - b.mu
+    if method == "scipy":
+        covmean = linalg.sqrtm(a.sigma @ b.sigma)
+        if not np.isfinite(covmean).all():
+            eps = np.eye(a.sigma.shape[0]) * 1e-6
+            covmean = linalg.sqrtm((a.sigma + eps) @ (b.sigma + eps))
+        if np.iscomplexobj(covmean):
+            if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+                raise ValueError(f"Fréchet distance: imaginary component {np.abs(covmean.imag).max():.3g} in sqrtm")
+            covmean = covmean.real
+        tr_covmean = float(np.trace(covmean))
+    elif method == "eigh":
+        w, v = torch.linalg.eigh(torch.from_numpy(a.sigma))
+        keep = w > w.max() * 1e-12                   # Σa is often rank-deficient (N < D): drop its null space
+        root = v[:, keep] * w[keep].sqrt()                                      # (D, r), Σa = root rootᵀ
+        m = root.T @ torch.from_numpy(b.sigma) @ root                           # (r, r), PSD
+        tr_covmean = float(torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum())
+    else:
+        raise ValueError(f"unknown Fréchet method {method!r}; valid: {', '.join(FD_METHODS)}")
+    return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * tr_covmean)
+
+
+def inception_score(logits: np.ndarray, split_size: int | None = None) -> float:
+    """ADM's IS: softmax of the unbiased logits, mean over consecutive splits of exp(E[KL(p(y|x) ‖ p(y))]);
+    split_size defaults to 5000 (ADM: 10 splits at 50k), N // 10 below 50k samples."""
+    n = logits.shape[0]
+    split = split_size or min(IS_SPLIT, max(1, n // 10))
+    logp = torch.log_softmax(torch.from_numpy(logits).double(), dim=1)          # (N, 1008)
+    scores = []
+    for i in range(0, n, split):
+        lp = logp[i:i + split]
+        log_py = torch.logsumexp(lp, 0) - math.log(lp.shape[0])                 # log of the split's mean p(y)
+        scores.append(math.exp(float((lp.exp() * (lp - log_py)).sum(1).mean())))
+    return float(np.mean(scores))
+
+
+def _sqdist(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances (a, b), clamped at 0 as ADM's DistanceBlock."""
+    return (u.square().sum(1)[:, None] - 2 * u @ v.T + v.square().sum(1)[None, :]).clamp_min_(0)
+
+
+def manifold_radii(x: torch.Tensor, k: int = PR_K, block: int = 10000) -> torch.Tensor:
+    """Squared distance of each point to its k-th nearest neighbour in its own set (self excluded), (N,):
+    row blocks against column blocks keeping a running k+1 smallest, so memory is O(block²), not O(N²)."""
+    if x.shape[0] <= k:
+        raise ValueError(f"precision/recall need more than k={k} images per set, got {x.shape[0]}")
+    radii = torch.empty(x.shape[0], device=x.device)
+    for i in range(0, x.shape[0], block):
+        best = None
+        for j in range(0, x.shape[0], block):
+            d = _sqdist(x[i:i + block], x[j:j + block])
+            d = d if best is None else torch.cat([best, d], 1)
+            best = d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values  # ascending; column 0 is self
+        radii[i:i + block] = best[:, k]
+    return radii
+
+
+def precision_recall(ref: np.ndarray, samples: np.ndarray, k: int = PR_K, block: int = 10000,
+                     device: str | torch.device = "cpu") -> tuple[float, float]:
+    """ADM's k-NN manifold precision (samples inside the reference manifold) and recall (the reverse) of ref
+    (N_ref, D) and samples (N, D). Distances are float32; ADM's are float16 (float32 only on overflow)."""
+    r, s = (torch.from_numpy(a).float().to(device) for a in (ref, samples))
+    r_rad, s_rad = manifold_radii(r, k, block), manifold_radii(s, k, block)
+    ref_in = torch.zeros(r.shape[0], dtype=torch.bool, device=r.device)
+    sample_in = torch.zeros(s.shape[0], dtype=torch.bool, device=r.device)
+    for i in range(0, r.shape[0], block):
+        for j in range(0, s.shape[0], block):
+            d = _sqdist(r[i:i + block], s[j:j + block])                          # (b_ref, b_sample)
+            ref_in[i:i + block] |= (d <= s_rad[None, j:j + block]).any(1)
+            sample_in[j:j + block] |= (d <= r_rad[i:i + block, None]).any(0)
+    return float(sample_in.float().mean()), float(ref_in.float().mean())
+
+
+def score(acts: Activations, ref: Reference, fd: str = "scipy", device: str | torch.device = "cpu",
+          is_split_size: int | None = None) -> dict[str, float]:
+    """FID, sFID, IS, precision, recall of sample activations against a reference (ADM's main, spec §9)."""
+    precision, recall = precision_recall(ref.acts.pool, acts.pool, device=device)
+    return {"fid": frechet_distance(FDStats.of(acts.pool), ref.pool, fd),
+            "sfid": frechet_distance(FDStats.of(acts.spatial), ref.spatial, fd),
+            "is": inception_score(acts.logits, is_split_size), "precision": precision, "recall": recall}
+
+
+def evaluate(samples: str | Path, ref: str | Path, inception: str | Path | None = None, *,
+             device: str | torch.device | None = None, batch_size: int = 100, fd: str = "scipy") -> dict:
+    """Score samples (an ADM npz, an image folder or a shard folder) against an ADM reference batch."""
+    if fd not in FD_METHODS:
+        raise ValueError(f"unknown Fréchet method {fd!r}; valid: {', '.join(FD_METHODS)}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net = ADMInception(inception, device)       # weights, then the reference: fail before reading 10 GB of samples
+    reference = load_reference(ref, net, batch_size)
+    images, _ = load_samples(samples)
+    if images.shape[1:3] != reference.image_shape:
+        raise ValueError(f"samples are {images.shape[1]}×{images.shape[2]} but the reference batch is "
+                         f"{reference.image_shape[0]}×{reference.image_shape[1]}")
+    metrics = score(net.activations(images, batch_size), reference, fd, device)
+    return {**metrics, "num_samples": int(images.shape[0]), "num_ref": int(reference.acts.pool.shape[0]),
+            "ref_stats": "precomputed" if reference.precomputed else "computed", "fd_method": fd,
+            "ref_self_check": reference_self_check(reference, fd),
+            "samples": str(samples), "ref": str(ref), "inception": str(net.weights),
+            "feature_extractor": "torch-fidelity inception-v3-compat (port of ADM's TF Inception, not bit-exact)"}
+
+
+USAGE = ("usage: python -m benchmarks.adm_eval samples=<npz | image dir | shard dir> "
+         "ref=<VIRTUAL_imagenet256_labeled.npz> [inception=<weights .pth>] [out=<json>] [device=cuda|cpu] "
+         "[batch_size=100] [fd=scipy|eigh]")
+KEYS = ("samples", "ref", "inception", "out", "device", "batch_size", "fd")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv) if "=" in a)
+    unknown = sorted(set(args) - set(KEYS))
+    if unknown or not {"samples", "ref"} <= set(args):
+        print(f"error: unknown keys {unknown}; valid: {', '.join(KEYS)}" if unknown else USAGE, file=sys.stderr)
+        return 2
+    try:
+        result = evaluate(args["samples"], args["ref"], args.get("inception"), device=args.get("device"),
+                          batch_size=int(args.get("batch_size", 100)), fd=args.get("fd", "scipy"))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("  ".join(f"{k}={result[k]:.4f}" for k in ("fid", "sfid", "is", "precision", "recall")))
+    if "out" in args:
+        atomic_write_text(Path(args["out"]), json.dumps(result, indent=2))
+        print(f"wrote {args['out']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
