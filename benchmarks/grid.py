@@ -8,6 +8,8 @@ Grid file (benchmarks/configs/grid/<name>.yaml):
       seed: [0, 1]
       method.schedule.delta_t.texture: [0.1, 0.3]   # any dotted key of the run config
     overrides: ["train.steps=2000"]
+    by_profile:                    # per-profile axes / extra overrides (e.g. the XL backbone at imagenet256)
+      imagenet256: {axes: {backbone: [lightningdit-xl-1]}}
     baseline: sit                  # the label the "× faster convergence" table compares with
 Precedence: schema < profile < method preset < grid overrides < axis values < command line.
 """
@@ -29,7 +31,7 @@ from core.registry import ENCODERS
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 SPECIAL_AXES = ("method", "backbone", "seed")
-GRID_KEYS = {"description", "profile", "axes", "overrides", "baseline", "sweep"}
+GRID_KEYS = {"description", "profile", "axes", "overrides", "baseline", "sweep", "by_profile"}
 
 
 def config_roots() -> list[Path]:
@@ -108,8 +110,9 @@ def _axis_layer(key: str, value: Any, profile: str) -> list:
     return [_dot(key, value)]
 
 
-def validate(cfg: dict) -> None:
-    """Checks that need the registries: component keys and artifact fit() keys, basic ranges."""
+def validate(cfg: dict, check_files: bool = True) -> None:
+    """Checks that need the registries: component keys and artifact fit() keys, basic ranges; with
+    check_files, also that the dataset and every weights file exist (a dry run plans without them)."""
     from benchmarks.plugins import load_all
     from benchmarks.prepare import artifact_order, latent_requires
     from core.registry import LATENTS
@@ -139,7 +142,8 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"method.latent: {e.args[0]}") from None
     _check_ranges(cfg)
     _check_components(cfg)
-    _check_dataset(cfg["data"]["name"], cfg["data"]["root"], cfg["data"]["image_size"])
+    if check_files:
+        _check_dataset(cfg["data"]["name"], cfg["data"]["root"], cfg["data"]["image_size"])
     for kind, fit_cfg in cfg["prepare"].items():
         if kind not in ENCODERS:
             raise ConfigError(f"prepare.{kind}: unknown artifact kind; valid: {', '.join(ENCODERS.names())}")
@@ -148,7 +152,7 @@ def validate(cfg: dict) -> None:
         if use not in ENCODERS:
             raise ConfigError(f"prepare.{kind}.use: unknown artifact class {use!r}; valid: {', '.join(ENCODERS.names())}")
         for key, value in fit_cfg.items():
-            if (key == "weights" or key.endswith("_path")) and value and not Path(str(value)).expanduser().exists():
+            if check_files and (key == "weights" or key.endswith("_path")) and value and not Path(str(value)).expanduser().exists():
                 raise ConfigError(f"prepare.{kind}.{key}: weights file {value} does not exist; download it and "
                                   "pass its path (which files and where: docs/paper_scale.md)")
         check_keys(f"prepare.{kind}", ENCODERS.get(use).fit, fit_cfg, deps=("data", "deps", "device"))
@@ -156,14 +160,14 @@ def validate(cfg: dict) -> None:
 
 
 def resolve(profile: str, label: dict[str, Any], overrides: list[str] | None = None,
-            cli: list[str] | None = None) -> dict:
+            cli: list[str] | None = None, check_files: bool = True) -> dict:
     """One fully resolved, validated run config: profile < method preset < overrides < other axes < cli."""
     prof = load_yaml("profile", profile)
     first = [x for k, v in label.items() if k == "method" for x in _axis_layer(k, v, profile)]
     rest = [x for k, v in label.items() if k != "method" for x in _axis_layer(k, v, profile)]
     cfg = to_dict(structured(prof, {"profile": profile}, *first, OmegaConf.from_dotlist(list(overrides or [])),
                              *rest, OmegaConf.from_dotlist(list(cli or []))))
-    validate(cfg)
+    validate(cfg, check_files)
     return cfg
 
 
@@ -235,20 +239,28 @@ def _check_components(cfg: dict) -> None:
                           f"{cfg['backbone']['name']!r} has {model.depth} blocks (set e.g. method.loss.repa.depth)")
 
 
-def expand(grid_name: str, cli: list[str] | None = None, profile: str | None = None) -> Grid:
+def expand(grid_name: str, cli: list[str] | None = None, profile: str | None = None,
+           check_files: bool = True) -> Grid:
     """Resolve every run of a grid; `cli` is a dotlist applied last to every run."""
     g = load_yaml("grid", grid_name)
     unknown = set(g) - GRID_KEYS
     if unknown:
         raise ConfigError(f"grid {grid_name!r}: unknown keys {sorted(unknown)}; valid: {', '.join(sorted(GRID_KEYS))}")
     prof_name = profile or g.get("profile", "tiny")
-    axes: dict[str, list] = g.get("axes") or {}
+    # by_profile: {<profile>: {axes: {...}, overrides: [...]}} replaces those axes / adds those overrides when
+    # the grid runs at that profile (e.g. the XL/1 backbone at imagenet256 instead of the tiny one).
+    by_profile = (g.get("by_profile") or {}).get(prof_name) or {}
+    if set(by_profile) - {"axes", "overrides"}:
+        raise ConfigError(f"grid {grid_name!r}: by_profile.{prof_name} has unknown keys "
+                          f"{sorted(set(by_profile) - {'axes', 'overrides'})}; valid: axes, overrides")
+    axes: dict[str, list] = {**(g.get("axes") or {}), **(by_profile.get("axes") or {})}
+    overrides = list(g.get("overrides") or []) + list(by_profile.get("overrides") or [])
     if not axes or any(not isinstance(v, list) or not v for v in axes.values()):
         raise ConfigError(f"grid {grid_name!r} has no runs: every axis needs a non-empty list (axes: {axes})")
     runs = []
     for values in itertools.product(*axes.values()):
         label = dict(zip(axes.keys(), values))
-        cfg = resolve(prof_name, label, list(g.get("overrides") or []), cli)
+        cfg = resolve(prof_name, label, overrides, cli, check_files)
         method, backbone = cfg["method"]["name"], cfg["backbone"]["name"]
         run_id = f"{label.get('method', method)}-{backbone}-s{cfg['seed']}-{run_hash(cfg)[:8]}"
         label = {"method": label.get("method", method), **{k: v for k, v in label.items() if k != "method"}}

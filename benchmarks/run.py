@@ -84,23 +84,50 @@ def prepare_stage(grid: Grid, results: Path) -> None:
     atomic_write_text(results / grid.name / "prepare.json", json.dumps(summary, indent=2, sort_keys=True))
 
 
+def dry_run(grid: Grid, meta: dict[str, str], results: Path) -> None:
+    """The jobs, the GPUs each asks for and an estimate of GPU-hours from the measured speed table.
+    Data and weight files are not checked (plan before downloading); everything else is validated."""
+    from benchmarks.estimate import assumptions, estimate, load_speed_table
+
+    if meta.get("launcher") == "slurm":
+        prof = load_slurm_profile(meta.get("slurm", "local-ci"))
+        gpus = int(prof.get("nodes") or 1) * int(prof.get("gpus_per_node") or 0)
+    else:
+        gpus = 1 if grid.runs and grid.runs[0].cfg["train"]["device"] != "cpu" and torch.cuda.is_available() else 0
+    table = load_speed_table()
+    total, unknown = 0.0, 0
+    for r in grid.runs:
+        t = r.cfg["train"]
+        est = estimate(r.cfg, max(gpus, 1), table)
+        cost = "no speed row" if est is None else (
+            f"{est.img_per_s_per_gpu:.0f} img/s/GPU -> train {est.train_gpu_h:,.0f} + eval {est.eval_gpu_h:,.0f} "
+            f"GPU-h = {est.total_gpu_h / max(gpus, 1):,.0f} h on {max(gpus, 1)} GPU(s)  [{est.source}]")
+        total += est.total_gpu_h if est else 0.0
+        unknown += est is None
+        print(f"{r.run_id}  {json.dumps(r.label)}  steps={t['steps']} batch={t['batch_size']} "
+              f"precision={t['precision']} gpus={gpus}  {cost}")
+    print(f"{len(grid.runs)} runs; {len(pending(grid, results))} not finished; "
+          f"≈ {total:,.0f} GPU-hours in all{f' ({unknown} runs without a speed row)' if unknown else ''}")
+    print(assumptions())
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
         meta, dotlist, flags = parse(list(sys.argv[1:] if argv is None else argv))
-        grid = expand(meta["grid"], dotlist, profile=meta.get("profile"))
+        grid = expand(meta["grid"], dotlist, profile=meta.get("profile"), check_files="--dry-run" not in flags)
         launcher = get_launcher(meta.get("launcher", DEFAULT_LAUNCHER))
         if meta.get("launcher") == "slurm":          # a bad cluster profile fails before anything is written
-            check_partition(load_slurm_profile(meta.get("slurm", "local-ci")).get("partition"))
+            prof = load_slurm_profile(meta.get("slurm", "local-ci"))
+            if "--dry-run" not in flags:             # a dry run may plan from a machine outside the cluster
+                check_partition(prof.get("partition"))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     results = Path(meta.get("results", "results"))
     if "--dry-run" in flags:
-        for r in grid.runs:
-            print(f"{r.run_id}  {json.dumps(r.label)}  steps={r.cfg['train']['steps']}")
-        print(f"{len(grid.runs)} runs; {len(pending(grid, results))} not finished")
+        dry_run(grid, meta, results)
         return 0
     write_run_stubs(grid, results)
     t0 = time.time()
