@@ -1,4 +1,11 @@
-"""Scoring generated samples: FD, KID and precision/recall through torch-fidelity with the profile's
+"""`python -m benchmarks.evaluate checkpoint=FILE kind=KIND ref=VIRTUAL_imagenet256_labeled.npz
+[inception=FILE] [tokenizer=FILE|DIR|HUB_ID] [stats=latents_stats.pt] [num_samples=50000] [batch_size=125]
+[seed=0] [guidance=method|none|cfg:S|autoguidance:S] [guide=FILE] [sampler.KEY=VALUE ...]
+[method.KEY=VALUE ...] [out=DIR]
+[device=cuda] [fd=scipy|eigh] [num_classes=N]`: FID-50K of an official checkpoint with its method's paper sampler (ADM
+protocol; benchmarks/paper_eval.py, docs/paper_scale.md). Run it under torchrun to shard the sampling.
+
+Scoring generated samples at the small profiles: FD, KID and precision/recall through torch-fidelity with the profile's
 FD network registered as a custom feature extractor, plus the FD classifier's accuracy on
 class-conditional samples (does a sample show its class?).
 
@@ -110,3 +117,54 @@ def generate(method: Any, model: torch.nn.Module, latent: Any, shape: tuple[int,
         mine[i] = to_uint8(latent.decode(x1.float())).cpu()
     chunks = gather_to_main(mine, dist)
     return None if chunks is None else torch.cat([chunks[i] for i in sorted(chunks)])
+
+
+CLI_KEYS = ("checkpoint", "kind", "ref", "inception", "tokenizer", "stats", "num_samples", "batch_size", "seed",
+            "guidance", "guide", "out", "device", "fd", "num_classes")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line of the module docstring; errors are one `error:` line and exit status 2."""
+    import sys
+
+    from benchmarks.paper_eval import evaluate_checkpoint
+    from benchmarks.importers import CheckpointError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv) if "=" in a)
+    sampler = {k.split(".", 1)[1]: _scalar(v) for k, v in args.items() if k.startswith("sampler.")}
+    overrides = [f"{k}={v}" for k, v in args.items() if k.startswith("method.")]
+    unknown = sorted(k for k in args if k not in CLI_KEYS and not k.startswith(("sampler.", "method.")))
+    missing = sorted({"checkpoint", "kind", "ref"} - set(args))
+    if unknown or missing:
+        print(f"error: {f'unknown keys {unknown}' if unknown else f'missing {missing}'}; valid: "
+              f"{', '.join(CLI_KEYS)}, sampler.<key>, method.<key>", file=sys.stderr)
+        return 2
+    try:
+        result = evaluate_checkpoint(
+            args["checkpoint"], args["kind"], ref=args["ref"], inception=args.get("inception"),
+            tokenizer=args.get("tokenizer"), stats=args.get("stats"), out=args.get("out", "results/fid50k"),
+            num_samples=int(args.get("num_samples", 50_000)), batch_size=int(args.get("batch_size", 125)),
+            seed=int(args.get("seed", 0)), guidance=args.get("guidance", "method"), guide=args.get("guide"),
+            sampler=sampler or None, device=args.get("device"), fd=args.get("fd", "scipy"),
+            num_classes=int(args["num_classes"]) if "num_classes" in args else None, overrides=overrides)
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if result is None:              # not rank 0
+        return 0
+    out = Path(args.get("out", "results/fid50k")) / "metrics.json"
+    out.write_text(json.dumps({**result, "checkpoint": args["checkpoint"], "kind": args["kind"],
+                               "guidance": args.get("guidance", "method")}, indent=2, default=str))
+    print("  ".join(f"{k}={result[k]:.4f}" for k in ("fid", "sfid", "is", "precision", "recall")), f"-> {out}")
+    return 0
+
+
+def _scalar(v: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(v)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""`python -m benchmarks.evaluate checkpoint=...` end to end on small files the tests write in the official
+formats: a reduced SFD checkpoint, an LDM-layout f16d32 tokenizer, latent statistics, a random-weight
+Inception and an ADM reference batch made from a tiny ImageFolder read with the ADM crop."""
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import evaluate, importers
+from benchmarks.adm_eval import pack_npz
+from benchmarks.datasets import load_image_folder
+from test_adm_eval import weights, tree  # noqa: F401  (fixtures: random Inception, tiny ImageFolder)
+from test_importers import random_official, small, suite_backbone, suite_projector, write_official
+from test_pretrained import ref_model, write_ldm_ckpt
+
+KIND = "sfd-xl-1"
+
+
+@pytest.fixture
+def files(tmp_path, tree, weights, monkeypatch):  # noqa: F811
+    a = small(KIND)                                  # 4×4 latent tokens: 64×64 images through the f16 decoder
+    monkeypatch.setattr(importers, "build_backbone", lambda kind, device="cpu": suite_backbone(a).to(device))
+    monkeypatch.setattr(importers, "build_projector", lambda kind, hidden, device="cpu": suite_projector(a))
+    ckpt = write_official(tmp_path / "sfd.pt", random_official(a, seed=0), "ema")
+    write_ldm_ckpt(tmp_path / "ldm.ckpt", ref_model())
+    torch.save({"mean": torch.zeros(1, 32, 1, 1), "std": torch.ones(1, 32, 1, 1)}, tmp_path / "latents_stats.pt")
+    ref = load_image_folder(tree, 64).test_x.permute(0, 2, 3, 1).numpy()
+    pack_npz(ref, None, tmp_path / "VIRTUAL_ref.npz", shuffle_seed=None)
+    return dict(checkpoint=ckpt, tokenizer=tmp_path / "ldm.ckpt", stats=tmp_path / "latents_stats.pt",
+                ref=tmp_path / "VIRTUAL_ref.npz", inception=weights, out=tmp_path / "fid")
+
+
+def _args(files, **extra):
+    kv = {"kind": KIND, "num_samples": 8, "num_classes": 4, "batch_size": 3, "fd": "eigh", "device": "cpu",
+          "sampler.solver": "euler", "sampler.steps": 3,
+          "method.loss.repa.projector_dim": 128, **{k: str(v) for k, v in files.items()}, **extra}
+    return [f"{k}={v}" for k, v in kv.items()]
+
+
+def test_checkpoint_to_fid_end_to_end(files, capsys):
+    assert evaluate.main(_args(files)) == 0
+    out = capsys.readouterr().out
+    assert "fid=" in out and "sfid=" in out and "precision=" in out
+    npz = np.load(files["out"] / "samples.npz")
+    images, labels = npz["arr_0"], npz["arr_1"]
+    assert images.dtype == np.uint8 and images.shape == (8, 64, 64, 3)          # ADM layout, NHWC
+    assert np.bincount(labels, minlength=4).tolist() == [2, 2, 2, 2]            # balanced
+    assert labels.tolist() != sorted(labels.tolist())                           # shuffled, not class-ordered
+    assert len(list((files["out"] / "chunks").glob("samples_rank*.npz"))) == 3  # one file per chunk
+    metrics = __import__("json").loads((files["out"] / "metrics.json").read_text())
+    assert metrics["fid"] > 0 and 0 <= metrics["precision"] <= 1 and metrics["is"] >= 1 and metrics["kind"] == KIND
+
+
+def test_rerun_reuses_chunks_and_gives_the_same_npz(files):
+    assert evaluate.main(_args(files)) == 0
+    first = np.load(files["out"] / "samples.npz")["arr_0"].copy()
+    (files["out"] / "chunks" / "samples_rank1.npz").unlink()                    # a killed job lost one chunk
+    stamp = (files["out"] / "chunks" / "samples_rank0.npz").stat().st_mtime_ns
+    assert evaluate.main(_args(files)) == 0
+    assert (files["out"] / "chunks" / "samples_rank0.npz").stat().st_mtime_ns == stamp   # not redone
+    assert np.array_equal(np.load(files["out"] / "samples.npz")["arr_0"], first)       # same seeds, same images
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"ref": "/nonexistent/VIRTUAL_imagenet256_labeled.npz"}, "ADM reference batch"),
+    ({"stats": "/nonexistent/latents_stats.pt"}, "latent stats file"),
+    ({"kind": "sfd-xxxl"}, "valid: dit-xl-2"),
+    ({"guidance": "loud:2"}, "valid: method, none"),
+])
+def test_bad_inputs_are_one_line_errors(files, capsys, change, message):
+    assert evaluate.main(_args(files, **change)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
