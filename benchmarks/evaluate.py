@@ -84,6 +84,41 @@ def reference_dir(cache_dir: str, fd_dir: Path, data, num_samples: int, device: 
     return cached_dir(cache_dir, "fdref", key, build)
 
 
+class FDNetScorer:
+    """Small profiles: FD, KID, precision/recall in the FD network's features against the test split, and the
+    FD network's accuracy on the samples' labels."""
+
+    def __init__(self, fdnet: Any, ref_images: torch.Tensor, ref_dir: Path, device: torch.device) -> None:
+        self.fdnet, self.ref_images, self.ref_dir, self.device = fdnet, ref_images, ref_dir, device
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        return {**fidelity(images, self.ref_images, self.fdnet, self.ref_dir, self.device),
+                "class_acc": class_accuracy(self.fdnet, images, labels, self.device)}
+
+
+class ADMScorer:
+    """Paper scale (eval.metric: adm): Inception FID, sFID, IS, precision/recall against the ADM reference
+    batch (benchmarks/adm_eval.py). `fd` repeats the FID so reports and the status table read one key."""
+
+    def __init__(self, ref: str | None, inception: str | None, device: torch.device) -> None:
+        from benchmarks.adm_eval import ADMInception, load_reference
+
+        if not ref:
+            raise FileNotFoundError("eval.metric=adm needs eval.adm_ref=<VIRTUAL_imagenet256_labeled.npz> "
+                                    "(docs/paper_scale.md)")
+        self.device = device
+        self.net = ADMInception(inception, device)
+        self.reference = load_reference(ref, self.net)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        from benchmarks.adm_eval import score
+
+        rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images           # grey -> R = G = B
+        acts = self.net.activations(rgb.permute(0, 2, 3, 1).contiguous().numpy())       # NHWC uint8, as ADM reads
+        m = score(acts, self.reference, "scipy", self.device)
+        return {"fd": float(m["fid"]), **{k: float(m[k]) for k in ("fid", "sfid", "is", "precision", "recall")}}
+
+
 @torch.no_grad()
 def class_accuracy(fdnet: Any, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> float:
     pred = torch.cat([fdnet.predict(images[i:i + 1000].to(device)).cpu() for i in range(0, images.shape[0], 1000)])

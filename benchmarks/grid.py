@@ -144,6 +144,10 @@ def validate(cfg: dict, check_files: bool = True) -> None:
     _check_components(cfg)
     if check_files:
         _check_dataset(cfg["data"]["name"], cfg["data"]["root"], cfg["data"]["image_size"])
+        e = cfg["eval"]
+        if e["metric"] == "adm" and not (e["adm_ref"] and Path(e["adm_ref"]).expanduser().is_file()):
+            raise ConfigError(f"eval.adm_ref: ADM reference batch {e['adm_ref']} not found; pass "
+                              "eval.adm_ref=<VIRTUAL_imagenet256_labeled.npz> (docs/paper_scale.md: where to get it)")
     for kind, fit_cfg in cfg["prepare"].items():
         if kind not in ENCODERS:
             raise ConfigError(f"prepare.{kind}: unknown artifact kind; valid: {', '.join(ENCODERS.names())}")
@@ -197,6 +201,7 @@ def _check_ranges(cfg: dict) -> None:
         (t["grad_clip"] is None or t["grad_clip"] > 0, f"train.grad_clip must be > 0 or null, got {t['grad_clip']}"),
         (e["num_samples"] >= 10 and e["batch_size"] >= 1, "eval.num_samples must be ≥ 10 and eval.batch_size ≥ 1"),
         (e["every"] >= 0, f"eval.every must be ≥ 0 (0 = only eval.at and the last step), got {e['every']}"),
+        (e["metric"] in ("fd-net", "adm"), f"eval.metric must be fd-net or adm, got {e['metric']!r}"),
     ]
     for ok, msg in checks:
         if not ok:

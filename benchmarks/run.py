@@ -76,6 +76,8 @@ def prepare_stage(grid: Grid, results: Path) -> None:
         seen.add(prep.latent_dir.name)
         summary["artifacts"].update({k: v for k, v in prep.summaries().items()})
         summary["latents"][spec.label["method"]] = prep.latent_dir.name
+        if cfg["eval"]["metric"] != "fd-net":     # the ADM reference batch has its own precomputed statistics
+            continue
         fd = load_artifacts({FD_NET: prep.artifact_dirs[FD_NET]}, device)[FD_NET]
         ref = reference_dir(cfg["cache_dir"], prep.artifact_dirs[FD_NET], prep.data, cfg["eval"]["num_samples"],
                             device, fd)

@@ -185,7 +185,7 @@ def bench(backbone: str, method_name: str, batch: int, precision: str, compile_m
     cfg = {"seed": 0, "train": train_cfg, "eval": {"num_samples": 10, "sample_seed": 0}}
     parts = RunParts(latent=None, method=method, model=model, feed=FixedFeed(b), fdnet=None,
                      latent_shape=tuple(x1.shape[1:]), num_classes=1000)
-    tr = Trainer(cfg, rd=None, parts=parts, device=device, ref_images=None, ref_dir=None)
+    tr = Trainer(cfg, rd=None, parts=parts, device=device, scorer=None)
 
     def sample_fwd() -> None:
         with torch.no_grad(), amp:

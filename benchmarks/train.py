@@ -11,13 +11,14 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
 from torchvision.utils import save_image
 
 from benchmarks.components import RunParts, build_run
-from benchmarks.evaluate import class_accuracy, eval_labels, fidelity, generate, reference_dir
+from benchmarks.evaluate import ADMScorer, FDNetScorer, eval_labels, generate, reference_dir
 from benchmarks.phases import phase_figure
 from benchmarks.plugins import load_all
 from benchmarks.prepare import FD_NET, prepare_run
@@ -68,8 +69,7 @@ class Trainer:
     rd: RunDir
     parts: RunParts
     device: torch.device
-    ref_images: torch.Tensor         # (N,C,H,W) uint8 reference split (the FD statistics' source)
-    ref_dir: Path                    # torch-fidelity cache of the reference features
+    scorer: Callable[[torch.Tensor, torch.Tensor], dict] | None   # (uint8 images, labels) -> metrics (evaluate.py)
     dist: Dist = Dist()
 
     def __post_init__(self) -> None:
@@ -168,8 +168,7 @@ class Trainer:
                           batch_size=e["batch_size"], device=self.device, dist=self.dist)
         if images is None:               # not rank 0: its share of the samples went to rank 0
             return {}
-        row = {"step": self.step, **fidelity(images, self.ref_images, p.fdnet, self.ref_dir, self.device),
-               "class_acc": class_accuracy(p.fdnet, images, self.labels, self.device),
+        row = {"step": self.step, **self.scorer(images, self.labels),
                "nfe": int(getattr(p.method.sampler, "last_nfe", 0)), "sec": round(time.time() - t0, 2)}
         self.rd.samples_dir.mkdir(parents=True, exist_ok=True)
         order = torch.argsort(self.labels[: e["grid_images"]], stable=True)
@@ -177,6 +176,16 @@ class Trainer:
                    self.rd.samples_dir / f"step_{self.step:07d}.png", nrow=10)
         self.rd.append("eval.jsonl", row)
         return row
+
+
+def make_scorer(cfg: dict, prepared, parts: RunParts, device: torch.device):
+    """The eval metric of the profile (eval.metric): the FD network's (small profiles) or the ADM protocol's."""
+    e = cfg["eval"]
+    if e["metric"] == "adm":
+        return ADMScorer(e["adm_ref"], e["inception"], device)
+    ref_dir = reference_dir(cfg["cache_dir"], prepared.artifact_dirs[FD_NET], prepared.data, e["num_samples"],
+                            device, parts.fdnet)
+    return FDNetScorer(parts.fdnet, prepared.data.test_x, ref_dir, device)
 
 
 def run_job(cfg: dict, run_dir: str) -> dict:
@@ -195,9 +204,8 @@ def run_job(cfg: dict, run_dir: str) -> dict:
     device = resolve_device(t["device"], d.local_rank)
     prepared = prepare_run(cfg, device)
     parts = build_run(cfg, prepared, device)
-    ref_dir = reference_dir(cfg["cache_dir"], prepared.artifact_dirs[FD_NET], prepared.data,
-                            cfg["eval"]["num_samples"], device, parts.fdnet)
-    trainer = Trainer(cfg, rd, parts, device, ref_images=prepared.data.test_x, ref_dir=ref_dir, dist=d)
+    trainer = Trainer(cfg, rd, parts, device, scorer=make_scorer(cfg, prepared, parts, device) if d.main else None,
+                      dist=d)
     barrier(d)                           # every rank sees the same checkpoints
     trainer.restore()
     ACTIVE[:] = [trainer]

@@ -27,6 +27,8 @@ class DataCfg:
     flips: bool = True                 # cache horizontal flips and pick one with p = 0.5 (LightningDiT/SFD, spec §5.2)
     limit_train: Optional[int] = None  # use only the first N training images (smoke tests); None = all
     limit_test: Optional[int] = None   # use only the first N test images for the FD reference; None = all
+    stream: bool = False               # image-folder too large for memory: the train split is read from disk by
+                                       # benchmarks/extract.py into a sharded latent cache (docs/paper_scale.md)
 
 
 @dataclass
@@ -70,6 +72,10 @@ class EvalCfg:
     guidance: Optional[dict] = None    # guidance for evaluation samples; None = unguided (the papers' convergence metric)
     sample_seed: int = 1234            # same noise and labels at every eval: lower-variance curves
     grid_images: int = 100             # images in the per-run sample PNG
+    metric: str = "fd-net"             # fd-net: FD/KID/PR in the profile's own classifier + class accuracy (small
+                                       # profiles) | adm: Inception FID, sFID, IS, PR against an ADM reference batch
+    adm_ref: Optional[str] = None      # metric adm: VIRTUAL_imagenet256_labeled.npz (docs/paper_scale.md)
+    inception: Optional[str] = None    # metric adm: torch-fidelity Inception weights file (None: the torch hub cache)
 
 
 @dataclass

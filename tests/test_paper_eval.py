@@ -70,3 +70,21 @@ def test_bad_inputs_are_one_line_errors(files, capsys, change, message):
     assert evaluate.main(_args(files, **change)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and "\n" not in err
+
+
+def test_training_job_scores_with_the_adm_protocol(tmp_path, smoke_cache, weights):  # noqa: F811
+    """eval.metric=adm: the training job's periodic evaluation reports Inception FID/sFID/IS/PR (here on
+    the smoke profile with a random-weight Inception and a reference batch made from the test split)."""
+    from benchmarks import train
+    from benchmarks.datasets import load_fashion_mnist
+    from benchmarks.grid import expand
+    from core.rundir import RunDir
+
+    test_x = load_fashion_mnist(pad_to=32).test_x[:48]
+    pack_npz(test_x.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy(), None, tmp_path / "ref.npz", shuffle_seed=None)
+    (spec,) = expand("smoke", [f"cache_dir={smoke_cache}", "eval.metric=adm", f"eval.adm_ref={tmp_path / 'ref.npz'}",
+                               f"eval.inception={weights}", "eval.num_samples=20"]).runs
+    train.run_job(spec.cfg, str(tmp_path / "run"))
+    evals = RunDir(tmp_path / "run").rows("eval.jsonl")
+    assert evals and all({"fid", "sfid", "is", "precision", "recall"} <= set(e) for e in evals)
+    assert all(e["fd"] == e["fid"] > 0 and 0 <= e["precision"] <= 1 for e in evals)
