@@ -6,27 +6,10 @@
 # Run on the lent GPU machine from the repository root, with the missing pure-Python wheels in .whl/
 # (docs/performance.md says which); writes gpu.txt, log.txt and <stage>/speed.csv under $OUT
 # (default results/device), rows as they finish, so a stage cut by its timeout keeps what it measured.
-set -uo pipefail
-OUT=${OUT:-results/device}
-mkdir -p "$OUT"
-LOG="$OUT/log.txt"
-export PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-t0=$(date +%s)
-stamp() { echo "== $1 ($(( $(date +%s) - t0 )) s)" | tee -a "$LOG"; }
+source "$(dirname "$0")/common.sh"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/gpu.txt"
-speed() {  # stage timeout args...
-  local stage=$1 limit=$2; shift 2
-  stamp "speed $stage: $*"
-  timeout "$limit" python3 -m benchmarks.speed "$@" out="$OUT/$stage" 2>&1 | tee -a "$LOG" | grep -v "^|"
-}
 speed main 300 backbones=lightningdit-xl-1,lightningdit-b-1 methods=sfd,sit batch=128 precision=bf16 compile=auto \
   steps=30 warmup=10
 stamp "numerics on the GPU"
