@@ -4,6 +4,7 @@ Used by the training job, by `benchmarks.evaluate`-style tools and by the notebo
 """
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from benchmarks.prepare import FD_NET, Prepared, build_latent, load_artifacts, load_latent_cache
+from benchmarks.shards import ShardedArray
 from core.config import ConfigError, check_keys
 from core.registry import BACKBONES
 from core.seed import generator, seed_everything, step_seed
@@ -26,7 +28,14 @@ class LatentFeed:
     On CUDA the cache lives on the GPU when it fits in `gpu_fraction` of the free memory (one gather
     kernel per key per step, nothing crosses PCIe but the indices); otherwise it stays in host memory,
     each batch is gathered there and copied from pinned memory without blocking the host.
+    A sharded cache (memory-mapped `ShardedArray`s from a streamed dataset, benchmarks/extract.py) gets a
+    `ShardedLatentFeed` instead, chosen here, with the same draws and so the same batches.
     """
+
+    def __new__(cls, tensors: dict[str, Any], *args: Any, **kwargs: Any) -> "LatentFeed":
+        if cls is LatentFeed and isinstance(tensors["x1"], ShardedArray):
+            cls = ShardedLatentFeed
+        return super().__new__(cls)
 
     def __init__(self, tensors: dict[str, torch.Tensor], latent: Any, *, batch_size: int, seed: int,
                  flips: bool, device: torch.device, gpu_fraction: float = 0.5) -> None:
@@ -47,12 +56,21 @@ class LatentFeed:
         self.y = tensors["y"].long().to(self.store)
         self.n = self.y.shape[0]
 
-    def batch(self, step: int) -> Batch:
+    def draw(self, step: int, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(row indices (B,), flip choices (B,) bool or None) of batch `step` on the CPU, sliced to `rows`:
+        the whole global batch is drawn, so a rank taking its slice sees its part of the same batch."""
         g = generator(step_seed(self.seed, 0, step))
-        idx = self._to(torch.randint(self.n, (self.batch_size,), generator=g), self.store)
+        idx = torch.randint(self.n, (self.batch_size,), generator=g)
+        flip = torch.rand(self.batch_size, generator=g) < 0.5 if self.flips else None
+        return idx[rows], None if flip is None else flip[rows]
+
+    def batch(self, step: int, rows: slice = slice(None)) -> Batch:
+        """Batch `step` (the global batch, or its rows `rows`, e.g. one rank's share) on the device."""
+        idx, flip = self.draw(step, rows)
+        idx = self._to(idx, self.store)
         out = {k: v[idx] for k, v in self.data.items()}
-        if self.flips:
-            flip = self._to(torch.rand(self.batch_size, generator=g) < 0.5, self.store)
+        if flip is not None:
+            flip = self._to(flip, self.store)
             for k, v in self.flipped.items():
                 mask = flip.view(-1, *([1] * (v.dim() - 1)))
                 out[k] = torch.where(mask, v[idx], out[k])
@@ -67,6 +85,55 @@ class LatentFeed:
         if device.type == "cuda" and t.device.type == "cpu":
             return t.pin_memory().to(device, non_blocking=True)
         return t.to(device)
+
+
+class ShardedLatentFeed(LatentFeed):
+    """LatentFeed over a sharded cache too large to load: each batch's rows are gathered on the host from
+    the memory-mapped shards, only the variant a sample uses (image or flip), straight into pinned memory,
+    copied to the device without blocking, and normalised / cast there. Same `draw` as LatentFeed, so
+    the same batches. `prefetch` (default: on CUDA) gathers step k + 1 in a background thread while step
+    k trains; the result is the same, since a batch depends only on (seed, step)."""
+
+    def __init__(self, tensors: dict[str, Any], latent: Any, *, batch_size: int, seed: int, flips: bool,
+                 device: torch.device, gpu_fraction: float = 0.5, prefetch: bool | None = None) -> None:
+        self.batch_size, self.seed, self.device, self.latent = batch_size, seed, device, latent
+        self.flips = flips and "x1_flip" in tensors
+        keys = ["x1", *latent.aux_keys]
+        self.data = {k: tensors[k] for k in keys}                                  # ShardedArray each
+        self.flipped = {k: tensors[f"{k}_flip"] for k in keys} if self.flips else {}
+        self.y = tensors["y"].long()
+        self.n = self.y.shape[0]
+        self.store = torch.device("cpu")
+        self.pin = device.type == "cuda"
+        self._pool = ThreadPoolExecutor(1) if (self.pin if prefetch is None else prefetch) else None
+        self._next: tuple[tuple, Future] | None = None
+
+    def gather(self, step: int, rows: slice = slice(None)) -> dict[str, torch.Tensor]:
+        """Host tensors of batch `step`: {x1 raw, aux in their stored dtype, y}, pinned on CUDA."""
+        idx, flip = self.draw(step, rows)
+        sel = idx.numpy()
+        out = {}
+        for k, arr in self.data.items():
+            buf = torch.empty((sel.shape[0], *arr.shape[1:]), dtype=arr.dtype, pin_memory=self.pin)
+            view = buf.numpy()                                                      # (B, ...) shares buf
+            if flip is None:
+                arr.take(sel, out=view)
+            else:
+                f = flip.numpy()
+                view[~f] = arr.take(sel[~f])
+                view[f] = self.flipped[k].take(sel[f])
+            out[k] = buf
+        out["y"] = self.y[idx].pin_memory() if self.pin else self.y[idx]
+        return out
+
+    def batch(self, step: int, rows: slice = slice(None)) -> Batch:
+        key = (step, rows.start, rows.stop, rows.step)
+        host = self._next[1].result() if self._next is not None and self._next[0] == key else self.gather(step, rows)
+        if self._pool is not None:
+            self._next = ((step + 1, *key[1:]), self._pool.submit(self.gather, step + 1, rows))
+        dev = {k: v.to(self.device, non_blocking=self.pin) for k, v in host.items()}
+        x1, y = self.latent.normalize(dev.pop("x1").float()), dev.pop("y")
+        return Batch(x1=x1, y=y, aux={k: v.float() for k, v in dev.items()})
 
 
 @dataclass
@@ -98,7 +165,7 @@ def build_backbone(cfg: dict, schedule: Any, latent_shape: tuple[int, ...], num_
 def build_run(cfg: dict, prepared: Prepared, device: torch.device) -> RunParts:
     """Everything the training job needs, built from the config and the prepared caches."""
     arts = load_artifacts(prepared.artifact_dirs, device)
-    fdnet = arts.pop(FD_NET)
+    fdnet = arts.pop(FD_NET, None)             # None with eval.metric=adm
     latent = build_latent(cfg, arts)
     tensors, mean, std = load_latent_cache(prepared.latent_dir)
     latent.set_stats(mean.to(device), std.to(device))

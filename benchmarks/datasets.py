@@ -6,6 +6,7 @@ The folder readers use the ADM center crop of guided-diffusion / DiT (spec/METHO
 from __future__ import annotations
 
 import gzip
+import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -13,8 +14,10 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from core.cache import cached_dir
 from core.types import ImageData
 
 # ---------------------------------------------------------------------------------------------------
@@ -191,19 +194,25 @@ class ImageFolderDataset(Dataset):
     """Streaming version of `load_image_folder` for folders too large for memory (paper-scale profile).
 
     Yields (uint8 tensor (3, S, S), int label); same classes, splits and crop as `load_image_folder`.
+    `limit` keeps only the first N items of the split (data.limit_train / data.limit_test).
     """
 
     def __init__(self, root: str | Path, image_size: int, split: str = "train",
-                 split_dirs: tuple[str, str] = ("train", "val")) -> None:
+                 split_dirs: tuple[str, str] = ("train", "val"), limit: int | None = None) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        self.root = Path(root).expanduser()
         self.classes, splits = scan_image_folder(root, split_dirs)
-        self.items = splits[split]
+        self.items = splits[split][:limit]
         self.image_size = image_size
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.tensor([label for _, label in self.items], dtype=torch.int64)   # (N,)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -213,6 +222,52 @@ class ImageFolderDataset(Dataset):
         with Image.open(path) as im:
             arr = center_crop_adm(im, self.image_size)  # (S, S, 3)
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), label  # (3, S, S)
+
+
+READ_WORKERS = min(8, max(0, (os.cpu_count() or 1) - 1))   # DataLoader processes that decode images
+
+
+def read_images(ds: Dataset, indices: list[int], workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Items `indices` of a (uint8 image, label) dataset as (N, C, S, S) uint8 and (N,) int64, in that order."""
+    loader = DataLoader(Subset(ds, indices), batch_size=64, num_workers=workers)
+    parts = list(loader)
+    if not parts:
+        raise ValueError("read_images: no indices")
+    return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]).long()
+
+
+def sample_image_folder(root: str | Path, image_size: int, train_images: int, *, limit_train: int | None = None,
+                        limit_test: int | None = None, workers: int = 0, seed: int = 0) -> ImageData:
+    """What a streamed folder keeps in memory: a fixed random sample of `train_images` training images (in
+    index order) and the first `limit_test` test images. The artifacts that fit or evaluate on data (PCA,
+    SemVAE, reconstruction checks, the FD reference) see this sample; the latent cache covers the whole
+    train split (benchmarks/extract.py).
+    """
+    train = ImageFolderDataset(root, image_size, "train", limit=limit_train)
+    test = ImageFolderDataset(root, image_size, "test", limit=limit_test)
+    pick = np.sort(np.random.RandomState(seed).permutation(len(train))[:train_images]).tolist()
+    train_x, train_y = read_images(train, pick, workers)
+    test_x, test_y = read_images(test, list(range(len(test))), workers) if len(test) else \
+        (torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
+    return ImageData(name=f"folder-{Path(root).name}", train_x=train_x, train_y=train_y, test_x=test_x,
+                     test_y=test_y, num_classes=train.num_classes)
+
+
+def cached_sample(cache_dir: str | Path, key_obj: dict, root: str | Path, image_size: int, train_images: int, *,
+                  limit_train: int | None = None, limit_test: int | None = None, workers: int = READ_WORKERS
+                  ) -> ImageData:
+    """`sample_image_folder(...)` read once into the content-addressed folder `<cache_dir>/sample-<hash>/`
+    (sample.safetensors + info.json), so every later job reads one file instead of decoding the images."""
+    def build(tmp: Path) -> None:
+        data = sample_image_folder(root, image_size, train_images, limit_train=limit_train, limit_test=limit_test,
+                                   workers=workers)
+        save_file({k: getattr(data, k).contiguous() for k in ("train_x", "train_y", "test_x", "test_y")},
+                  str(tmp / "sample.safetensors"))
+        (tmp / "info.json").write_text(json.dumps({"name": data.name, "num_classes": data.num_classes}))
+
+    folder = cached_dir(cache_dir, "sample", key_obj, build)
+    info = json.loads((folder / "info.json").read_text())
+    return ImageData(name=info["name"], num_classes=info["num_classes"], **load_file(str(folder / "sample.safetensors")))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,3 +295,23 @@ def load_dataset(name: str, root: str | None, image_size: int) -> ImageData:
     if name not in DATASETS:
         raise KeyError(f"unknown dataset {name!r}; valid: {', '.join(sorted(DATASETS))}")
     return DATASETS[name](root, image_size)
+
+
+STREAMABLE = ("image-folder",)   # datasets `data.stream: true` can read from disk (benchmarks/extract.py)
+
+
+def check_streamable(name: str, root: str | None) -> None:
+    if name not in STREAMABLE:
+        raise ValueError(f"data.stream: true needs data.name in {', '.join(STREAMABLE)}, got {name!r}")
+    if root is None:
+        raise ValueError("dataset 'image-folder' needs data.root=DIR (one subfolder per class, or train/ and val/)")
+
+
+def check_dataset(name: str, root: str | None, image_size: int, stream: bool = False) -> None:
+    """Fail early with where it looked: load the dataset, or for a streamed one only scan the folder
+    (a streamed ImageNet is never read whole)."""
+    if not stream:
+        load_dataset(name, root, image_size)
+        return
+    check_streamable(name, root)
+    scan_image_folder(root)

@@ -3,7 +3,9 @@ training set (and its horizontal flips) into a latent cache with per-channel sta
 
 Everything is cached under `<cache_dir>/<kind>-<hash of what made it>/`, built once under a file lock
 and shared by every run of every grid that needs the same thing. Diffusion jobs never run a frozen
-encoder per step: they read only the latent cache.
+encoder per step: they read only the latent cache. A streamed dataset (`data.stream: true`, a folder too
+large for memory) keeps only a sample in memory; its encodings and latent cache are the same folders,
+sharded, written by benchmarks/extract.py (docs/paper_scale.md).
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from benchmarks.datasets import load_dataset
-from core.cache import cache_key, cached_dir
+from benchmarks.datasets import READ_WORKERS, cached_sample, check_streamable, load_dataset
+from benchmarks.shards import is_sharded, open_sharded
+from core.cache import MARKER, cache_key, cached_dir
 from core.config import ConfigError
 from core.registry import ENCODERS, LATENTS
 from core.seed import generator
@@ -30,6 +33,8 @@ log = logging.getLogger(__name__)
 
 FD_NET = "fd-net"          # the profile's FD feature network (never the semantic encoder)
 STATS_SAMPLES = 10_000     # per-channel stats from 10k random latents (spec §5.2)
+STREAM_SAMPLE = 10_000     # training images a streamed dataset keeps in memory for artifact fits (PCA and
+                           # SemVAE fit on 10k images by default)
 
 
 @dataclass
@@ -50,16 +55,24 @@ def latent_requires(latent_cfg: dict) -> tuple[str, ...]:
     return tuple(cls.requires_for(**keys))
 
 
-def artifact_order(kinds: tuple[str, ...]) -> list[str]:
-    """Kinds plus everything they require, dependencies first."""
+def eval_kinds(cfg: dict) -> tuple[str, ...]:
+    """Artifacts the evaluation needs: the FD network on the small profiles; none with eval.metric=adm
+    (Inception and the ADM reference batch are files, not artifacts)."""
+    return (FD_NET,) if cfg["eval"]["metric"] == "fd-net" else ()
+
+
+def artifact_order(kinds: tuple[str, ...], prepare_cfg: dict | None = None) -> list[str]:
+    """Kinds plus everything they require, dependencies first. A slot's requirements are those of the
+    class that fills it (`prepare.<kind>.use`), e.g. a pretrained VA-VAE needs no semantic encoder."""
     order: list[str] = []
+    prepare_cfg = prepare_cfg or {}
 
     def visit(kind: str, path: tuple[str, ...]) -> None:
         if kind in order:
             return
         if kind in path:
             raise ConfigError(f"artifact dependency cycle: {' -> '.join(path + (kind,))}")
-        for dep in ENCODERS.get(kind).requires:
+        for dep in ENCODERS.get((prepare_cfg.get(kind) or {}).get("use", kind)).requires:
             visit(dep, path + (kind,))
         order.append(kind)
 
@@ -68,22 +81,52 @@ def artifact_order(kinds: tuple[str, ...]) -> list[str]:
     return order
 
 
+def streamed(cfg: dict) -> bool:
+    """data.stream (configs resolved before the key existed, and hand-built ones, have no such key)."""
+    return bool(cfg["data"].get("stream", False))
+
+
 def _data_key(cfg: dict) -> dict:
     d = cfg["data"]
-    return {"name": d["name"], "image_size": d["image_size"], "limit_train": d["limit_train"],
-            "limit_test": d["limit_test"]}   # root is where, not what
+    key = {"name": d["name"], "image_size": d["image_size"], "limit_train": d["limit_train"],
+           "limit_test": d["limit_test"]}   # root is where, not what
+    if streamed(cfg):                       # only then: the in-memory profiles keep their cache names
+        key["stream"] = True
+    return key
 
 
 def load_data(cfg: dict) -> ImageData:
-    d = cfg["data"]
+    """The dataset in memory; for a streamed one, the cached sample (`load_sample`)."""
+    if streamed(cfg):
+        return load_sample(cfg)
+    d = _checked_data(cfg)
     data = load_dataset(d["name"], d["root"], d["image_size"])
     for split, limit in (("train", d["limit_train"]), ("test", d["limit_test"])):
         if limit is not None:
-            if limit < 1:
-                raise ConfigError(f"data.limit_{split} must be ≥ 1 or null, got {limit}")
             setattr(data, f"{split}_x", getattr(data, f"{split}_x")[:limit])
             setattr(data, f"{split}_y", getattr(data, f"{split}_y")[:limit])
     return data
+
+
+def _checked_data(cfg: dict) -> dict:
+    d = cfg["data"]
+    for split in ("train", "test"):
+        if d[f"limit_{split}"] is not None and d[f"limit_{split}"] < 1:
+            raise ConfigError(f"data.limit_{split} must be ≥ 1 or null, got {d[f'limit_{split}']}")
+    return d
+
+
+def load_sample(cfg: dict, workers: int = READ_WORKERS) -> ImageData:
+    """What a streamed folder keeps in memory: `STREAM_SAMPLE` random training images and the test split
+    (datasets.sample_image_folder), cached as `<cache_dir>/sample-<hash>/`, read once by the first job."""
+    d = _checked_data(cfg)
+    try:
+        check_streamable(d["name"], d["root"])             # the folder itself is scanned only to build it
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return cached_sample(cfg["cache_dir"], {"data": _data_key(cfg), "train_images": STREAM_SAMPLE}, d["root"],
+                         d["image_size"], STREAM_SAMPLE, limit_train=d["limit_train"], limit_test=d["limit_test"],
+                         workers=workers)
 
 
 # ----------------------------------------------------------------------------- building
@@ -105,7 +148,7 @@ def artifact_plan(cfg: dict) -> list[Node]:
     """The artifacts a run needs, dependencies first; each key holds its dependencies' keys."""
     names: dict[str, str] = {}
     nodes = []
-    for kind in artifact_order(latent_requires(cfg["method"]["latent"]) + (FD_NET,)):
+    for kind in artifact_order(latent_requires(cfg["method"]["latent"]) + eval_kinds(cfg), cfg["prepare"]):
         fit_cfg = dict(cfg["prepare"].get(kind, {}))
         # `use` fills a slot with another registered class, e.g. the semantic-encoder slot with the
         # pretrained timm DINOv2 ("dinov2") at paper scale; every consumer still reads the slot's name.
@@ -173,10 +216,35 @@ def _splits(cfg: dict, data: ImageData) -> dict[str, torch.Tensor]:
     return out
 
 
+def encodings_key(cfg: dict, art_dir: Path) -> dict:
+    """Cache key of one network's encodings of the training set (in memory or sharded)."""
+    return {"artifact": Path(art_dir).name, "data": _data_key(cfg), "flips": cfg["data"]["flips"]}
+
+
+def encoding_kinds(cfg: dict) -> tuple[str, ...]:
+    """The artifacts whose encodings a run's latent is composed from: its tokenizer, and the semantic
+    encoder when the latent or its aux targets use tokens (the builder's `tokenizer_kind`, `uses_tokens`)."""
+    req = latent_requires(cfg["method"]["latent"])
+    return (req[0],) + ((ENCODER,) if ENCODER in req else ())
+
+
+def latent_key(cfg: dict, enc: dict[str, Path], dirs: dict[str, Path]) -> dict:
+    """Cache key of a run's latent cache: the latent config, the encodings and artifacts it is made from."""
+    return {"latent": cfg["method"]["latent"], "encodings": {k: Path(d).name for k, d in enc.items()},
+            "artifacts": {k: Path(d).name for k, d in dirs.items() if k != FD_NET}}
+
+
+def _in_memory_only(cfg: dict, what: str) -> None:
+    if streamed(cfg):
+        raise ConfigError(f"{what}: data.stream is true, so this cache is sharded and written by "
+                          "`python -m benchmarks.extract` (docs/paper_scale.md), not built in memory")
+
+
 def build_encodings(cfg: dict, data: ImageData, kind: str, art_dir: Path, device: torch.device) -> Path:
     """Run one frozen network over the training set (and flips) once: texture latents (posterior samples,
     fixed seeds) for a tokenizer, fp16 patch tokens for the semantic encoder. Shared by every latent builder."""
-    key_obj = {"artifact": art_dir.name, "data": _data_key(cfg), "flips": cfg["data"]["flips"]}
+    _in_memory_only(cfg, f"encodings of {kind}")
+    key_obj = encodings_key(cfg, art_dir)
 
     def build(tmp: Path) -> None:
         art = artifact_class(art_dir).load(art_dir, device)
@@ -195,13 +263,13 @@ def build_encodings(cfg: dict, data: ImageData, kind: str, art_dir: Path, device
 
 def build_latent_cache(cfg: dict, data: ImageData, dirs: dict[str, Path], device: torch.device) -> Path:
     """Compose the run's latents from the cached encodings; per-channel stats from 10k of them."""
+    _in_memory_only(cfg, "latent cache")
     arts = load_artifacts({k: d for k, d in dirs.items() if k != FD_NET}, device)
     latent = build_latent(cfg, arts)
     enc = {latent.tokenizer_kind: build_encodings(cfg, data, latent.tokenizer_kind, dirs[latent.tokenizer_kind], device)}
     if latent.uses_tokens:
         enc[ENCODER] = build_encodings(cfg, data, ENCODER, dirs[ENCODER], device)
-    key_obj = {"latent": cfg["method"]["latent"], "encodings": {k: d.name for k, d in enc.items()},
-               "artifacts": {k: d.name for k, d in dirs.items() if k != FD_NET}}
+    key_obj = latent_key(cfg, enc, dirs)
 
     def build(tmp: Path) -> None:
         t0 = time.time()
@@ -228,23 +296,48 @@ def build_latent_cache(cfg: dict, data: ImageData, dirs: dict[str, Path], device
     return cached_dir(cfg["cache_dir"], "latents", key_obj, build)
 
 
+def stream_cache_dirs(cfg: dict, dirs: dict[str, Path]) -> tuple[dict[str, Path], Path]:
+    """Where a streamed run's sharded encodings ({kind: folder}) and latent cache live (names as in memory)."""
+    root = Path(cfg["cache_dir"])
+    enc = {k: root / cache_key(f"enc-{k}", encodings_key(cfg, dirs[k])) for k in encoding_kinds(cfg)}
+    return enc, root / cache_key("latents", latent_key(cfg, enc, dirs))
+
+
 def prepare_run(cfg: dict, device: torch.device | str = "cpu") -> Prepared:
-    """Everything `train` needs, built once and cached; cheap when the caches exist."""
+    """Everything `train` needs, built once and cached; cheap when the caches exist. A streamed dataset's
+    latent cache must have been extracted (benchmarks/extract.py; prepare_grid does it on one machine)."""
     device = torch.device(device)
     data = load_data(cfg)
     dirs = build_artifacts(cfg, data, device)
-    latent_dir = build_latent_cache(cfg, data, dirs, device)
+    if streamed(cfg):
+        latent_dir = stream_cache_dirs(cfg, dirs)[1]
+        if not (latent_dir / MARKER).exists():
+            raise FileNotFoundError(f"sharded latent cache {latent_dir} is not extracted yet: run `python -m "
+                                    "benchmarks.extract grid=<grid>` (one job per GPU; docs/paper_scale.md)")
+    else:
+        latent_dir = build_latent_cache(cfg, data, dirs, device)
     return Prepared(data=data, artifact_dirs=dirs, latent_dir=latent_dir)
 
 
-def load_latent_cache(latent_dir: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """(train tensors incl. aux targets, mean (1,C,1,1), std (1,C,1,1)) from a finished latent cache."""
+def load_latent_cache(latent_dir: Path) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """(train tensors incl. aux targets, mean (1,C,1,1), std (1,C,1,1)) from a finished latent cache.
+
+    A sharded cache (benchmarks/extract.py) gives `shards.ShardedArray`s (memory-mapped, read row by row
+    by the feed) for x1/x1_flip and the aux targets, and the labels y as a tensor.
+    """
     latent_dir = Path(latent_dir)
+    stats = load_file(str(latent_dir / "stats.safetensors"))
+    aux = read_json(latent_dir / "info.json")["aux"]
+    if is_sharded(latent_dir):
+        tensors: dict[str, Any] = open_sharded(latent_dir)
+        tensors["y"] = torch.from_numpy(tensors["y"].numpy()).long()
+        for enc_dir in set(aux.values()):
+            tensors.update(open_sharded(latent_dir.parent / enc_dir))
+        return tensors, stats["mean"], stats["std"]
     tensors = load_file(str(latent_dir / "train.safetensors"))
-    for key, enc_dir in read_json(latent_dir / "info.json")["aux"].items():
+    for key, enc_dir in aux.items():
         # aux targets live once in the encodings cache next door (the REPA tokens are ~0.5 GB per split)
         tensors.update(load_file(str(latent_dir.parent / enc_dir / f"{key}.safetensors")))
-    stats = load_file(str(latent_dir / "stats.safetensors"))
     return tensors, stats["mean"], stats["std"]
 
 
@@ -274,7 +367,8 @@ def prepare_grid(cfgs: list[dict], device: torch.device | str = "cpu", workers: 
     parallel threads (torch releases the GIL in its kernels), each thread with cores/workers torch threads.
 
     The texture chain (VAE, its encodings) and the semantic chain (encoder, tokens, PCA, SemVAE) have no
-    edge between them, so on 2 cores they overlap; the FD network fills a gap at the end.
+    edge between them, so on 2 cores they overlap; the FD network fills a gap at the end. Streamed runs
+    are extracted here in one process; on a cluster run benchmarks.extract as one job per GPU first.
     """
     device = torch.device(device)
     datas: dict[str, ImageData] = {}
@@ -291,8 +385,7 @@ def prepare_grid(cfgs: list[dict], device: torch.device | str = "cpu", workers: 
         tasks.setdefault(node.name, (lambda r, node=node, c=c, data=data, deps=deps:
                                      build_node(node, c, data, {deps[n]: d for n, d in r.items()}, device),
                                      tuple(deps)))
-        req = latent_requires(c["method"]["latent"])
-        if node.kind == req[0] or (node.kind == ENCODER and ENCODER in req):
+        if not streamed(c) and node.kind in encoding_kinds(c):      # streamed: sharded, extracted below
             tasks.setdefault(f"enc:{node.name}", (lambda r, node=node, c=c, data=data:
                                                    build_encodings(c, data, node.kind, r[node.name], device),
                                                    (node.name,)))
@@ -300,6 +393,10 @@ def prepare_grid(cfgs: list[dict], device: torch.device | str = "cpu", workers: 
     torch.set_num_threads(max(1, threads // workers))
     try:
         run_dag(tasks, workers)
+        for c in [c for c in cfgs if streamed(c)]:
+            from benchmarks.extract import extract_run   # (extract imports this module)
+
+            extract_run(c, device=device)               # one machine: the whole extraction here, rank 0 of 1
         runs = {f"run:{i}": (lambda r, c=c: prepare_run(c, device), ()) for i, c in enumerate(cfgs)}
         out = run_dag(runs, workers)
         return [out[f"run:{i}"] for i in range(len(cfgs))]
