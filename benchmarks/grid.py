@@ -114,7 +114,7 @@ def validate(cfg: dict, check_files: bool = True) -> None:
     """Checks that need the registries: component keys and artifact fit() keys, basic ranges; with
     check_files, also that the dataset and every weights file exist (a dry run plans without them)."""
     from benchmarks.plugins import load_all
-    from benchmarks.prepare import artifact_order, latent_requires
+    from benchmarks.prepare import artifact_order, eval_kinds, latent_requires
     from core.registry import LATENTS
 
     from benchmarks.datasets import DATASETS
@@ -137,13 +137,13 @@ def validate(cfg: dict, check_files: bool = True) -> None:
     lat = cfg["method"]["latent"]
     try:
         check_keys(f"method.latent {lat.get('name')!r}", LATENTS.get(lat["name"]), lat, deps=("artifacts",))
-        kinds = artifact_order(latent_requires(lat) + ("fd-net",))
+        needed = latent_requires(lat) + eval_kinds(cfg)
     except KeyError as e:
         raise ConfigError(f"method.latent: {e.args[0]}") from None
     _check_ranges(cfg)
     _check_components(cfg)
     if check_files:
-        _check_dataset(cfg["data"]["name"], cfg["data"]["root"], cfg["data"]["image_size"])
+        _check_dataset(cfg["data"]["name"], cfg["data"]["root"], cfg["data"]["image_size"], cfg["data"]["stream"])
         e = cfg["eval"]
         if e["metric"] == "adm" and not (e["adm_ref"] and Path(e["adm_ref"]).expanduser().is_file()):
             raise ConfigError(f"eval.adm_ref: ADM reference batch {e['adm_ref']} not found; pass "
@@ -160,7 +160,10 @@ def validate(cfg: dict, check_files: bool = True) -> None:
                 raise ConfigError(f"prepare.{kind}.{key}: weights file {value} does not exist; download it and "
                                   "pass its path (which files and where: docs/paper_scale.md)")
         check_keys(f"prepare.{kind}", ENCODERS.get(use).fit, fit_cfg, deps=("data", "deps", "device"))
-    del kinds
+    try:      # after the slots' `use` names are known to exist: the dependency order (and cycles) of what is used
+        artifact_order(needed, cfg["prepare"])
+    except KeyError as e:
+        raise ConfigError(f"method.latent: {e.args[0]}") from None
 
 
 def resolve(profile: str, label: dict[str, Any], overrides: list[str] | None = None,
@@ -176,12 +179,13 @@ def resolve(profile: str, label: dict[str, Any], overrides: list[str] | None = N
 
 
 @functools.lru_cache(maxsize=8)
-def _check_dataset(name: str, root: str | None, image_size: int) -> None:
-    """Load the dataset once per process so a missing one fails at load with where it looked."""
-    from benchmarks.datasets import load_dataset
+def _check_dataset(name: str, root: str | None, image_size: int, stream: bool = False) -> None:
+    """Load the dataset once per process (a streamed one: scan its folder) so a missing one fails at load
+    with where it looked."""
+    from benchmarks.datasets import check_dataset
 
     try:
-        load_dataset(name, root, image_size)
+        check_dataset(name, root, image_size, stream)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e).splitlines()[0]) from None
 

@@ -83,8 +83,9 @@ class FixedFeed:
     def __init__(self, batch: Batch) -> None:
         self.fixed = batch
 
-    def batch(self, step: int) -> Batch:
-        return self.fixed
+    def batch(self, step: int, rows: slice = slice(None)) -> Batch:
+        b = self.fixed
+        return Batch(b.x1[rows], b.y[rows], {k: v[rows] for k, v in b.aux.items()})
 
 
 def matmul_ceiling(device: torch.device, n: int = 8192, reps: int = 10) -> float:

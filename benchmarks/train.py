@@ -118,15 +118,18 @@ class Trainer:
         losses averaged over all shards of all ranks (core/dist.py)."""
         t, d = self.cfg["train"], self.dist
         self.phase = "grads"
-        shards = t["micro_batches"] or d.world
-        batch = self.parts.feed.batch(self.step)
+        shards, n = t["micro_batches"] or d.world, t["batch_size"]
+        lo, hi = d.rank * shards // d.world, (d.rank + 1) * shards // d.world     # this rank's shards
+        if n % shards:
+            raise ValueError(f"train.batch_size {n} is not divisible into {shards} micro-batches / processes")
+        batch = self.parts.feed.batch(self.step, slice(lo * n // shards, hi * n // shards))   # only its rows
         self.parts.model.train()
         self.opt.zero_grad(set_to_none=True)
         terms: dict[str, torch.Tensor] = {}
-        for j in range(d.rank * shards // d.world, (d.rank + 1) * shards // d.world):
+        for j in range(lo, hi):
             seed_everything(self.cfg["seed"], j, self.step)
             with autocast_ctx(t["precision"], self.device):
-                out = self.parts.method.losses(self.forward, shard(batch, j, shards))
+                out = self.parts.method.losses(self.forward, shard(batch, j - lo, hi - lo))
             (out.total / shards).backward()
             for k, v in {"loss": out.total, **{f"loss/{k}": v for k, v in out.terms.items()}}.items():
                 terms[k] = terms.get(k, 0.0) + v.detach() * d.world / shards
