@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from core.rundir import read_jsonl
 
-METRICS = ("fd", "kid", "precision", "recall", "class_acc")
+METRICS = ("fd", "kid", "precision", "recall", "class_acc", "fid", "sfid", "is")   # fd-net rows | adm rows (fd = fid)
 
 
 def _status(run: Path) -> str:

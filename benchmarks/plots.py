@@ -15,14 +15,20 @@ def _spread(curves: pd.DataFrame, metric: str) -> pd.DataFrame:
     return curves.groupby(["group", "step"])[metric].agg(["mean", "min", "max", "count"]).reset_index()
 
 
-def convergence(curves: pd.DataFrame, out: Path, fd_name: str) -> Path:
-    """FD (left) and class accuracy of conditional samples (right) against training step, log-x.
+SECOND_PANEL = {"class_acc": "class accuracy of samples", "is": "Inception Score"}
+
+
+def convergence(curves: pd.DataFrame, out: Path, fd_name: str, second: str = "class_acc") -> Path:
+    """FD (left) and class accuracy of conditional samples (right; `second="is"`: Inception Score at paper
+    scale) against training step, log-x.
 
     One line per group (method/backbone/axes), the mean over seeds, shaded between min and max.
     Step 0 (the untrained model) sits on the linear part of a symlog axis.
     """
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for metric, ax, ylabel in (("fd", axes[0], fd_name), ("class_acc", axes[1], "class accuracy of samples")):
+    for metric, ax, ylabel in (("fd", axes[0], fd_name), (second, axes[1], SECOND_PANEL[second])):
+        if metric not in curves:
+            continue
         agg = _spread(curves, metric)
         for group, g in agg.groupby("group"):
             line, = ax.plot(g["step"], g["mean"], marker="o", ms=3, label=f"{group} (n={int(g['count'].max())})")
@@ -33,7 +39,8 @@ def convergence(curves: pd.DataFrame, out: Path, fd_name: str) -> Path:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
-    axes[1].axhline(0.1, color="grey", ls=":", lw=1, label="chance")
+    if second == "class_acc":
+        axes[1].axhline(0.1, color="grey", ls=":", lw=1, label="chance")
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
     fig.suptitle("Convergence (mean over seeds, shaded min–max)")

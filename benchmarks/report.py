@@ -65,12 +65,32 @@ def final_table(runs: pd.DataFrame) -> pd.DataFrame:
     done = runs[runs["status"] == "done"]
     if done.empty:
         return pd.DataFrame()
-    agg = {"final.fd": ["mean", "std"], "final.kid": "mean", "final.precision": "mean", "final.recall": "mean",
-           "final.class_acc": ["mean", "std"], "first.fd": "mean", "seed": "count"}
+    agg = {"final.fd": ["mean", "std"], "final.kid": "mean", "final.sfid": "mean", "final.is": "mean",
+           "final.precision": "mean", "final.recall": "mean", "final.class_acc": ["mean", "std"],
+           "first.fd": "mean", "seed": "count"}
+    agg = {k: v for k, v in agg.items() if k in done and (k == "seed" or done[k].notna().any())}   # this metric's columns
     t = done.groupby("group").agg(agg)
     t.columns = [f"{a} {b}" if b not in ("mean",) else a for a, b in t.columns]
     t["final/first FD"] = t["final.fd"] / t["first.fd"]
     return t.rename(columns={"seed count": "seeds"}).round(4).reset_index()
+
+
+def metric_text(runs: pd.DataFrame) -> tuple[str, str, str]:
+    """(name of the `fd` column, the second convergence panel's metric, the report's metric paragraph)."""
+    if "cfg.eval.metric" in runs and (runs["cfg.eval.metric"] == "adm").any():
+        n = int(runs["cfg.eval.num_samples"].iloc[0])
+        name = f"FID-{n // 1000}K" if n >= 1000 else f"FID-{n}"
+        return name, "is", (f"**Metric.** {name}: Inception FID of {n} EMA samples against the ADM reference batch "
+                            "(its precomputed statistics), with sFID, Inception Score and precision/recall, computed "
+                            "as ADM's evaluator does through torch-fidelity's Inception (benchmarks/adm_eval.py, "
+                            "docs/paper_scale.md). Samples are unguided unless the profile sets eval.guidance.")
+    return FD_NAME, "class_acc", (
+        f"**Metric.** {FD_NAME} is the Fréchet distance between sample and test-split features of the profile's "
+        "own FD network (a small CNN classifier trained with labels on the training split), computed by "
+        "torch-fidelity with that network registered as its feature extractor. It is *not* Inception FID and is "
+        "not comparable with paper numbers; see docs/metrics.md. Samples are unguided (the papers' convergence "
+        "metric) unless the profile sets eval.guidance; class accuracy is the FD classifier's accuracy on "
+        "class-conditional samples (chance = 0.1).")
 
 
 def _git_sha() -> str:
@@ -106,9 +126,10 @@ def write_report(grid_name: str, results_root: Path = Path("results")) -> Path:
     runs, curves = load_runs(grid_root), load_curves(grid_root)
     if runs.empty:
         raise ConfigError(f"no run folders under {grid_root}")
+    fd_name, second, paragraph = metric_text(runs)
     if not curves.empty:
         curves.to_csv(grid_root / "curves.csv", index=False)
-        plots.convergence(curves, grid_root / "convergence.png", FD_NAME)
+        plots.convergence(curves, grid_root / "convergence.png", fd_name, second)
     runs.drop(columns=[c for c in runs.columns if c.startswith("cfg.")]).to_csv(grid_root / "runs.csv", index=False)
     samples = grid_root / "samples"
     samples.mkdir(exist_ok=True)
@@ -122,12 +143,7 @@ def write_report(grid_name: str, results_root: Path = Path("results")) -> Path:
           f"Profile `{runs['cfg.profile'].iloc[0]}`, {len(runs)} runs "
           f"({(runs['status'] == 'done').sum()} done, {(runs['status'] == 'failed').sum()} failed), "
           f"written {time.strftime('%Y-%m-%d %H:%M')} at git {_git_sha()}.", "",
-          f"**Metric.** {FD_NAME} is the Fréchet distance between sample and test-split features of the profile's "
-          "own FD network (a small CNN classifier trained with labels on the training split), computed by "
-          "torch-fidelity with that network registered as its feature extractor. It is *not* Inception FID and is "
-          "not comparable with paper numbers; see docs/metrics.md. Samples are unguided (the papers' convergence "
-          "metric) unless the profile sets eval.guidance; class accuracy is the FD classifier's accuracy on "
-          "class-conditional samples (chance = 0.1).", "", "## Prepared artifacts", "", *_prepare_section(grid_root), ""]
+          paragraph, "", "## Prepared artifacts", "", *_prepare_section(grid_root), ""]
     ft = final_table(runs)
     md += ["## Final metrics (mean over seeds)", "", ft.to_markdown(index=False) if not ft.empty else "(no finished runs)", ""]
     if meta.get("baseline") and not curves.empty:
@@ -136,7 +152,7 @@ def write_report(grid_name: str, results_root: Path = Path("results")) -> Path:
                "Steps at which each group's FD first reaches the baseline's final FD; ratio = baseline steps / "
                "those steps. Resolution is the eval interval.", "", fc.to_markdown(index=False) if not fc.empty else "(baseline not finished)", ""]
     if meta.get("sweep") and f"label.{meta['sweep']}" in runs and runs["final.fd"].notna().any():
-        plots.sweep(runs[runs["status"] == "done"], meta["sweep"], grid_root / "sweep.png", FD_NAME)
+        plots.sweep(runs[runs["status"] == "done"], meta["sweep"], grid_root / "sweep.png", fd_name)
         md += [f"## Sweep over `{meta['sweep']}`", "", "![sweep](sweep.png)", ""]
     if not curves.empty:
         md += ["## Convergence", "", "![convergence](convergence.png)", "", "Data: `curves.csv`.", ""]

@@ -88,3 +88,30 @@ def test_training_job_scores_with_the_adm_protocol(tmp_path, smoke_cache, weight
     evals = RunDir(tmp_path / "run").rows("eval.jsonl")
     assert evals and all({"fid", "sfid", "is", "precision", "recall"} <= set(e) for e in evals)
     assert all(e["fd"] == e["fid"] > 0 and 0 <= e["precision"] <= 1 for e in evals)
+
+
+def test_imagenet256_profile_in_miniature(tmp_path, tree, weights):  # noqa: F811
+    """The paper-scale path end to end on a tiny ImageFolder: the imagenet256 profile with its data streamed
+    (sharded extraction), the LDM f16d32 tokenizer from a random-weight file in the official layout, the
+    memory-mapped feed, training, and the ADM-protocol evaluation with a random-weight Inception. Only the
+    sizes are shrunk (64 px, a tiny backbone, 2 steps, 12 samples)."""
+    from benchmarks import run as cli
+    from core.rundir import RunDir
+
+    write_ldm_ckpt(tmp_path / "ldm.ckpt", ref_model())
+    ref = load_image_folder(tree, 64).test_x.permute(0, 2, 3, 1).numpy()
+    pack_npz(ref, None, tmp_path / "ref.npz", shuffle_seed=None)
+    args = ["grid=smoke", "profile=imagenet256", "launcher=inline", f"results={tmp_path / 'results'}",
+            f"cache_dir={tmp_path / 'cache'}", f"data.root={tree}", "data.image_size=64",
+            f"prepare.texture-vae.weights={tmp_path / 'ldm.ckpt'}", "prepare.texture-vae.eval_images=0",
+            "train.device=cpu", "train.steps=2", "train.batch_size=4", "train.log_every=1", "train.ckpt_every=2",
+            "eval.every=0", "eval.num_samples=12", "eval.batch_size=12", f"eval.adm_ref={tmp_path / 'ref.npz'}",
+            f"eval.inception={weights}", "eval.sampler={name: ode, solver: euler, steps: 2}"]
+    assert cli.main(args) == 0
+    (run,) = [p for p in (tmp_path / "results" / "smoke").iterdir() if (p / "config.yaml").exists()]
+    cfg = RunDir(run).read_config()
+    assert cfg["data"]["stream"] and cfg["eval"]["metric"] == "adm" and cfg["train"]["precision"] == "fp32"
+    (row,) = RunDir(run).rows("eval.jsonl")
+    assert row["step"] == 2 and row["fid"] > 0 and {"sfid", "is", "precision", "recall"} <= set(row)
+    assert not list((tmp_path / "cache").glob("fd-net-*"))          # no FD network at this profile
+    assert list((tmp_path / "cache").glob("enc-texture-vae-*"))      # the sharded texture encodings
