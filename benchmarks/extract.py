@@ -94,10 +94,8 @@ def compose_seed(split: int, start: int) -> int:
 def posterior_sample(tokenizer: Any, x: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
     """(N, c, h, w) posterior sample of images x in [-1, 1], image i's noise drawn from gens[i] alone (CPU
     generators: diffusers draws one tensor per generator on the CPU), so the value of an image does not
-    depend on its batch. Called in pieces of the tokenizer's own `chunk` (pretrained VAEs split a batch
-    into chunks and would hand every chunk the whole list)."""
-    step = getattr(tokenizer, "chunk", x.shape[0])
-    return torch.cat([tokenizer.encode(x[i:i + step], generator=gens[i:i + step]) for i in range(0, x.shape[0], step)])
+    depend on its batch (pretrained VAEs split the list with their chunks, encoders/pretrained.py)."""
+    return tokenizer.encode(x, generator=gens)
 
 
 # ----------------------------------------------------------------------------- one sharded cache folder

@@ -58,7 +58,7 @@ def latent_requires(latent_cfg: dict) -> tuple[str, ...]:
 def eval_kinds(cfg: dict) -> tuple[str, ...]:
     """Artifacts the evaluation needs: the FD network on the small profiles; none with eval.metric=adm
     (Inception and the ADM reference batch are files, not artifacts)."""
-    return (FD_NET,) if cfg["eval"]["metric"] == "fd-net" else ()
+    return (FD_NET,) if cfg.get("eval", {}).get("metric", "fd-net") == "fd-net" else ()
 
 
 def artifact_order(kinds: tuple[str, ...], prepare_cfg: dict | None = None) -> list[str]:

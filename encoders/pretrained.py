@@ -135,7 +135,14 @@ class PretrainedVAE(TextureVAE):
         return torch.cat([fn(part) for part in x.split(self.chunk)])
 
     @torch.no_grad()
-    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def encode(self, images: Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
+        """Posterior samples; a list of generators (one per image, diffusers' convention) is split with the
+        chunks, so image i's noise comes from generator i whatever the chunk size."""
+        if isinstance(generator, list):
+            if len(generator) != images.shape[0]:
+                raise ValueError(f"{len(generator)} generators for {images.shape[0]} images")
+            return torch.cat([TextureVAE.encode(self, images[i:i + self.chunk], generator=generator[i:i + self.chunk])
+                              for i in range(0, images.shape[0], self.chunk)])
         return self._chunked(lambda x: TextureVAE.encode(self, x, generator=generator), images)
 
     @torch.no_grad()

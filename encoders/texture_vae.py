@@ -63,6 +63,9 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 def shuffled_batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:
     """Endless index batches, reshuffled every epoch (sampling without replacement within an epoch)."""
+    if n < batch_size:            # no full batch exists: the loop below would yield nothing, forever
+        raise ValueError(f"{n} training images are fewer than the batch size {batch_size}: lower the artifact's "
+                         f"batch_size (prepare.<kind>.batch_size) or use more images")
     while True:
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n - batch_size + 1, batch_size):

@@ -294,6 +294,21 @@ def test_sd_vae_local_folder_raw_latents_and_round_trip(tmp_path):
     assert torch.equal(SDVAEftEMA.load(tmp_path / "art").decode(expect), model.decode(expect))
 
 
+def test_per_image_generators_follow_their_image_through_the_chunks(tmp_path):
+    """A list of generators (one per image) gives image i the same noise whatever the chunk size."""
+    sd_like_folder(tmp_path / "sd")
+    model = SDVAEftEMA.fit(toy_data(), {}, CPU, source=str(tmp_path / "sd"), eval_images=0)
+    x = torch.rand(5, 3, 32, 32) * 2 - 1
+    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(5)]  # noqa: E731
+    model.chunk = 2
+    chunked = model.encode(x, generator=gens())
+    model.chunk = 32
+    assert torch.allclose(chunked, model.encode(x, generator=gens()), atol=1e-6)
+    assert torch.allclose(chunked[3:4], model.encode(x[3:4], generator=gens()[3:4]), atol=1e-6)
+    with pytest.raises(ValueError, match="2 generators for 5 images"):
+        model.encode(x, generator=gens()[:2])
+
+
 def test_sd_vae_hub_ids_from_cache_or_one_line_error(hub_cache):
     sd_like_folder(fake_hub_cache(hub_cache, "stabilityai/sd-vae-ft-ema"))
     assert SDVAEftEMA.fit(toy_data(), {}, CPU, eval_images=0).summary()["source"] == "stabilityai/sd-vae-ft-ema"

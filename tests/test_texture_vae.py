@@ -5,7 +5,7 @@ from diffusers import AutoencoderKL
 
 from core.registry import ENCODERS
 from core.types import ImageData, to_unit
-from encoders.texture_vae import TextureVAE, autoencoder_config, lr_at, match_channels
+from encoders.texture_vae import TextureVAE, autoencoder_config, lr_at, match_channels, shuffled_batches
 
 
 
@@ -106,3 +106,8 @@ def test_helpers():
         match_channels(torch.ones(2, 2, 4, 4), 3)
     with pytest.raises(ValueError, match="norm_num_groups"):
         autoencoder_config(1, 32, 4, (12, 16), 1, 8, False)
+
+
+def test_fewer_images_than_the_batch_is_an_error_not_a_hang():
+    with pytest.raises(ValueError, match="fewer than the batch size 8"):
+        next(shuffled_batches(5, 8, torch.Generator().manual_seed(0)))
