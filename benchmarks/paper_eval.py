@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.adm_eval import balanced_labels, evaluate as adm_evaluate, merge_shards, write_shard
+from benchmarks.adm_eval import evaluate as adm_evaluate
+from benchmarks.adm_npz import balanced_labels, merge_shards, write_shard
 from core.dist import Dist, barrier
 from core.registry import ENCODERS
 from core.seed import generator

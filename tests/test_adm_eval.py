@@ -10,10 +10,10 @@ import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from PIL import Image
 
 from benchmarks import adm_eval
-from benchmarks.adm_eval import (ADMInception, FDStats, Reference, balanced_labels, frechet_distance,
-                                 inception_score, load_reference, load_samples, merge_shards, pack_npz,
-                                 precision_recall, read_png_folder, reference_self_check, score, shuffle_order,
-                                 write_shard)
+from benchmarks.adm_eval import (ADMInception, FDStats, Reference, frechet_distance, inception_score,
+                                 load_reference, precision_recall, reference_self_check, score)
+from benchmarks.adm_npz import (balanced_labels, load_samples, merge_shards, pack_npz, read_png_folder,
+                                shuffle_order, write_shard)
 from benchmarks.datasets import load_image_folder
 
 CLASSES, PER_CLASS, PER_CLASS_VAL, SIZE = 4, 4, 2, 64

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from benchmarks import evaluate, importers
-from benchmarks.adm_eval import pack_npz
+from benchmarks.adm_npz import pack_npz
 from benchmarks.datasets import load_image_folder
 from test_adm_eval import weights, tree  # noqa: F401  (fixtures: random Inception, tiny ImageFolder)
 from test_importers import random_official, small, suite_backbone, suite_projector, write_official
