@@ -9,8 +9,8 @@ from benchmarks import evaluate, importers
 from benchmarks.adm_npz import pack_npz
 from benchmarks.datasets import load_image_folder
 from test_adm_eval import weights, tree  # noqa: F401  (fixtures: random Inception, tiny ImageFolder)
-from test_importers import random_official, small, suite_backbone, suite_projector, write_official
-from test_pretrained import ref_model, write_ldm_ckpt
+from official_ref import random_official, small, suite_backbone, suite_projector, write_official
+from ldm_ref import ref_model, write_ldm_ckpt
 
 KIND = "sfd-xl-1"
 
