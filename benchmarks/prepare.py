@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from benchmarks.datasets import READ_WORKERS, cached_sample, check_streamable, l
 from benchmarks.shards import is_sharded, open_sharded
 from core.cache import MARKER, cache_key, cached_dir
 from core.config import ConfigError
+from core.dag import run_dag
 from core.registry import ENCODERS, LATENTS
 from core.seed import generator
 from core.types import ImageData, to_unit
@@ -339,27 +339,6 @@ def load_latent_cache(latent_dir: Path) -> tuple[dict[str, Any], torch.Tensor, t
         # aux targets live once in the encodings cache next door (the REPA tokens are ~0.5 GB per split)
         tensors.update(load_file(str(latent_dir.parent / enc_dir / f"{key}.safetensors")))
     return tensors, stats["mean"], stats["std"]
-
-
-def run_dag(tasks: dict[str, tuple[Any, tuple[str, ...]]], workers: int) -> dict[str, Any]:
-    """Run {name: (fn(results_of_deps) -> result, dep names)} on a thread pool; a task starts when its
-    dependencies are done (never blocking a worker), ready tasks in the dict's order. Re-raises errors."""
-    results: dict[str, Any] = {}
-    pending = dict(tasks)
-    with ThreadPoolExecutor(workers) as pool:
-        running: dict[Future, str] = {}
-        while pending or running:
-            for name in [n for n, (_, deps) in pending.items() if all(d in results for d in deps)]:
-                if len(running) >= workers:
-                    break
-                fn, deps = pending.pop(name)
-                running[pool.submit(fn, {d: results[d] for d in deps})] = name
-            if not running:
-                raise RuntimeError(f"prepare: unsatisfiable dependencies among {sorted(pending)}")
-            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for f in done:
-                results[running.pop(f)] = f.result()
-    return results
 
 
 def prepare_grid(cfgs: list[dict], device: torch.device | str = "cpu", workers: int = 2) -> list[Prepared]:
