@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -267,11 +267,33 @@ class DDPMSampler:
     def __call__(self, model_fn: Callable[[Tensor, Tensor, Tensor], Tensor], noise: Tensor, y: Tensor, *,
                  schedule: DDPM, guidance: Any = None, generator: torch.Generator | None = None) -> Tensor:
         """noise (N, C, H, W) at index T−1 -> sample x1 (N, C, H, W) at index 0."""
+        return self._run(model_fn, noise, y, schedule, guidance, generator, ())[0]
+
+    def trajectory(self, model_fn: Callable[[Tensor, Tensor, Tensor], Tensor], noise: Tensor, y: Tensor, *,
+                   schedule: DDPM, taus: Sequence[float], guidance: Any = None,
+                   generator: torch.Generator | None = None) -> list[tuple[float, Tensor]]:
+        """States at the project times `taus` (the phase figure): for each τ the first state of the respaced
+        chain at t ≥ τ (the chain's grid is not refined, so the samples equal `__call__`'s)."""
+        return self._run(model_fn, noise, y, schedule, guidance, generator, tuple(taus))[1]
+
+    @torch.no_grad()
+    def _run(self, model_fn: Callable[[Tensor, Tensor, Tensor], Tensor], noise: Tensor, y: Tensor, schedule: DDPM,
+             guidance: Any, generator: torch.Generator | None, taus: tuple[float, ...]
+             ) -> tuple[Tensor, list[tuple[float, Tensor]]]:
         kept = respaced_indices(schedule.num_timesteps, self.steps)
         c = respace(schedule.consts, kept).to(noise.device)
         n, ch = noise.shape[0], noise.shape[1]
-        x = noise
+        x, rec = noise, {}
+
+        def record(t_state: float, state: Tensor) -> None:
+            for tau in taus:
+                if tau not in rec and t_state >= tau - 1e-9:
+                    rec[tau] = state
+
         for j in reversed(range(self.steps)):
+            t_state = float(schedule.index_to_t(torch.tensor(int(kept[j]))))
+            if t_state < 1.0:                             # index 0 is still noisy: t = 1 is the chain's output
+                record(t_state, x)
             orig = torch.full((n,), int(kept[j]), dtype=torch.long, device=noise.device)
             t_model = orig.to(noise.dtype)[:, None]                              # (N, 1)
             t_groups = schedule.group_times(schedule.index_to_t(orig))           # (N, G)
@@ -288,4 +310,5 @@ class DDPMSampler:
             else:
                 z = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
                 x = mean + torch.exp(0.5 * logvar) * z
-        return x
+        record(1.0, x)
+        return x, [(tau, rec[tau]) for tau in taus]

@@ -63,3 +63,14 @@ def test_preset_train_step_sample_and_roundtrip(name, built):
     t = torch.rand(4, method.schedule.num_time_inputs)
     with torch.no_grad():
         assert torch.equal(fresh.model.eval()(noise, t, y).out, model(noise, t, y).out)
+
+
+@pytest.mark.parametrize("name", presets())
+def test_preset_phase_figure(name, built, tmp_path):
+    """The end of every training job draws the per-phase sampling figure with the method's own sampler
+    (DiT's DDPM chain included): it must work for every preset, not only the flow ones."""
+    from benchmarks.phases import phase_figure
+
+    _, parts = built(name)
+    path = phase_figure(parts.method, parts.model.eval(), parts.latent, parts.latent_shape, tmp_path / "p.png", n=2)
+    assert path.stat().st_size > 0

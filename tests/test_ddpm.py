@@ -139,3 +139,14 @@ def test_sampler_guidance_hook():
     a = run(_oracle(s, 0.0, 1.0, []), noise, y, schedule=s, generator=_gen(7))
     b = run(_oracle(s, 0.0, 1.0, []), noise, y, schedule=s, guidance=guidance, generator=_gen(7))
     assert torch.equal(a, b) and calls == [(8, 1)] * 10
+
+
+def test_trajectory_states_and_final_sample_equal_the_chain():
+    s, run = DDPM(G1), DDPMSampler(steps=10)
+    noise = torch.randn(8, 2, 2, 2, generator=_gen(8))
+    y = torch.zeros(8, dtype=torch.long)
+    x = run(_oracle(s, 0.5, 0.3, []), noise, y, schedule=s, generator=_gen(9))
+    traj = run.trajectory(_oracle(s, 0.5, 0.3, []), noise, y, schedule=s, taus=[0.0, 0.5, 1.0], generator=_gen(9))
+    assert [t for t, _ in traj] == [0.0, 0.5, 1.0]
+    assert torch.equal(traj[0][1], noise) and torch.equal(traj[-1][1], x)     # same chain, same noise draws
+    assert not torch.equal(traj[1][1], noise) and not torch.equal(traj[1][1], x)
