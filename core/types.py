@@ -75,7 +75,7 @@ class BackboneOut:
 
 @dataclass
 class LossOut:
-    """total: scalar to back-propagate; terms: scalars logged verbatim (e.g. {"mse": .., "repa": ..})."""
+    """total: scalar to back-propagate; terms: scalars logged verbatim (e.g. {"mse": .., "cos": ..}; loss-defined names)."""
 
     total: Tensor
     terms: dict[str, Tensor] = field(default_factory=dict)
