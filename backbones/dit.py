@@ -128,6 +128,11 @@ class DiT(nn.Module):
             DiTBlock(hidden_size, num_heads, norm=norm, ffn=ffn, qk_norm=qk_norm, rope=rope_mod) for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, out_channels, norm=norm)
+        # dtype of the residual stream. None: whatever type promotion gives, which under bf16 autocast is
+        # fp32 (the bf16 patch embedding plus the fp32 position table), as in every reference code.
+        # torch.bfloat16 halves the residual's memory traffic (train.precision=bf16-residual, set by the
+        # trainer on the training model only; docs/performance.md). Not a parameter: checkpoints ignore it.
+        self.residual_dtype: torch.dtype | None = None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -180,6 +185,8 @@ class DiT(nn.Module):
         if bad:
             raise ValueError(f"hidden_at {bad} outside blocks 1..{self.depth}")
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
+        if self.residual_dtype is not None:
+            x = x.to(self.residual_dtype)
         c = self.time_embedding(t) + self.y_embedder(y)  # (N, D)
         hidden: dict[int, Tensor] = {}
         for i, block in enumerate(self.blocks, start=1):

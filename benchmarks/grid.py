@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from core.compile import MODES
+from core.compile import MODES, PRECISIONS, SDPA_BACKENDS
 from core.config import ConfigError, check_keys, run_hash, structured, to_dict
 from core.registry import ENCODERS
 
@@ -195,7 +195,8 @@ def _check_ranges(cfg: dict) -> None:
     checks = [
         (t["lr"] > 0, f"train.lr must be > 0, got {t['lr']}"),
         (0 <= t["ema_decay"] < 1, f"train.ema_decay must be in [0, 1), got {t['ema_decay']}"),
-        (t["precision"] in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t['precision']!r}"),
+        (t["precision"] in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {t['precision']!r}"),
+        (t["sdpa"] in SDPA_BACKENDS, f"train.sdpa must be one of {', '.join(SDPA_BACKENDS)}, got {t['sdpa']!r}"),
         (str(t["compile"]).lower() in (*MODES, "true", "false"),
          f"train.compile must be one of {', '.join(MODES)}, got {t['compile']!r}"),
         (t["device"] in ("auto", "cpu", "cuda") or t["device"].startswith("cuda:"),

@@ -1,11 +1,15 @@
 """`python -m benchmarks.speed [backbones=lightningdit-xl-1,lightningdit-b-1] [methods=sit,repa,sfd]
-[batch=128] [precision=bf16|fp32] [compile=auto|blocks|full|off] [steps=30] [warmup=10] [threads=N]
-[small=4,2,8,64] [peak_tflops=measure|<number>] [tune=cd|autotune] [profile=1] [out=results/speed]`
+[batch=128] [precision=bf16|bf16-residual|fp32] [compile=auto|regions|blocks|full|off]
+[sdpa=auto|flash|cudnn|efficient|math] [steps=30] [warmup=10] [threads=N] [small=4,2,8,64]
+[peak_tflops=measure|<number>] [tune=cd|autotune] [profile=1] [sample=0] [out=results/speed]`
+
+backbones, methods, batch, precision, compile and sdpa take comma lists: every combination is a row.
 
 Times the training job's own step (`benchmarks.train.Trainer.train_step`: forward, loss incl. the REPA
 head, backward, fused AdamW, foreach EMA) and the sampling forward (the EMA model, no grad) on random
 latents of the method's shape, after warm-up, with CUDA events on a GPU (wall clock on the CPU), the
-median of `steps` repeats. The first step's time (compilation included) is reported separately.
+median of `steps` repeats. The sampling forward runs as evaluation runs it: fp32 with TF32 matrix products
+(`sample=0` skips it). The first step's time (compilation included) is reported separately.
 FLOPs are counted with torch's FlopCounterMode on one eager step (not guessed); MFU = achieved FLOP/s
 over the bf16 matrix ceiling, measured on the card at start (an 8192³ bf16 product on random data)
 unless `peak_tflops=` gives a number. `tune=cd` turns on inductor's coordinate-descent tuning of its
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import itertools
 import statistics
 import sys
 import time
@@ -146,7 +151,7 @@ def profile_step(step, device: torch.device, path: Path, reps: int = 3) -> None:
 
 def bench(backbone: str, method_name: str, batch: int, precision: str, compile_mode: str, steps: int,
           warmup: int, device: torch.device, peak_tflops: float, small: dict | None = None,
-          profile_dir: Path | None = None) -> dict:
+          profile_dir: Path | None = None, sdpa: str = "auto", sample: bool = True) -> dict:
     from benchmarks.components import RunParts
     from benchmarks.train import Trainer, autocast_ctx
 
@@ -154,8 +159,9 @@ def bench(backbone: str, method_name: str, batch: int, precision: str, compile_m
     sizes, grid, tokens = latent_shape(backbone, method_name, small)
     g = _groups(sizes)
     mcfg = api.preset(method_name, "tiny" if "tiny" in backbone else None)   # tiny: REPA depth 1
-    model = api.backbone(backbone, method_cfg=mcfg, in_channels=g.channels, input_size=grid, groups=g,
-                         num_classes=1000).to(device)
+    with device:                     # built on the device: an XL's init on the host takes seconds
+        model = api.backbone(backbone, method_cfg=mcfg, in_channels=g.channels, input_size=grid, groups=g,
+                             num_classes=1000)
     method = api.method(mcfg, groups=g, hidden_size=model.hidden_size, encoder_dim=tokens[1] if tokens else 0)
     method.loss.to(device)
     x1 = torch.randn(batch, g.channels, grid, grid, device=device)
@@ -182,14 +188,14 @@ def bench(backbone: str, method_name: str, batch: int, precision: str, compile_m
 
     flops, sample_flops = (count_flops(f) * batch / k for f in (eager_step, eager_sample))
     train_cfg = dataclasses.asdict(TrainCfg(batch_size=batch, lr=1e-4, precision=precision, compile=compile_mode,
-                                            grad_clip=GRAD_CLIP.get(method_name), ema_decay=0.9999))
+                                            sdpa=sdpa, grad_clip=GRAD_CLIP.get(method_name), ema_decay=0.9999))
     cfg = {"seed": 0, "train": train_cfg, "eval": {"num_samples": 10, "sample_seed": 0}}
     parts = RunParts(latent=None, method=method, model=model, feed=FixedFeed(b), fdnet=None,
                      latent_shape=tuple(x1.shape[1:]), num_classes=1000)
     tr = Trainer(cfg, rd=None, parts=parts, device=device, scorer=None)
 
-    def sample_fwd() -> None:
-        with torch.no_grad(), amp:
+    def sample_fwd() -> None:        # as evaluate.generate runs it: no grad, no autocast
+        with torch.no_grad():
             tr.sampling_model(x1, t, b.y)
 
     if device.type == "cuda":
@@ -202,24 +208,26 @@ def bench(backbone: str, method_name: str, batch: int, precision: str, compile_m
     first = time.perf_counter() - t0
     train = statistics.median(_time(tr.train_step, steps, warmup, device))
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    t0 = time.perf_counter()
-    sample_fwd()                     # compilation of the no-grad sampling graph
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    first_sample = time.perf_counter() - t0
-    sample = statistics.median(_time(sample_fwd, steps, warmup, device))
+    first_sample = sample_s = float("nan")
+    if sample:
+        t0 = time.perf_counter()
+        sample_fwd()                 # compilation of the no-grad sampling graph
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        first_sample = time.perf_counter() - t0
+        sample_s = statistics.median(_time(sample_fwd, steps, warmup, device))
     if profile_dir is not None:
         try:
-            profile_step(tr.train_step, device, profile_dir / f"profile_{backbone}_{method_name}.txt")
+            profile_step(tr.train_step, device, profile_dir / f"profile_{backbone}_{method_name}_{precision}.txt")
         except Exception as e:  # noqa: BLE001 - the breakdown is extra; the timed row stands without it
             print(f"profile failed: {type(e).__name__}: {e}", flush=True)
     return {"backbone": backbone, "method": method_name, "batch": batch, "precision": precision,
-            "compile": tr.compile_mode, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+            "compile": tr.compile_mode, "sdpa": sdpa, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
             "first_step_s": round(first, 1), "ms_per_step": round(train * 1e3, 2),
             "img_per_s": round(batch / train, 1), "GFLOP_per_img": round(flops / batch / 1e9, 1),
             "TFLOP_per_s": round(flops / train / 1e12, 2), "MFU": round(flops / train / 1e12 / peak_tflops, 3),
-            "first_sample_s": round(first_sample, 1), "sample_fwd_img_per_s": round(batch / sample, 1),
-            "sample_TFLOP_per_s": round(sample_flops / sample / 1e12, 2), "peak_mem_GiB": round(mem, 2),
+            "first_sample_s": round(first_sample, 1), "sample_fwd_img_per_s": round(batch / sample_s, 1),
+            "sample_TFLOP_per_s": round(sample_flops / sample_s / 1e12, 2), "peak_mem_GiB": round(mem, 2),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "date": dt.date.today().isoformat()}
 
@@ -230,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     backbones = args.get("backbones", "lightningdit-xl-1,lightningdit-b-1" if device.type == "cuda"
                          else "lightningdit-tiny-1").split(",")
     methods = args.get("methods", "sit,repa,sfd").split(",")
+    torch.set_float32_matmul_precision("high")        # as benchmarks/run.py: TF32 for fp32 products
     if "threads" in args:
         torch.set_num_threads(int(args["threads"]))
     # small=4,2,8,64 -> texture, semantic channels, latent grid, token dim (the tiny profile: small=4,2,8,64)
@@ -250,25 +259,26 @@ def main(argv: list[str] | None = None) -> int:
         if tune == "autotune":
             inductor.max_autotune = inductor.max_autotune_gemm = True
     profile_dir = out if args.get("profile", "0") == "1" else None
+    lists = {k: args.get(k, d).split(",") for k, d in (
+        ("batch", "128" if device.type == "cuda" else "32"), ("precision", "bf16" if device.type == "cuda" else "fp32"),
+        ("compile", "auto"), ("sdpa", "auto"))}
     rows = []
-    for bb in backbones:
-        for m in methods:
-            batch = int(args.get("batch", 128 if device.type == "cuda" else 32))
-            precision = args.get("precision", "bf16" if device.type == "cuda" else "fp32")
-            try:
-                row = bench(bb, m, batch, precision, args.get("compile", "auto"), int(args.get("steps", 30)),
-                            int(args.get("warmup", 10)), device, peak_tflops, small, profile_dir)
-            except torch.cuda.OutOfMemoryError:     # a row that says so; the other configurations still run
-                row = {"backbone": bb, "method": m, "batch": batch, "precision": precision,
-                       "compile": args.get("compile", "auto"), "error": "out of memory"}
-                torch.cuda.empty_cache()
-            row["peak_TFLOP_per_s"] = peak_tflops
-            row["tune"] = tune or "default"
-            print(row, flush=True)
-            rows.append(row)
-            df = pd.DataFrame(rows)
-            df.to_csv(out / "speed.csv", index=False)
-            (out / "speed.md").write_text(df.to_markdown(index=False) + "\n")
+    for bb, m, batch, precision, mode, sdpa in itertools.product(backbones, methods, *lists.values()):
+        batch = int(batch)
+        try:
+            row = bench(bb, m, batch, precision, mode, int(args.get("steps", 30)), int(args.get("warmup", 10)),
+                        device, peak_tflops, small, profile_dir, sdpa, args.get("sample", "1") != "0")
+        except torch.cuda.OutOfMemoryError:     # a row that says so; the other configurations still run
+            row = {"backbone": bb, "method": m, "batch": batch, "precision": precision, "compile": mode,
+                   "sdpa": sdpa, "error": "out of memory"}
+            torch.cuda.empty_cache()
+        row["peak_TFLOP_per_s"] = peak_tflops
+        row["tune"] = tune or "default"
+        print(row, flush=True)
+        rows.append(row)
+        df = pd.DataFrame(rows)
+        df.to_csv(out / "speed.csv", index=False)
+        (out / "speed.md").write_text(df.to_markdown(index=False) + "\n")
     print(pd.DataFrame(rows).to_markdown(index=False))
     return 0
 

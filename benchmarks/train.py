@@ -22,7 +22,7 @@ from benchmarks.evaluate import ADMScorer, FDNetScorer, eval_labels, generate, r
 from benchmarks.phases import phase_figure
 from benchmarks.plugins import load_all
 from benchmarks.prepare import FD_NET, prepare_run
-from core.compile import compile_model, resolve_mode
+from core.compile import attention_context, compile_loss, compile_model, resolve_mode
 from core.dist import Dist, all_reduce_grads, barrier, mean_over_ranks, setup
 from core.ema import ema_decay, make_ema, update_ema
 from core.rundir import RunDir
@@ -48,11 +48,23 @@ def shard(batch: Batch, j: int, shards: int) -> Batch:
 
 
 def autocast_ctx(precision: str, device: torch.device):
-    """bf16 autocast on GPU by default; fp32 on CPU unless asked (fp32 master weights always)."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    """bf16 autocast on GPU by default; fp32 on CPU unless asked (fp32 master weights always).
+    bf16-residual is bf16 autocast with a bf16 residual stream (set_residual_dtype)."""
+    use_bf16 = precision in ("bf16", "bf16-residual") or (precision == "auto" and device.type == "cuda")
     if use_bf16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def set_residual_dtype(model: torch.nn.Module, precision: str) -> None:
+    """train.precision=bf16-residual keeps the backbone's residual stream in bf16 (the suite's DiT has a
+    `residual_dtype` attribute; backbones/dit.py). Every other precision leaves type promotion alone."""
+    if precision != "bf16-residual":
+        return
+    if not hasattr(model, "residual_dtype"):
+        raise ValueError(f"train.precision=bf16-residual needs a backbone with a `residual_dtype` attribute "
+                         f"(the suite's DiT/LightningDiT); {type(model).__name__} has none")
+    model.residual_dtype = torch.bfloat16
 
 
 def eval_steps(cfg: dict) -> list[int]:
@@ -83,9 +95,13 @@ class Trainer:
         self.step = 0
         self.phase = "idle"              # where train_step is, for checkpoint_now()
         # Compiled in place after the EMA copy is made; the EMA (the sampling model) gets its own compiled
-        # blocks, traced without grad at the eval batch size (core/compile.py).
+        # blocks, traced without grad at the eval batch size (core/compile.py). The residual dtype and the
+        # attention kernel concern the training step only: evaluation samples in fp32.
+        set_residual_dtype(self.parts.model, t["precision"])
+        self.attention = attention_context(t["sdpa"])
         self.compile_mode = resolve_mode(t["compile"], self.device)
         self.forward = compile_model(self.parts.model, self.compile_mode)
+        compile_loss(self.parts.method.loss, self.compile_mode)
         self.sampling_model = compile_model(self.ema, self.compile_mode)
         self.labels = eval_labels(self.cfg["eval"]["num_samples"], self.parts.num_classes,
                                   self.cfg["eval"]["sample_seed"])
@@ -128,7 +144,7 @@ class Trainer:
         terms: dict[str, torch.Tensor] = {}
         for j in range(lo, hi):
             seed_everything(self.cfg["seed"], j, self.step)
-            with autocast_ctx(t["precision"], self.device):
+            with autocast_ctx(t["precision"], self.device), self.attention():
                 out = self.parts.method.losses(self.forward, shard(batch, j - lo, hi - lo))
             (out.total / shards).backward()
             for k, v in {"loss": out.total, **{f"loss/{k}": v for k, v in out.terms.items()}}.items():

@@ -52,8 +52,9 @@ class TrainCfg:
     grad_clip: Optional[float] = None  # max global grad norm; None = off (REPA uses 1.0)
     ema_decay: float = 0.999
     ema_warmup: bool = True            # decay_k = min(decay, (1 + k) / (10 + k)): early EMA curves are honest
-    precision: str = "auto"            # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
-    compile: str = "auto"              # auto (per-block torch.compile on CUDA, eager on CPU) | blocks | full | off (core/compile.py)
+    precision: str = "auto"            # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | bf16-residual (+ bf16 residual stream)
+    compile: str = "auto"              # auto (regions on CUDA, eager on CPU) | regions | blocks | full | off (core/compile.py)
+    sdpa: str = "auto"                 # attention kernel of the training step: auto | flash | cudnn | efficient | math
     device: str = "auto"               # auto | cpu | cuda
     threads: int = 0                   # torch intra-op threads; 0 = leave torch's default
     micro_batches: int = 0             # shards of the global batch (0 = one per process); see core/dist.py
