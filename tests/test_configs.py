@@ -5,7 +5,8 @@ from benchmarks.api import preset, presets
 from benchmarks.grid import available, expand, load_yaml
 from core.config import ConfigError
 
-EXPECTED = {"smoke": 1, "baseline": 4, "sfd_vs_redi": 6, "all_methods": 8, "sfd_delta_t": 6, "compositions": 4}
+EXPECTED = {"smoke": 1, "baseline": 4, "sfd_vs_redi": 6, "all_methods": 8, "sfd_delta_t": 6, "compositions": 4,
+            "residual_precision": 8}
 
 
 @pytest.mark.parametrize("grid", sorted(EXPECTED))
@@ -14,6 +15,15 @@ def test_grid_expands(grid):
     assert len(g.runs) == EXPECTED[grid]
     assert len({r.run_id for r in g.runs}) == len(g.runs)
     assert expand(grid).runs[0].run_id == g.runs[0].run_id          # deterministic ids
+
+
+def test_residual_precision_grid_pairs_the_two_streams():
+    """Each (method, seed) runs once per residual precision, all else equal (issue 4's numerics study)."""
+    runs = expand("residual_precision").runs
+    by = {}
+    for r in runs:
+        by.setdefault((r.cfg["method"]["name"], r.cfg["seed"]), set()).add(r.cfg["train"]["precision"])
+    assert len(by) == 4 and all(v == {"bf16", "bf16-residual"} for v in by.values())
 
 
 def test_every_grid_is_tested():
