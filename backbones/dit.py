@@ -32,10 +32,11 @@ from backbones.layers import (
 class DiTBlock(nn.Module):
     """Pre-norm transformer block whose norms are modulated by c, with gated residuals (adaLN-Zero)."""
 
-    def __init__(self, dim: int, num_heads: int, *, norm: str, ffn: str, qk_norm: bool, rope: RoPE2D | None) -> None:
+    def __init__(self, dim: int, num_heads: int, *, norm: str, ffn: str, qk_norm: bool, rope: RoPE2D | None,
+                 attn_layout: str = "bhsd") -> None:
         super().__init__()
         self.norm1 = make_norm(norm, dim)
-        self.attn = Attention(dim, num_heads, qk_norm=qk_norm, rope=rope)
+        self.attn = Attention(dim, num_heads, qk_norm=qk_norm, rope=rope, layout=attn_layout)
         self.norm2 = make_norm(norm, dim)
         self.mlp = make_ffn(ffn, dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
@@ -82,6 +83,7 @@ class DiT(nn.Module):
         time_inputs: K embedders, widths summing to hidden_size; time_embed_order: the order in which their
             outputs are concatenated into t_emb (SFD passes (1, 0): semantic half first, spec §6.4).
         norm: "layernorm" | "rmsnorm"; ffn: "gelu" | "swiglu"; rope: 2-D RoPE on q, k; qk_norm: RMSNorm on q, k.
+        attn_layout: "bhsd" | "bshd", where q, k are normalised and rotated (same result; layers.Attention).
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class DiT(nn.Module):
         ffn: str,
         rope: bool,
         qk_norm: bool,
+        attn_layout: str = "bhsd",
     ) -> None:
         super().__init__()
         if input_size % patch_size:
@@ -125,7 +128,8 @@ class DiT(nn.Module):
         # One RoPE table shared by every block (it has no parameters).
         rope_mod = RoPE2D(hidden_size // num_heads, self.grid) if rope else None
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, norm=norm, ffn=ffn, qk_norm=qk_norm, rope=rope_mod) for _ in range(depth)
+            DiTBlock(hidden_size, num_heads, norm=norm, ffn=ffn, qk_norm=qk_norm, rope=rope_mod, attn_layout=attn_layout)
+            for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, out_channels, norm=norm)
         # dtype of the residual stream. None: whatever type promotion gives, which under bf16 autocast is

@@ -142,9 +142,10 @@ class RoPE2D(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x (N, H, T, head_dim) -> same shape and dtype."""
-        out = x * self.cos + rotate_pairs(x) * self.sin
+    def forward(self, x: Tensor, token_dim: int = -2) -> Tensor:
+        """x (N, H, T, head_dim) (token_dim=-2) or (N, T, H, head_dim) (token_dim=-3) -> same shape and dtype."""
+        cos, sin = (self.cos, self.sin) if token_dim == -2 else (self.cos[:, None], self.sin[:, None])
+        out = x * cos + rotate_pairs(x) * sin
         return out.to(x.dtype)  # fp32 tables would otherwise promote bf16 q/k
 
 
@@ -152,14 +153,26 @@ class RoPE2D(nn.Module):
 #                                 Attention                                     #
 #################################################################################
 
-class Attention(nn.Module):
-    """Multi-head self-attention (qkv bias on) through SDPA, with optional qk-RMSNorm and 2-D RoPE."""
+ATTN_LAYOUTS = ("bhsd", "bshd")
 
-    def __init__(self, dim: int, num_heads: int, *, qk_norm: bool, rope: RoPE2D | None) -> None:
+
+class Attention(nn.Module):
+    """Multi-head self-attention (qkv bias on) through SDPA, with optional qk-RMSNorm and 2-D RoPE.
+
+    `layout` is where q and k are normalised and rotated, a speed choice with the same result:
+    "bhsd" permutes the qkv projection to (N, H, T, hd) first (the reference codes' order); "bshd" works
+    on (N, T, H, hd) slices of the projection itself and hands SDPA transposed views, so neither q, k, v
+    nor the attention output are copied into another layout (docs/performance.md).
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, qk_norm: bool, rope: RoPE2D | None,
+                 layout: str = "bhsd") -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
+        if layout not in ATTN_LAYOUTS:
+            raise ValueError(f"unknown attention layout {layout!r}; valid: {', '.join(ATTN_LAYOUTS)}")
+        self.num_heads, self.layout = num_heads, layout
         head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.q_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
@@ -170,11 +183,18 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         n, t, d = x.shape
         qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads)  # (N, T, 3, H, hd)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (N, H, T, hd)
+        if self.layout == "bhsd":
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (N, H, T, hd)
+            token_dim = -2
+        else:
+            q, k, v = qkv.unbind(2)  # 3 x (N, T, H, hd)
+            token_dim = -3
         # LightningDiT order: normalise q, k first, then rotate, so the norm sees unrotated features.
         q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
-            q, k = self.rope(q), self.rope(k)
+            q, k = self.rope(q, token_dim), self.rope(k, token_dim)
+        if self.layout == "bshd":
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # views (N, H, T, hd)
         out = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, hd)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))  # (N, T, D)
 

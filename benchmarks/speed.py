@@ -1,14 +1,16 @@
 """`python -m benchmarks.speed [backbones=lightningdit-xl-1,lightningdit-b-1] [methods=sit,repa,sfd]
 [batch=128] [precision=bf16|bf16-residual|fp32] [compile=auto|regions|blocks|full|off]
-[sdpa=auto|flash|cudnn|efficient|math] [steps=30] [warmup=10] [threads=N] [small=4,2,8,64]
-[peak_tflops=measure|<number>] [tune=cd|autotune] [profile=1] [sample=0] [out=results/speed]`
+[sdpa=auto|flash|cudnn|efficient|math] [layout=bhsd|bshd] [steps=30] [warmup=10] [threads=N] [small=4,2,8,64]
+[peak_tflops=measure|<number>] [tune=cd|autotune] [profile=1] [sample=0] [timing=stream|sync]
+[out=results/speed]`
 
-backbones, methods, batch, precision, compile and sdpa take comma lists: every combination is a row.
+backbones, methods, batch, precision, compile, sdpa and layout (the backbone's attn_layout) take comma lists:
+every combination is a row.
 
 Times the training job's own step (`benchmarks.train.Trainer.train_step`: forward, loss incl. the REPA
 head, backward, fused AdamW, foreach EMA) and the sampling forward (the EMA model, no grad) on random
 latents of the method's shape, after warm-up, with CUDA events on a GPU (wall clock on the CPU), the
-median of `steps` repeats. The sampling forward runs as evaluation runs it: fp32 with TF32 matrix products
+median of `steps` repeats; on a GPU the steps run back to back as in training (`timing=stream`, see _time). The sampling forward runs as evaluation runs it: fp32 with TF32 matrix products
 (`sample=0` skips it). The first step's time (compilation included) is reported separately.
 FLOPs are counted with torch's FlopCounterMode on one eager step (not guessed); MFU = achieved FLOP/s
 over the bf16 matrix ceiling, measured on the card at start (an 8192³ bf16 product on random data)
@@ -62,9 +64,28 @@ def _groups(sizes: tuple[int, ...]):
     return api.groups(**dict(zip(("texture", "semantic"), sizes)))
 
 
-def _time(fn, steps: int, warmup: int, device: torch.device) -> list[float]:
+def _time(fn, steps: int, warmup: int, device: torch.device, timing: str = "stream") -> list[float]:
+    """Seconds per call of `fn`, `steps` times after `warmup` calls.
+
+    On a GPU, timing="stream" (default) records a CUDA event after each call and synchronizes once at
+    the end, as the training loop runs (no host sync per step): each interval is one step's share of the
+    stream, and the host's work for the next step overlaps the device's. timing="sync" brackets each call
+    by events and synchronizes after it, which adds the host's step-start latency to every step (the
+    committed GPU tables of sessions 2 and 3 were measured so: a pessimistic bias, ≤ the ≈ 11 ms/step of
+    gaps in the H200 profile). On the CPU: wall clock per call."""
+    if timing not in ("stream", "sync"):
+        raise ValueError(f"timing={timing!r}: valid: stream, sync")
     for _ in range(warmup):
         fn()
+    if device.type == "cuda" and timing == "stream":
+        torch.cuda.synchronize()
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        events[0].record()
+        for ev in events[1:]:
+            fn()
+            ev.record()
+        torch.cuda.synchronize()
+        return [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])]
     times = []
     for _ in range(steps):
         if device.type == "cuda":
@@ -151,7 +172,8 @@ def profile_step(step, device: torch.device, path: Path, reps: int = 3) -> None:
 
 def bench(backbone: str, method_name: str, batch: int, precision: str, compile_mode: str, steps: int,
           warmup: int, device: torch.device, peak_tflops: float, small: dict | None = None,
-          profile_dir: Path | None = None, sdpa: str = "auto", sample: bool = True) -> dict:
+          profile_dir: Path | None = None, sdpa: str = "auto", sample: bool = True, timing: str = "stream",
+          layout: str = "bhsd") -> dict:
     from benchmarks.components import RunParts
     from benchmarks.train import Trainer, autocast_ctx
 
@@ -161,7 +183,7 @@ def bench(backbone: str, method_name: str, batch: int, precision: str, compile_m
     mcfg = api.preset(method_name, "tiny" if "tiny" in backbone else None)   # tiny: REPA depth 1
     with device:                     # built on the device: an XL's init on the host takes seconds
         model = api.backbone(backbone, method_cfg=mcfg, in_channels=g.channels, input_size=grid, groups=g,
-                             num_classes=1000)
+                             num_classes=1000, attn_layout=layout)
     method = api.method(mcfg, groups=g, hidden_size=model.hidden_size, encoder_dim=tokens[1] if tokens else 0)
     method.loss.to(device)
     x1 = torch.randn(batch, g.channels, grid, grid, device=device)
@@ -206,7 +228,7 @@ def bench(backbone: str, method_name: str, batch: int, precision: str, compile_m
     if device.type == "cuda":
         torch.cuda.synchronize()
     first = time.perf_counter() - t0
-    train = statistics.median(_time(tr.train_step, steps, warmup, device))
+    train = statistics.median(_time(tr.train_step, steps, warmup, device, timing))
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     first_sample = sample_s = float("nan")
     if sample:
@@ -215,14 +237,14 @@ def bench(backbone: str, method_name: str, batch: int, precision: str, compile_m
         if device.type == "cuda":
             torch.cuda.synchronize()
         first_sample = time.perf_counter() - t0
-        sample_s = statistics.median(_time(sample_fwd, steps, warmup, device))
+        sample_s = statistics.median(_time(sample_fwd, steps, warmup, device, timing))
     if profile_dir is not None:
         try:
-            profile_step(tr.train_step, device, profile_dir / f"profile_{backbone}_{method_name}_{precision}.txt")
+            profile_step(tr.train_step, device, profile_dir / f"profile_{backbone}_{method_name}_{precision}_{layout}.txt")
         except Exception as e:  # noqa: BLE001 - the breakdown is extra; the timed row stands without it
             print(f"profile failed: {type(e).__name__}: {e}", flush=True)
     return {"backbone": backbone, "method": method_name, "batch": batch, "precision": precision,
-            "compile": tr.compile_mode, "sdpa": sdpa, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+            "compile": tr.compile_mode, "sdpa": sdpa, "layout": layout, "timing": timing if device.type == "cuda" else "wall", "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
             "first_step_s": round(first, 1), "ms_per_step": round(train * 1e3, 2),
             "img_per_s": round(batch / train, 1), "GFLOP_per_img": round(flops / batch / 1e9, 1),
             "TFLOP_per_s": round(flops / train / 1e12, 2), "MFU": round(flops / train / 1e12 / peak_tflops, 3),
@@ -261,16 +283,17 @@ def main(argv: list[str] | None = None) -> int:
     profile_dir = out if args.get("profile", "0") == "1" else None
     lists = {k: args.get(k, d).split(",") for k, d in (
         ("batch", "128" if device.type == "cuda" else "32"), ("precision", "bf16" if device.type == "cuda" else "fp32"),
-        ("compile", "auto"), ("sdpa", "auto"))}
+        ("compile", "auto"), ("sdpa", "auto"), ("layout", "bhsd"))}
     rows = []
-    for bb, m, batch, precision, mode, sdpa in itertools.product(backbones, methods, *lists.values()):
+    for bb, m, batch, precision, mode, sdpa, layout in itertools.product(backbones, methods, *lists.values()):
         batch = int(batch)
         try:
             row = bench(bb, m, batch, precision, mode, int(args.get("steps", 30)), int(args.get("warmup", 10)),
-                        device, peak_tflops, small, profile_dir, sdpa, args.get("sample", "1") != "0")
+                        device, peak_tflops, small, profile_dir, sdpa, args.get("sample", "1") != "0",
+                        args.get("timing", "stream"), layout)
         except torch.cuda.OutOfMemoryError:     # a row that says so; the other configurations still run
             row = {"backbone": bb, "method": m, "batch": batch, "precision": precision, "compile": mode,
-                   "sdpa": sdpa, "error": "out of memory"}
+                   "sdpa": sdpa, "layout": layout, "error": "out of memory"}
             torch.cuda.empty_cache()
         row["peak_TFLOP_per_s"] = peak_tflops
         row["tune"] = tune or "default"

@@ -217,3 +217,24 @@ def test_bf16_autocast_forward():
         out = model(x, t, y, hidden_at=(1,)).out
     assert torch.isfinite(out).all()
     assert torch.allclose(out.float(), model(x, t, y).out, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("name,qk_norm", [("lightningdit-tiny", True), ("dit-tiny", False)])
+def test_attention_layouts_give_the_same_model(name, qk_norm):
+    """attn_layout is a speed choice only: same state dict keys, same outputs and gradients."""
+    ref = build(name, qk_norm=qk_norm)
+    randomize_zero_inits(ref)
+    alt = build(name, qk_norm=qk_norm, attn_layout="bshd")
+    alt.load_state_dict(ref.state_dict())                        # strict: the same keys
+    x, t, y = batch()
+    outs, grads = [], []
+    for m in (ref, alt):
+        torch.manual_seed(1)                                        # the same label drops
+        out = m(x, t, y, hidden_at=(1,))
+        (out.out.square().mean() + out.hidden[1].mean()).backward()
+        outs.append(out.out.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="valid: bhsd, bshd"):
+        build(name, attn_layout="bsdh")

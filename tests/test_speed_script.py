@@ -9,3 +9,21 @@ def test_speed_script_runs(tmp_path):
                        f"out={tmp_path}"]) == 0
     row = pd.read_csv(tmp_path / "speed.csv").iloc[0]
     assert row["method"] == "sfd" and row["img_per_s"] > 0 and row["GFLOP_per_img"] > 0
+
+
+def test_speed_script_option_lists_make_one_row_each(tmp_path):
+    """Comma lists of options expand to one row per combination, each row naming its settings."""
+    assert speed.main(["backbones=lightningdit-tiny", "methods=sit", "batch=2", "steps=1", "warmup=0",
+                       "layout=bhsd,bshd", "sdpa=auto,math", "sample=0", f"out={tmp_path}"]) == 0
+    df = pd.read_csv(tmp_path / "speed.csv")
+    assert sorted(zip(df["layout"], df["sdpa"])) == [("bhsd", "auto"), ("bhsd", "math"), ("bshd", "auto"),
+                                                     ("bshd", "math")]
+    assert (df["timing"] == "wall").all() and df["sample_fwd_img_per_s"].isna().all()
+
+
+def test_timing_mode_is_checked():
+    import pytest
+    import torch
+
+    with pytest.raises(ValueError, match="valid: stream, sync"):
+        speed._time(lambda: None, 1, 0, torch.device("cpu"), "async")

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Issue-4 device check of where the SFD XL/1 step's time goes (profiler breakdown by kernel class, with the
-# defaults and with the bf16 residual stream) and what inductor's tuning options gain (coordinate-descent
-# tuning of the fused kernels; GEMM autotuning with fused epilogues: minutes of compilation each).
+# Issue-4 device exploration for the next session with a GPU (≈ 8-9 min; not run yet in this form):
+#   1. the attention layout (backbone attn_layout bhsd vs bshd: q/k norm and RoPE without layout copies),
+#      SFD XL/1, bf16, compile=regions, training step timed back to back as in training (timing=stream);
+#   2. the same bhsd row with a host sync after every step (timing=sync, how sessions 2-3 measured);
+#   3. profiler breakdowns (bshd, bf16 and bf16-residual);
+#   4. inductor's coordinate-descent tuning of the fused kernels (minutes of compilation).
 # Same set-up and outputs as gpu_check.sh.
 source "$(dirname "$0")/common.sh"
 common="backbones=lightningdit-xl-1 batch=128 methods=sfd compile=regions steps=10 warmup=3 sample=0"
-speed profile 150 $common precision=bf16,bf16-residual profile=1
-speed cd 200 $common precision=bf16 tune=cd
-speed autotune 200 $common precision=bf16 tune=autotune
+speed layout 200 $common precision=bf16 layout=bhsd,bshd
+speed sync 60 $common precision=bf16 layout=bhsd timing=sync
+speed profile 120 $common precision=bf16,bf16-residual layout=bshd profile=1
+speed cd 180 $common precision=bf16 layout=bshd tune=cd
 stamp "done"
 for f in "$OUT"/*/speed.md; do echo "$f"; cat "$f"; rm -f "$f"; done
 cat "$OUT"/profile/profile_*.txt
