@@ -6,6 +6,7 @@ The folder readers use the ADM center crop of guided-diffusion / DiT (spec/METHO
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -79,6 +80,17 @@ def _find_idx(directory: Path, stem: str) -> Path | None:
     return None
 
 
+def fashion_paths(root: str | None) -> dict[str, Path]:
+    """The four IDX files of the first candidate directory that holds all of them, or a one-line error
+    saying where it looked."""
+    looked = _fashion_candidates(root)
+    for directory in looked:
+        paths = {k: _find_idx(directory, stem) for k, stem in FASHION_FILES.items()}
+        if all(p is not None for p in paths.values()):
+            return paths
+    raise FileNotFoundError(f"Fashion-MNIST not found in {', '.join(map(str, looked))}; {FASHION_HINT}")
+
+
 def load_fashion_mnist(root: str | None = None, pad_to: int = 32) -> ImageData:
     """Fashion-MNIST as uint8 (N, 1, pad_to, pad_to), zero-padded symmetrically from 28×28.
 
@@ -89,14 +101,7 @@ def load_fashion_mnist(root: str | None = None, pad_to: int = 32) -> ImageData:
     """
     if pad_to < 28 or (pad_to - 28) % 2:
         raise ValueError(f"pad_to must be 28 + an even number of pixels, got {pad_to}")
-    looked = _fashion_candidates(root)
-    for directory in looked:
-        paths = {k: _find_idx(directory, stem) for k, stem in FASHION_FILES.items()}
-        if all(p is not None for p in paths.values()):
-            break
-    else:
-        raise FileNotFoundError(f"Fashion-MNIST not found in {', '.join(map(str, looked))}; {FASHION_HINT}")
-    arrays = {k: read_idx(p) for k, p in paths.items()}
+    arrays = {k: read_idx(p) for k, p in fashion_paths(root).items()}
     pad = (pad_to - 28) // 2
 
     def images(a: np.ndarray) -> torch.Tensor:
@@ -295,6 +300,37 @@ def load_dataset(name: str, root: str | None, image_size: int) -> ImageData:
     if name not in DATASETS:
         raise KeyError(f"unknown dataset {name!r}; valid: {', '.join(sorted(DATASETS))}")
     return DATASETS[name](root, image_size)
+
+
+def fingerprint(name: str, root: str | None) -> str:
+    """What a dataset is, not where it is: a short hash for the cache keys (benchmarks/prepare.py), so that a
+    cache built from one copy of a dataset is never served for different data under the same name (a
+    class subset, a re-encoded copy) while a moved or re-mounted copy keeps its caches.
+
+    fashion-mnist: size and first MiB of each IDX file. image-folder: per directory under the root, its
+    relative path, the sorted names of its images and the sizes of the first and last: one directory walk
+    and two stats per directory (no image is opened). Other (plugin) datasets: "" (the name alone, as before).
+    """
+    h = hashlib.sha256()
+    if name == "fashion-mnist":
+        for key, path in sorted(fashion_paths(root).items()):
+            with open(path, "rb") as f:
+                h.update(f"{key}:{path.name}:{path.stat().st_size}:".encode() + f.read(1 << 20))
+    elif name == "image-folder":
+        if root is None:
+            raise ValueError("dataset 'image-folder' needs data.root=DIR (one subfolder per class, or train/ and val/)")
+        base = Path(root).expanduser()
+        if not base.is_dir():
+            raise FileNotFoundError(f"image folder {base} does not exist; pass data.root=DIR with one subfolder per class")
+        for d, dirs, files in os.walk(base):
+            dirs.sort()                                   # a deterministic walk
+            names = sorted(f for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+            if names:
+                ends = [os.path.getsize(os.path.join(d, n)) for n in names[:1] + names[-1:]]
+                h.update(f"{os.path.relpath(d, base)}:{len(names)}:{ends}:".encode() + "\n".join(names).encode())
+    else:
+        return ""
+    return h.hexdigest()[:16]
 
 
 STREAMABLE = ("image-folder",)   # datasets `data.stream: true` can read from disk (benchmarks/extract.py)

@@ -9,6 +9,7 @@ sharded, written by benchmarks/extract.py (docs/paper_scale.md).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from benchmarks.datasets import READ_WORKERS, cached_sample, check_streamable, load_dataset
+from benchmarks.datasets import READ_WORKERS, cached_sample, check_streamable, fingerprint, load_dataset
 from benchmarks.shards import is_sharded, open_sharded
 from core.cache import MARKER, cache_key, cached_dir
 from core.config import ConfigError
@@ -87,12 +88,23 @@ def streamed(cfg: dict) -> bool:
 
 
 def _data_key(cfg: dict) -> dict:
+    """What the data is (name, size, limits, a content fingerprint), not where (data.root is left out, so a
+    moved copy keeps its caches; datasets.fingerprint)."""
     d = cfg["data"]
     key = {"name": d["name"], "image_size": d["image_size"], "limit_train": d["limit_train"],
-           "limit_test": d["limit_test"]}   # root is where, not what
-    if streamed(cfg):                       # only then: the in-memory profiles keep their cache names
+           "limit_test": d["limit_test"], "fingerprint": _fingerprint(d["name"], d.get("root"))}
+    if streamed(cfg):
         key["stream"] = True
     return key
+
+
+@functools.lru_cache(maxsize=None)
+def _fingerprint(name: str, root: str | None) -> str:
+    """Once per process and dataset (a folder walk for an ImageNet-sized tree takes seconds)."""
+    try:
+        return fingerprint(name, root)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def load_data(cfg: dict) -> ImageData:

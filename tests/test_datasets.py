@@ -162,3 +162,46 @@ def test_load_dataset_unknown_name_lists_valid():
     assert set(DATASETS) == {"fashion-mnist", "image-folder"}
     with pytest.raises(ValueError, match="data.root"):
         load_dataset("image-folder", None, 32)
+
+
+def test_fingerprint_is_what_not_where(tmp_path):
+    """Cache keys carry a content fingerprint: a moved copy keeps it, different data under the same name
+    (a class subset, an added or re-encoded image) does not (benchmarks/prepare.py _data_key)."""
+    import shutil
+
+    from benchmarks.prepare import _data_key
+
+    a = tmp_path / "a"
+    write_folder(a)
+    fp = datasets.fingerprint("image-folder", str(a))
+    shutil.copytree(a, tmp_path / "moved")
+    assert datasets.fingerprint("image-folder", str(tmp_path / "moved")) == fp
+    subset = tmp_path / "subset"
+    shutil.copytree(a, subset)
+    shutil.rmtree(subset / "bee")
+    assert datasets.fingerprint("image-folder", str(subset)) != fp
+    added = tmp_path / "added"
+    shutil.copytree(a, added)
+    Image.new("RGB", (40, 30)).save(added / "ant" / "zz_extra.png")
+    assert datasets.fingerprint("image-folder", str(added)) != fp
+    recoded = tmp_path / "recoded"
+    shutil.copytree(a, recoded)
+    last = sorted((recoded / "cat").iterdir())[-1]
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(last, format="PNG")    # same name, other bytes
+    assert datasets.fingerprint("image-folder", str(recoded)) != fp
+
+    def key(root):
+        return _data_key({"data": {"name": "image-folder", "root": str(root), "image_size": 32,
+                                   "limit_train": None, "limit_test": None}})
+    assert key(a) == key(tmp_path / "moved") and key(a) != key(subset)
+
+
+def test_fingerprint_of_fashion_files(tmp_path):
+    write_fake_fashion(tmp_path / "one")
+    write_fake_fashion(tmp_path / "two")
+    write_fake_fashion(tmp_path / "three", n_train=13)
+    fp = datasets.fingerprint("fashion-mnist", str(tmp_path / "one"))
+    assert datasets.fingerprint("fashion-mnist", str(tmp_path / "two")) == fp
+    assert datasets.fingerprint("fashion-mnist", str(tmp_path / "three")) != fp
+    with pytest.raises(FileNotFoundError, match="Fashion-MNIST not found"):
+        datasets.fingerprint("fashion-mnist", str(tmp_path / "none"))

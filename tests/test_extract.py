@@ -261,14 +261,15 @@ def test_rank_and_world_from_torchrun_or_slurm(env, want, monkeypatch):
         extract.rank_world(2, 2)
 
 
-def test_artifact_plan_follows_the_class_named_by_use():
+def test_artifact_plan_follows_the_class_named_by_use(tmp_path):
     # A pretrained VA-VAE (`requires = ()`) fills the vavae slot: no semantic encoder to train or load.
     assert artifact_order(("vavae",)) == ["semantic-encoder", "vavae"]
     assert artifact_order(("vavae",), {"vavae": {"use": "vavae-f16d32"}}) == ["vavae"]
     assert artifact_order(("vavae",), {"vavae": None}) == ["semantic-encoder", "vavae"]
     cfg = {"method": {"latent": {"name": "vae", "tokenizer": "vavae"}},
            "prepare": {"vavae": {"use": "vavae-f16d32", "weights": "/w.pt"}},
-           "data": {"name": "image-folder", "image_size": 256, "limit_train": None, "limit_test": None, "flips": True},
+           "data": {"name": "image-folder", "root": str(tmp_path), "image_size": 256, "limit_train": None,
+                    "limit_test": None, "flips": True},
            "eval": {"metric": "fd-net"}}
     plan = artifact_plan(cfg)
     assert [n.kind for n in plan] == ["vavae", "fd-net"] and plan[0].key_obj["deps"] == {}
