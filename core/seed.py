@@ -1,7 +1,9 @@
 """Seeding: every step reseeds from (seed, rank, step), so a resumed run replays the same randomness."""
 from __future__ import annotations
 
+import contextlib
 import random
+import threading
 
 import numpy as np
 import torch
@@ -24,3 +26,20 @@ def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
+
+
+_GLOBAL_RNG = threading.RLock()
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int):
+    """Draw from torch's global RNG seeded with `seed` (module constructors initialise from it), with the
+    caller's RNG state restored afterwards, and no other thread inside the block at the same time.
+
+    prepare trains independent artifacts in threads; the global RNG is shared by all of them, so two
+    seeded initialisations at once interleave their draws and the weights depend on timing (measured: a
+    texture VAE trained next to the semantic encoder came out different from one trained alone). The
+    training loops themselves draw only from their own torch.Generator objects."""
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

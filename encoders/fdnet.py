@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.registry import ENCODERS
+from core.seed import seeded_init
 from core.types import ImageData, to_unit
 from encoders.base import batched, load_state, save_module
 from encoders.texture_vae import lr_at, match_channels, shuffled_batches
@@ -135,8 +136,7 @@ class FDNet(nn.Module):
             raise ValueError(f"train_half must be None, 0 or 1, got {train_half!r}")
         keep = slice(None) if train_half is None else slice(train_half, None, 2)
         train_x, train_y = data.train_x[keep], data.train_y[keep]  # (N', C, H, W), (N',)
-        with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's global RNG
-            torch.manual_seed(seed)
+        with seeded_init(seed):  # seeded, thread-safe, the caller's RNG state untouched
             net = cls(data.channels, data.image_size, data.num_classes, width, feature_dim, fit_args)
         net.to(device).train()
         gen = torch.Generator().manual_seed(seed)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.registry import ENCODERS
+from core.seed import seeded_init
 from core.types import ImageData, to_unit
 from encoders.base import ModuleArtifact, batched, read_json, write_json
 
@@ -124,8 +125,7 @@ def train_ssl(net: TokenNet, images_u8: Tensor, *, steps: int, batch_size: int, 
     """
     gen = torch.Generator().manual_seed(seed)
     dim = net.norm.normalized_shape[0]
-    with torch.random.fork_rng(devices=[]):   # seeded head init, the caller's RNG state untouched
-        torch.manual_seed(seed + 1)
+    with seeded_init(seed + 1):   # seeded, thread-safe, the caller's RNG state untouched
         global_head, dense_head = _head(dim, 8 * dim, 128).to(device), _head(dim, 4 * dim, 128).to(device)
     params = [*net.parameters(), *global_head.parameters(), *dense_head.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -265,8 +265,7 @@ class SemanticEncoder(ModuleArtifact):
         start = time.perf_counter()
         config = dict(in_channels=data.channels, image_size=data.image_size, patch=patch, dim=dim, depth=depth,
                       mlp_ratio=mlp_ratio)
-        with torch.random.fork_rng(devices=[]):   # seeded init without touching the caller's RNG state
-            torch.manual_seed(seed)
+        with seeded_init(seed):   # seeded, thread-safe, the caller's RNG state untouched
             net = TokenNet(**config).to(device)
         images = data.train_x if train_half is None else data.train_x[train_half::2]
         final_loss = train_ssl(net, images, steps=steps, batch_size=batch_size, lr=lr,

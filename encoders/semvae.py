@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.registry import ENCODERS
+from core.seed import seeded_init
 from core.types import ImageData, to_unit
 from encoders.base import ModuleArtifact, batched
 
@@ -175,8 +176,7 @@ class SemVAE(ModuleArtifact):
         tokens = batched(lambda u8: encoder.tokens(to_unit(u8)), data.train_x[idx], device=device)  # (M, T, D)
         config = dict(dim=encoder.dim, width=width, channels=channels, depth=depth, heads=heads,
                       grid=list(encoder.grid), pos_embed=pos_embed)
-        with torch.random.fork_rng(devices=[]):   # seeded init without touching the caller's RNG state
-            torch.manual_seed(seed)
+        with seeded_init(seed):   # seeded, thread-safe, the caller's RNG state untouched
             net = SemVAENet(**config).to(device)
         terms = train_semvae(net, tokens, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
                              weight_decay=weight_decay, cos_weight=cos_weight, kl_weight=kl_weight,

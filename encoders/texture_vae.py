@@ -19,6 +19,7 @@ from diffusers import AutoencoderKL
 from torch import Tensor, nn
 
 from core.registry import ENCODERS
+from core.seed import seeded_init
 from core.types import ImageData, to_unit
 from encoders.base import batched, load_state, save_module
 
@@ -165,8 +166,7 @@ class TextureVAE(nn.Module):
         a = fit_args
         config = autoencoder_config(data.channels, data.image_size, a["latent_channels"], a["block_out_channels"],
                                     a["layers_per_block"], a["norm_num_groups"], a["mid_attention"])
-        with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's global RNG
-            torch.manual_seed(a["seed"])
+        with seeded_init(a["seed"]):  # seeded, thread-safe, the caller's RNG state untouched
             return cls(config, fit_args)
 
     def train_on(self, data: ImageData, device: torch.device | str,

@@ -140,3 +140,27 @@ def test_two_processes_preparing_the_same_cache_build_it_once(tmp_path):
         outs = pool.starmap(_build_slowly, [(tmp_path / "cache", counter)] * 2)
     assert len(set(outs)) == 1 and counter.read_text() == "built\n"
     assert (tmp_path / "cache").joinpath(outs[0].split("/")[-1], "payload.txt").read_text() == "ok"
+
+
+def test_seeded_init_is_not_disturbed_by_another_thread():
+    """prepare trains artifacts in threads that share torch's global RNG: a seeded initialisation must
+    draw the same numbers whatever another thread seeds meanwhile (core/seed.py seeded_init)."""
+    import time
+
+    from core.seed import seeded_init
+
+    def draw(seed, started=None, hold=0.0):
+        with seeded_init(seed):
+            first = torch.randn(4)
+            if started is not None:
+                started.set()
+            time.sleep(hold)              # a: the other thread is seeded meanwhile; b: keeps its seed set
+            return torch.cat([first, torch.randn(4)])
+
+    started, got = threading.Event(), {}
+    a = threading.Thread(target=lambda: got.setdefault("a", draw(1, started, hold=0.1)))
+    b = threading.Thread(target=lambda: (started.wait(), got.setdefault("b", draw(2, hold=0.3))))
+    before = torch.random.get_rng_state()
+    a.start(); b.start(); a.join(); b.join()
+    assert torch.equal(got["a"], draw(1)) and torch.equal(got["b"], draw(2))
+    assert torch.equal(torch.random.get_rng_state(), before)      # the caller's RNG state is untouched
