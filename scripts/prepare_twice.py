@@ -3,7 +3,7 @@ twice from empty caches, in two processes at the same time, and compare every sa
 
     python scripts/prepare_twice.py [grid=sfd_vs_redi] [keep=1]
 
-Prints one line per file and exits 1 if any differs (docs/results.md). ≈ 7 min for sfd_vs_redi on 2 cores.
+Prints one line per file and exits 1 if any differs (docs/results.md). ≈ 8½ min for sfd_vs_redi on 2 cores.
 """
 from __future__ import annotations
 
