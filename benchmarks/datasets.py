@@ -283,10 +283,14 @@ def _fashion(root: str | None, image_size: int) -> ImageData:
     return load_fashion_mnist(root, pad_to=image_size)
 
 
-def _folder(root: str | None, image_size: int) -> ImageData:
+def _folder_root(root: str | None) -> str:
     if root is None:
         raise ValueError("dataset 'image-folder' needs data.root=DIR (one subfolder per class, or train/ and val/)")
-    return load_image_folder(root, image_size)
+    return root
+
+
+def _folder(root: str | None, image_size: int) -> ImageData:
+    return load_image_folder(_folder_root(root), image_size)
 
 
 DATASETS: dict[str, Callable[[str | None, int], ImageData]] = {
@@ -307,9 +311,10 @@ def fingerprint(name: str, root: str | None) -> str:
     cache built from one copy of a dataset is never served for different data under the same name (a
     class subset, a re-encoded copy) while a moved or re-mounted copy keeps its caches.
 
-    fashion-mnist: size and first MiB of each IDX file. image-folder: per directory under the root, its
-    relative path, the sorted names of its images and the sizes of the first and last: one directory walk
-    and two stats per directory (no image is opened). Other (plugin) datasets: "" (the name alone, as before).
+    fashion-mnist: size and first MiB of each IDX file. image-folder: the files `scan_image_folder` finds (the
+    ones the readers use), split, label and relative path each, plus the sizes of the first and last image
+    of every class in every split: one folder scan and two stats per class (no image is opened). Other
+    (plugin) datasets: "" (the name alone, as before).
     """
     h = hashlib.sha256()
     if name == "fashion-mnist":
@@ -317,17 +322,13 @@ def fingerprint(name: str, root: str | None) -> str:
             with open(path, "rb") as f:
                 h.update(f"{key}:{path.name}:{path.stat().st_size}:".encode() + f.read(1 << 20))
     elif name == "image-folder":
-        if root is None:
-            raise ValueError("dataset 'image-folder' needs data.root=DIR (one subfolder per class, or train/ and val/)")
-        base = Path(root).expanduser()
-        if not base.is_dir():
-            raise FileNotFoundError(f"image folder {base} does not exist; pass data.root=DIR with one subfolder per class")
-        for d, dirs, files in os.walk(base):
-            dirs.sort()                                   # a deterministic walk
-            names = sorted(f for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
-            if names:
-                ends = [os.path.getsize(os.path.join(d, n)) for n in names[:1] + names[-1:]]
-                h.update(f"{os.path.relpath(d, base)}:{len(names)}:{ends}:".encode() + "\n".join(names).encode())
+        base = Path(_folder_root(root)).expanduser()
+        _, splits = scan_image_folder(base)               # exactly the files the readers use
+        for split, items in sorted(splits.items()):
+            for i, (path, label) in enumerate(items):
+                h.update(f"{split}:{label}:{path.relative_to(base)}\n".encode())
+                if i == 0 or i == len(items) - 1 or items[i - 1][1] != label or items[i + 1][1] != label:
+                    h.update(f"{path.stat().st_size}\n".encode())    # first and last image of each class
     else:
         return ""
     return h.hexdigest()[:16]
@@ -339,8 +340,7 @@ STREAMABLE = ("image-folder",)   # datasets `data.stream: true` can read from di
 def check_streamable(name: str, root: str | None) -> None:
     if name not in STREAMABLE:
         raise ValueError(f"data.stream: true needs data.name in {', '.join(STREAMABLE)}, got {name!r}")
-    if root is None:
-        raise ValueError("dataset 'image-folder' needs data.root=DIR (one subfolder per class, or train/ and val/)")
+    _folder_root(root)
 
 
 def check_dataset(name: str, root: str | None, image_size: int, stream: bool = False) -> None:

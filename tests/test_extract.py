@@ -266,6 +266,7 @@ def test_artifact_plan_follows_the_class_named_by_use(tmp_path):
     assert artifact_order(("vavae",)) == ["semantic-encoder", "vavae"]
     assert artifact_order(("vavae",), {"vavae": {"use": "vavae-f16d32"}}) == ["vavae"]
     assert artifact_order(("vavae",), {"vavae": None}) == ["semantic-encoder", "vavae"]
+    write_folder(tmp_path, per_class=1)                # the data key fingerprints a real folder
     cfg = {"method": {"latent": {"name": "vae", "tokenizer": "vavae"}},
            "prepare": {"vavae": {"use": "vavae-f16d32", "weights": "/w.pt"}},
            "data": {"name": "image-folder", "root": str(tmp_path), "image_size": 256, "limit_train": None,
