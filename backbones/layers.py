@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from backbones.fused_qk import apply_rope, qk_norm_rope, rms_norm, rotate_pairs  # noqa: F401 (rotate_pairs re-exported)
+
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN modulation x·(1 + scale) + shift; x (N, T, D), shift/scale (N, D)."""
@@ -30,10 +32,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         # Cast back to the input dtype so the output dtype never depends on the weight's dtype.
-        return (x32 * self.weight.float()).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def make_norm(kind: str, dim: int) -> nn.Module:
@@ -113,13 +113,6 @@ def sincos_pos_embed_2d(dim: int, grid: int, device: torch.device | None = None)
     return emb.float().unsqueeze(0)  # (1, T, dim)
 
 
-def rotate_pairs(x: Tensor) -> Tensor:
-    """Interleaved rotate-half (EVA-02 layout): pairs (x0, x1) -> (-x1, x0) along the last dim."""
-    x = x.unflatten(-1, (-1, 2))  # (..., d/2, 2)
-    x1, x2 = x.unbind(-1)
-    return torch.stack((-x2, x1), dim=-1).flatten(-2)
-
-
 class RoPE2D(nn.Module):
     """EVA-02-style 2-D axial rotary embedding on a grid×grid token grid, applied to q and k.
 
@@ -145,15 +138,14 @@ class RoPE2D(nn.Module):
     def forward(self, x: Tensor, token_dim: int = -2) -> Tensor:
         """x (N, H, T, head_dim) (token_dim=-2) or (N, T, H, head_dim) (token_dim=-3) -> same shape and dtype."""
         cos, sin = (self.cos, self.sin) if token_dim == -2 else (self.cos[:, None], self.sin[:, None])
-        out = x * cos + rotate_pairs(x) * sin
-        return out.to(x.dtype)  # fp32 tables would otherwise promote bf16 q/k
+        return apply_rope(x, cos, sin)  # in x's dtype: fp32 tables would otherwise promote bf16 q/k
 
 
 #################################################################################
 #                                 Attention                                     #
 #################################################################################
 
-ATTN_LAYOUTS = ("bhsd", "bshd")
+ATTN_LAYOUTS = ("bhsd", "bshd", "fused")
 
 
 class Attention(nn.Module):
@@ -162,7 +154,9 @@ class Attention(nn.Module):
     `layout` is where q and k are normalised and rotated, a speed choice with the same result:
     "bhsd" permutes the qkv projection to (N, H, T, hd) first (the reference codes' order); "bshd" works
     on (N, T, H, hd) slices of the projection itself and hands SDPA transposed views, so neither q, k, v
-    nor the attention output are copied into another layout (docs/performance.md).
+    nor the attention output are copied into another layout; "fused" is bshd with the split, both norms and
+    both rotations done by one Triton kernel forward and one backward (fused_qk.py; the module math where
+    Triton cannot run). docs/performance.md.
     """
 
     def __init__(self, dim: int, num_heads: int, *, qk_norm: bool, rope: RoPE2D | None,
@@ -183,6 +177,13 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         n, t, d = x.shape
         qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads)  # (N, T, 3, H, hd)
+        if self.layout == "fused":
+            norm, rope = isinstance(self.q_norm, RMSNorm), self.rope
+            q, k, v = qk_norm_rope(qkv, self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
+                                   rope.cos if rope else None, rope.sin if rope else None,
+                                   self.q_norm.eps if norm else 0.0)  # 3 x (N, T, H, hd)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return self.proj(out.transpose(1, 2).reshape(n, t, d))
         if self.layout == "bhsd":
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (N, H, T, hd)
             token_dim = -2

@@ -1,6 +1,6 @@
 """`python -m benchmarks.speed [backbones=lightningdit-xl-1,lightningdit-b-1] [methods=sit,repa,sfd]
 [batch=128] [precision=bf16|bf16-residual|fp32] [compile=auto|regions|blocks|full|off]
-[sdpa=auto|flash|cudnn|efficient|math] [layout=bhsd|bshd] [steps=30] [warmup=10] [threads=N] [small=4,2,8,64]
+[sdpa=auto|flash|cudnn|efficient|math] [layout=bhsd|bshd|fused] [steps=30] [warmup=10] [threads=N] [small=4,2,8,64]
 [peak_tflops=measure|<number>] [tune=cd|autotune] [profile=1] [sample=0] [timing=stream|sync]
 [out=results/speed]`
 
@@ -137,7 +137,8 @@ def count_flops(fn) -> int:
 KERNEL_CLASSES = (("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "matmul", "_mm_")),
                   ("attention", ("flash", "fmha", "attention", "sdpa")),
                   ("optimizer+ema", ("adam", "multi_tensor", "foreach", "lerp")),
-                  ("inductor fused", ("triton_",)))
+                  ("inductor fused", ("triton_",)),
+                  ("fused q/k norm+RoPE", ("qk_norm_rope",)))   # backbones/fused_qk.py (layout=fused)
 
 
 def profile_step(step, device: torch.device, path: Path, reps: int = 3) -> None:

@@ -219,12 +219,15 @@ def test_bf16_autocast_forward():
     assert torch.allclose(out.float(), model(x, t, y).out, atol=5e-2, rtol=5e-2)
 
 
-@pytest.mark.parametrize("name,qk_norm", [("lightningdit-tiny", True), ("dit-tiny", False)])
-def test_attention_layouts_give_the_same_model(name, qk_norm):
-    """attn_layout is a speed choice only: same state dict keys, same outputs and gradients."""
+@pytest.mark.parametrize("layout", ["bshd", "fused"])
+@pytest.mark.parametrize("name,qk_norm", [("lightningdit-tiny", True), ("lightningdit-tiny", False),
+                                          ("dit-tiny", False)])
+def test_attention_layouts_give_the_same_model(name, qk_norm, layout):
+    """attn_layout is a speed choice only: same state dict keys, same outputs and gradients. (On the CPU
+    "fused" runs its custom op's reference math; tests/test_fused_qk.py checks the Triton kernels.)"""
     ref = build(name, qk_norm=qk_norm)
     randomize_zero_inits(ref)
-    alt = build(name, qk_norm=qk_norm, attn_layout="bshd")
+    alt = build(name, qk_norm=qk_norm, attn_layout=layout)
     alt.load_state_dict(ref.state_dict())                        # strict: the same keys
     x, t, y = batch()
     outs, grads = [], []
@@ -236,5 +239,5 @@ def test_attention_layouts_give_the_same_model(name, qk_norm):
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
-    with pytest.raises(ValueError, match="valid: bhsd, bshd"):
+    with pytest.raises(ValueError, match="valid: bhsd, bshd, fused"):
         build(name, attn_layout="bsdh")

@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
-# Issue-4 device exploration for the next session with a GPU (≤ 9 min; not run yet in this form):
-#   1. the attention layout (backbone attn_layout bhsd vs bshd: q/k norm and RoPE without layout copies),
-#      SFD XL/1, bf16, compile=regions, training step timed back to back as in training (timing=stream);
-#   2. the same bhsd row with a host sync after every step (timing=sync, how sessions 2-3 measured);
-#   3. profiler breakdowns (bshd, bf16 and bf16-residual);
-#   4. bytes moved and achieved bandwidth of every fused kernel of one step (inductor's
-#      TORCHINDUCTOR_PROFILE: each launch is benchmarked on its own, so this stage is slow and last).
+# Issue-4 device run for the next session with a GPU (≤ 9½ min; not run yet in this form). Every row is
+# SFD (or sit) on LightningDiT-XL/1, batch 128, compile=regions, steps timed back to back as in training
+# (timing=stream), no sampling column; short and essential stages first, rows written as they finish:
+#   1. the fused q/k kernels on the card (tests/test_fused_qk.py) and the compiled fused path against
+#      eager fp32 (tests/test_speed_numerics.py -k fused); if they fail, the fused rows below mean nothing;
+#   2. the attention layout A/B/C, bf16: bhsd (the default), bshd (no layout copies), fused (Triton q/k
+#      norm + RoPE, backbones/fused_qk.py), in one process, so on one machine;
+#   3. the best candidate configuration for both methods: fused + bf16-residual, SFD and sit;
+#   4. the profiler breakdown of that configuration (what is left after the fusion);
+#   5. with the time left, bytes moved and achieved bandwidth of every inductor kernel of one step
+#      (TORCHINDUCTOR_PROFILE: each launch is benchmarked on its own, so it is slow and last).
 # Inductor's coordinate-descent tuning (`tune=cd`) is left out: it did not finish compiling the XL/1 step
-# within 80 s (H100) or 120 s (H200); give it ≥ 200 s of its own if it is tried again.
-# Same set-up and outputs as gpu_check.sh.
+# within 80 s (H100) or 120 s (H200). Same set-up and outputs as gpu_check.sh.
 source "$(dirname "$0")/common.sh"
-common="backbones=lightningdit-xl-1 batch=128 methods=sfd compile=regions steps=10 warmup=3 sample=0"
-speed layout 200 $common precision=bf16 layout=bhsd,bshd
-speed sync 60 $common precision=bf16 layout=bhsd timing=sync
-speed profile 120 $common precision=bf16,bf16-residual layout=bshd profile=1
-mkdir -p "$OUT/bandwidth"
-TORCHINDUCTOR_PROFILE=1 TORCHINDUCTOR_PROFILE_OUTPUT="$OUT/bandwidth/kernels.txt" \
-  speed bandwidth 150 $common precision=bf16 layout=bshd steps=1 warmup=0
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+} 2>&1 | tee "$OUT/gpu.txt"
+stamp "fused kernels on the GPU"
+SEMPRIOR_TEST_DEVICE=cuda timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_fused_qk.py \
+  tests/test_speed_numerics.py -k "fused" 2>&1 | tee -a "$LOG" | tail -3
+common="backbones=lightningdit-xl-1 batch=128 compile=regions steps=10 warmup=3 sample=0"
+speed layout 230 $common methods=sfd precision=bf16 layout=bhsd,bshd,fused
+speed residual 110 $common methods=sfd,sit precision=bf16-residual layout=fused
+speed profile 80 $common methods=sfd precision=bf16-residual layout=fused profile=1 steps=5
+left=$(( 580 - ($(date +%s) - t0) ))
+if [ "$left" -gt 40 ]; then
+  mkdir -p "$OUT/bandwidth"
+  TORCHINDUCTOR_PROFILE=1 TORCHINDUCTOR_PROFILE_OUTPUT="$OUT/bandwidth/kernels.txt" \
+    speed bandwidth "$left" $common methods=sfd precision=bf16-residual layout=fused steps=1 warmup=0
+fi
 stamp "done"
 for f in "$OUT"/*/speed.md; do echo "$f"; cat "$f"; rm -f "$f"; done
-cat "$OUT"/profile/profile_*.txt
+cat "$OUT"/profile/profile_*.txt 2>/dev/null

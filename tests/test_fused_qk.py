@@ -1,0 +1,156 @@
+"""The fused q/k RMSNorm + RoPE Triton kernels (backbone attn_layout="fused", backbones/fused_qk.py).
+
+Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, which must be set before
+triton decorates them, hence a subprocess running this file), and are compiled for an H100/H200 (sm_90)
+to machine code, which needs Triton's bundled compiler but no GPU. With SEMPRIOR_TEST_DEVICE=cuda
+(scripts/device/gpu_check.sh) the same cases run on the card.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from backbones import fused_qk
+from backbones.layers import Attention, RoPE2D
+
+DEVICE = torch.device(os.environ.get("SEMPRIOR_TEST_DEVICE", "cpu"))
+needs_triton = pytest.mark.skipif(fused_qk.triton is None, reason="triton is not installed")
+COMBOS = [(True, True), (True, False), (False, True), (False, False)]  # (qk norm, rope)
+
+
+def _inputs(dtype, norm, rope, n=2, grid=4, heads=3, hd=12, device="cpu"):
+    """A projection (N, T, 3, H, hd) with hd=12: not a power of two, so the kernels' masked lanes count."""
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(n, grid * grid, 3, heads, hd, generator=g).to(device, dtype)
+    ws = [1 + 0.2 * torch.randn(hd, generator=g) for _ in range(2)] if norm else [None, None]
+    table = RoPE2D(hd, grid)
+    tabs = [table.cos, table.sin] if rope else [None, None]
+    to = (lambda t: t if t is None else t.to(device))
+    return qkv, *map(to, ws), *map(to, tabs)
+
+
+def _double(*ts):
+    return [t if t is None else t.double() for t in ts]
+
+
+def check_kernels_match_reference(device):
+    """Forward and backward of the kernels against the module math in fp64, for every flag combination,
+    with gradients in the strided layouts SDPA returns them in; the backward is deterministic."""
+    for dtype, tol in [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)]:
+        for norm, rope in COMBOS:
+            qkv, q_w, k_w, cos, sin = _inputs(dtype, norm, rope, device=device)
+            ref = fused_qk.reference(*_double(qkv, q_w, k_w, cos, sin), 1e-6)
+            got = fused_qk.triton_forward(qkv, q_w, k_w, cos, sin, 1e-6)
+            for a, b in zip(got, ref):
+                assert a.dtype == dtype and a.is_contiguous()
+                torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+            g = torch.Generator().manual_seed(1)
+            grads = [torch.randn(q.shape, generator=g).to(device, dtype) for q in got]
+            grads[0] = grads[0].transpose(1, 2).contiguous().transpose(1, 2)   # (N, H, T, hd) storage
+            grads[2] = grads[2].permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
+            leaves = [t.double().requires_grad_() for t in (qkv, q_w, k_w) if t is not None]
+            outs = fused_qk.reference(leaves[0], *(leaves[1:] or [None, None]), *_double(cos, sin), 1e-6)
+            want = torch.autograd.grad(outs, leaves, [x.double() for x in grads])
+            got_g = fused_qk.triton_backward(*grads, qkv, q_w, k_w, cos, sin, 1e-6)
+            assert got_g[0].dtype == dtype
+            for a, b in zip(got_g, want):
+                torch.testing.assert_close(a.double(), b, rtol=tol, atol=3 * tol)
+            if not norm:
+                assert got_g[1].numel() == 0 and got_g[2].numel() == 0
+            again = fused_qk.triton_backward(*grads, qkv, q_w, k_w, cos, sin, 1e-6)
+            assert all(torch.equal(a, b) for a, b in zip(again, got_g))
+
+
+def check_attention_through_the_op(device, compiled):
+    """Attention with attn_layout="fused" (the custom op and its autograd; under torch.compile its fake
+    implementations too) gives the module path's outputs and gradients."""
+    for qk_norm in (True, False):
+        torch.manual_seed(0)
+        ref = Attention(48, 4, qk_norm=qk_norm, rope=RoPE2D(12, 4), layout="bhsd").to(device)
+        alt = Attention(48, 4, qk_norm=qk_norm, rope=RoPE2D(12, 4), layout="fused").to(device)
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.add_(0.1 * torch.randn_like(p))                   # norm weights away from 1
+        alt.load_state_dict(ref.state_dict())
+        run = torch.compile(alt) if compiled else alt
+        x = torch.randn(3, 16, 48, device=device)
+        res = []
+        for m in (ref, run):
+            xi = x.clone().requires_grad_()
+            out = m(xi)
+            out.square().mean().backward()
+            res.append([out.detach(), xi.grad, *(p.grad for p in (m._orig_mod if m is run and compiled else m)
+                                                 .parameters())])
+        for a, b in zip(*res):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def _all_cases(device, compiled):
+    check_kernels_match_reference(device)
+    check_attention_through_the_op(device, compiled=False)
+    if compiled:
+        check_attention_through_the_op(device, compiled=True)
+
+
+@needs_triton
+def test_fused_kernels():
+    """On a GPU directly; on the CPU in a subprocess under the interpreter (with the compiled check when
+    a C++ compiler is there for inductor's CPU backend)."""
+    if DEVICE.type == "cuda":
+        _all_cases(DEVICE, compiled=True)
+        return
+    import shutil
+    compiled = shutil.which(os.environ.get("CXX", "g++")) is not None
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, __file__, str(int(compiled))], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "fused_qk cases passed" in proc.stdout
+
+
+def _hopper_compiler():
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        return None
+    return GPUTarget, ASTSource
+
+
+@needs_triton
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="on a GPU the kernels compile when test_fused_kernels runs")
+@pytest.mark.parametrize("dtype,combos,block_r,warps", [
+    ("bf16", COMBOS, 16, 4),               # every flag combination (the training path is bf16)
+    ("bf16", COMBOS[:1], 32, 8),           # the largest tuning configuration
+    ("fp32", COMBOS[:1], 8, 4),            # fp32 training, the smallest configuration
+])
+def test_kernels_compile_for_hopper(dtype, combos, block_r, warps):
+    """The kernels pass Triton's whole compiler for sm_90 (H100/H200) down to a cubin, so a device
+    session does not find a compile error first."""
+    tools = _hopper_compiler()
+    if tools is None:
+        pytest.skip("this triton cannot compile ahead of time")
+    GPUTarget, ASTSource = tools
+    ptr, f32 = f"*{dtype}", "*fp32"
+    fwd = dict(qkv=ptr, q_w=f32, k_w=f32, cos=f32, sin=f32, q_out=ptr, k_out=ptr, v_out=ptr)
+    bwd = dict(dq=ptr, dk=ptr, dv=ptr, qkv=ptr, q_w=f32, k_w=f32, cos=f32, sin=f32, dqkv=ptr, dw_part=f32)
+    ints = dict(rows="i32", T="i32", H="i32", HD="i32", eps="fp32")
+    strides = {f"s{a}{b}": "i32" for a in "qkv" for b in "nth"}
+    kernels = [(fused_qk._qk_norm_rope_fwd, {**fwd, **ints}), (fused_qk._qk_norm_rope_bwd, {**bwd, **ints, **strides})]
+    for kernel, sig in kernels:
+        for norm, rope in combos:
+            consts = dict(NORM=norm, ROPE=rope, BLOCK_R=block_r, BLOCK_D=128)
+            src = ASTSource(fn=kernel, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
+            assert list(src.signature) == kernel.arg_names
+            compiled = fused_qk.triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+            assert compiled.asm.get("cubin"), (kernel.fn.__name__, norm, rope)
+
+
+if __name__ == "__main__":  # the interpreter subprocess of test_fused_kernels
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    torch.set_num_threads(1)
+    _all_cases(torch.device("cpu"), compiled=sys.argv[1:] == ["1"])
+    print("fused_qk cases passed")
