@@ -10,8 +10,8 @@ pow/rsqrt, neg/select (RoPE), permute/stack and the q/k weight sums). Here:
     forward  one kernel reads the projection (N, T, 3, H, hd) once and writes q, k (normalised, rotated)
              and v as three (N, T, H, hd) tensors; SDPA takes them as transposed views, no other copy.
     backward one kernel reads dq, dk, dv (any strides, unit stride along hd) and the saved projection,
-             recomputes the norm, and writes the projection's gradient (N, T, 3, H, hd) directly; a fixed
-             number of programs each keep a partial sum of the two norm weights' gradients, summed in a
+             recomputes the norm, and writes the projection's gradient (N, T, 3, H, hd) directly; each
+             program keeps a partial sum of the two norm weights' gradients over its rows, summed in a
              fixed order afterwards (deterministic; no atomics).
 
 Same math as layers.RMSNorm followed by layers.RoPE2D, computed in fp32 and rounded once to the input
@@ -156,8 +156,9 @@ if triton is not None:
     @triton.jit
     def _qk_norm_rope_bwd(dq, dk, dv, qkv, q_w, k_w, cos, sin, dqkv, dw_part, rows, T, H, HD, eps,
                           sqn, sqt, sqh, skn, skt, skh, svn, svt, svh,
-                          NORM: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        """A fixed number of programs, each looping over row blocks and keeping its share of the norm
+                          NORM: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                          ROWS_PER_PROGRAM: tl.constexpr):
+        """Each program takes ROWS_PER_PROGRAM rows in blocks of BLOCK_R, keeping its share of the norm
         weights' gradients in registers; one (2, BLOCK_D) partial per program, summed by the caller."""
         pid = tl.program_id(0)
         d = tl.arange(0, BLOCK_D)
@@ -165,8 +166,8 @@ if triton is not None:
         sign = tl.where(d % 2 == 0, -1.0, 1.0)[None, :]
         dw_q = tl.zeros((BLOCK_D,), tl.float32)
         dw_k = tl.zeros((BLOCK_D,), tl.float32)
-        for blk in range(pid, tl.cdiv(rows, BLOCK_R), tl.num_programs(0)):
-            r = blk * BLOCK_R + tl.arange(0, BLOCK_R)
+        for i in range(ROWS_PER_PROGRAM // BLOCK_R):
+            r = pid * ROWS_PER_PROGRAM + i * BLOCK_R + tl.arange(0, BLOCK_R)
             mask = (r < rows)[:, None] & dmask[None, :]
             tok, head = r // H, r % H
             n, t = tok // T, tok % T
@@ -185,11 +186,13 @@ if triton is not None:
         tl.store(dw_part + pid * 2 * BLOCK_D + d, dw_q)
         tl.store(dw_part + (pid * 2 + 1) * BLOCK_D + d, dw_k)
 
-    # Rows per program and warps are tuned once per shape on a GPU (a few seconds at the first step);
-    # the interpreter takes one configuration (autotune would time on a GPU).
-    _CONFIGS = [triton.Config({"BLOCK_R": r}, num_warps=w) for r in (8, 16, 32) for w in (4, 8)]
+    # Rows per block and warps are tuned once per shape on a GPU (a few seconds at the first step); the
+    # interpreter takes one configuration (autotune would time on a GPU). Candidates: the configurations
+    # whose sm_90 code does not spill registers (cuobjdump -res-usage of the compiled kernels; larger
+    # blocks spill in the backward), docs/performance.md.
+    _CONFIGS = [triton.Config({"BLOCK_R": r}, num_warps=w) for r, w in ((4, 4), (8, 4), (8, 8), (16, 8))]
     if interpreting():
-        _CONFIGS = [triton.Config({"BLOCK_R": 16}, num_warps=4)]
+        _CONFIGS = [triton.Config({"BLOCK_R": 8}, num_warps=4)]
     _qk_norm_rope_fwd_tuned = triton.autotune(_CONFIGS, key=["rows", "HD"])(_qk_norm_rope_fwd)
     _qk_norm_rope_bwd_tuned = triton.autotune(_CONFIGS, key=["rows", "HD"])(_qk_norm_rope_bwd)
 
@@ -224,12 +227,7 @@ def _unit_last(g: Tensor) -> Tensor:
     return g if g.stride(-1) == 1 else g.contiguous()
 
 
-def backward_programs(x: Tensor) -> int:
-    """Programs of the backward kernel: a fixed number per device (so its gradient sums are reproducible
-    on one card): 8 per SM on a GPU, 3 under the interpreter (a loop of several blocks each)."""
-    if x.is_cuda:
-        return 8 * torch.cuda.get_device_properties(x.device).multi_processor_count
-    return 3
+ROWS_PER_PROGRAM = 64  # backward: (token, head) rows per program, a multiple of every BLOCK_R
 
 
 def triton_backward(dq: Tensor, dk: Tensor, dv: Tensor, qkv: Tensor, q_w: Tensor | None, k_w: Tensor | None,
@@ -237,7 +235,7 @@ def triton_backward(dq: Tensor, dk: Tensor, dv: Tensor, qkv: Tensor, q_w: Tensor
     qkv = qkv.contiguous()
     dq, dk, dv = _unit_last(dq), _unit_last(dk), _unit_last(dv)
     rows, t, h, hd, block_d = _launch_shape(qkv)
-    programs = backward_programs(qkv)
+    programs = triton.cdiv(rows, ROWS_PER_PROGRAM)
     dqkv = torch.empty_like(qkv)
     norm, rope = q_w is not None, cos is not None
     dw_part = torch.empty(programs, 2, block_d, dtype=torch.float32, device=qkv.device)
@@ -246,7 +244,8 @@ def triton_backward(dq: Tensor, dk: Tensor, dv: Tensor, qkv: Tensor, q_w: Tensor
         dq, dk, dv, qkv, q_w if norm else dummy, k_w if norm else dummy, cos if rope else dummy,
         sin if rope else dummy, dqkv, dw_part, rows, t, h, hd, eps,
         dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2), NORM=norm, ROPE=rope, BLOCK_D=block_d)
+        dv.stride(0), dv.stride(1), dv.stride(2), NORM=norm, ROPE=rope, BLOCK_D=block_d,
+        ROWS_PER_PROGRAM=ROWS_PER_PROGRAM)
     if not norm:
         return dqkv, _NO_GRAD(qkv), _NO_GRAD(qkv)
     # Fixed summation order: deterministic. Two reductions, so the outputs do not alias each other.

@@ -111,42 +111,65 @@ def test_fused_kernels():
     assert "fused_qk cases passed" in proc.stdout
 
 
-def _hopper_compiler():
+def _compile_for_hopper(kernel_name, dtype, norm, rope, block_r, warps):
+    """Compile one kernel for sm_90 (H100/H200) with Triton's own compiler, no GPU needed; the cubin."""
     try:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
     except ImportError:
-        return None
-    return GPUTarget, ASTSource
+        pytest.skip("this triton cannot compile ahead of time")
+    ptr, f32 = f"*{dtype}", "*fp32"
+    ints = dict(rows="i32", T="i32", H="i32", HD="i32", eps="fp32")
+    consts = dict(NORM=norm, ROPE=rope, BLOCK_R=block_r, BLOCK_D=128)
+    if kernel_name == "fwd":
+        kernel = fused_qk._qk_norm_rope_fwd
+        sig = dict(qkv=ptr, q_w=f32, k_w=f32, cos=f32, sin=f32, q_out=ptr, k_out=ptr, v_out=ptr, **ints)
+    else:
+        kernel = fused_qk._qk_norm_rope_bwd
+        sig = dict(dq=ptr, dk=ptr, dv=ptr, qkv=ptr, q_w=f32, k_w=f32, cos=f32, sin=f32, dqkv=ptr, dw_part=f32,
+                   **ints, **{f"s{a}{b}": "i32" for a in "qkv" for b in "nth"})
+        consts["ROWS_PER_PROGRAM"] = fused_qk.ROWS_PER_PROGRAM
+    src = ASTSource(fn=kernel, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
+    assert list(src.signature) == kernel.arg_names
+    cubin = fused_qk.triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["cubin"]
+    assert cubin, (kernel_name, dtype, norm, rope, block_r, warps)
+    return cubin
+
+
+no_gpu = pytest.mark.skipif(DEVICE.type == "cuda", reason="on a GPU the kernels compile in test_fused_kernels")
 
 
 @needs_triton
-@pytest.mark.skipif(DEVICE.type == "cuda", reason="on a GPU the kernels compile when test_fused_kernels runs")
-@pytest.mark.parametrize("dtype,combos,block_r,warps", [
-    ("bf16", COMBOS, 16, 4),               # every flag combination (the training path is bf16)
-    ("bf16", COMBOS[:1], 32, 8),           # the largest tuning configuration
-    ("fp32", COMBOS[:1], 8, 4),            # fp32 training, the smallest configuration
-])
-def test_kernels_compile_for_hopper(dtype, combos, block_r, warps):
-    """The kernels pass Triton's whole compiler for sm_90 (H100/H200) down to a cubin, so a device
-    session does not find a compile error first."""
-    tools = _hopper_compiler()
-    if tools is None:
-        pytest.skip("this triton cannot compile ahead of time")
-    GPUTarget, ASTSource = tools
-    ptr, f32 = f"*{dtype}", "*fp32"
-    fwd = dict(qkv=ptr, q_w=f32, k_w=f32, cos=f32, sin=f32, q_out=ptr, k_out=ptr, v_out=ptr)
-    bwd = dict(dq=ptr, dk=ptr, dv=ptr, qkv=ptr, q_w=f32, k_w=f32, cos=f32, sin=f32, dqkv=ptr, dw_part=f32)
-    ints = dict(rows="i32", T="i32", H="i32", HD="i32", eps="fp32")
-    strides = {f"s{a}{b}": "i32" for a in "qkv" for b in "nth"}
-    kernels = [(fused_qk._qk_norm_rope_fwd, {**fwd, **ints}), (fused_qk._qk_norm_rope_bwd, {**bwd, **ints, **strides})]
-    for kernel, sig in kernels:
+@no_gpu
+@pytest.mark.parametrize("dtype,combos", [("bf16", COMBOS), ("fp32", COMBOS[:1])])
+def test_kernels_compile_for_hopper(dtype, combos):
+    """The kernels pass Triton's whole compiler for sm_90 down to a cubin, for every flag combination, so
+    a device session does not find a compile error first."""
+    for kernel_name in ("fwd", "bwd"):
         for norm, rope in combos:
-            consts = dict(NORM=norm, ROPE=rope, BLOCK_R=block_r, BLOCK_D=128)
-            src = ASTSource(fn=kernel, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
-            assert list(src.signature) == kernel.arg_names
-            compiled = fused_qk.triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-            assert compiled.asm.get("cubin"), (kernel.fn.__name__, norm, rope)
+            _compile_for_hopper(kernel_name, dtype, norm, rope, 8, 4)
+
+
+@needs_triton
+@no_gpu
+def test_tuning_configurations_do_not_spill():
+    """Every configuration the autotuner may pick keeps its sm_90 code in registers (no local-memory
+    spills, read from the cubin's resource usage), so tuning chooses among sound candidates."""
+    import tempfile
+
+    tool = Path(fused_qk.triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        pytest.skip(f"no cuobjdump at {tool}")
+    for cfg in fused_qk._CONFIGS:
+        for kernel_name in ("fwd", "bwd"):
+            cubin = _compile_for_hopper(kernel_name, "bf16", True, True, cfg.kwargs["BLOCK_R"], cfg.num_warps)
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(cubin)
+                f.flush()
+                usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True,
+                                       check=True).stdout
+            line = next(x for x in usage.splitlines() if "REG:" in x)
+            assert " STACK:0 " in line and " LOCAL:0 " in line, (kernel_name, cfg, line)
 
 
 if __name__ == "__main__":  # the interpreter subprocess of test_fused_kernels
