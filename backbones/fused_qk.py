@@ -3,9 +3,9 @@
 What it replaces. In a LightningDiT block the attention inputs are prepared by a chain of small ops: split
 the qkv projection into q, k, v, RMSNorm q and k over each head, rotate them (RoPE), and hand SDPA its
 layout; the backward runs the chain in reverse and stacks dq, dk, dv back into the projection's gradient.
-Compiled by inductor this is several memory-bound kernels per direction, ≈ 31 ms of a 258 ms
+Compiled by inductor this is several memory-bound kernels per direction, ≈ 26 ms of a 258 ms
 LightningDiT-XL/1 step on an H200 (results/reference/speed-h200/profile_xl1_sfd.txt: the kernels with
-pow/rsqrt, neg/select (RoPE), permute/stack and the q/k weight sums). Here:
+pow/rsqrt, neg/select (RoPE), permute/stack and the q/k weight sums), more than attention itself. Here:
 
     forward  one kernel reads the projection (N, T, 3, H, hd) once and writes q, k (normalised, rotated)
              and v as three (N, T, H, hd) tensors; SDPA takes them as transposed views, no other copy.
