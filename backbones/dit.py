@@ -33,12 +33,12 @@ class DiTBlock(nn.Module):
     """Pre-norm transformer block whose norms are modulated by c, with gated residuals (adaLN-Zero)."""
 
     def __init__(self, dim: int, num_heads: int, *, norm: str, ffn: str, qk_norm: bool, rope: RoPE2D | None,
-                 attn_layout: str = "bhsd") -> None:
+                 attn_layout: str = "bhsd", kernels: str = "torch") -> None:
         super().__init__()
         self.norm1 = make_norm(norm, dim)
-        self.attn = Attention(dim, num_heads, qk_norm=qk_norm, rope=rope, layout=attn_layout)
+        self.attn = Attention(dim, num_heads, qk_norm=qk_norm, rope=rope, layout=attn_layout, kernels=kernels)
         self.norm2 = make_norm(norm, dim)
-        self.mlp = make_ffn(ffn, dim)
+        self.mlp = make_ffn(ffn, dim, kernels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
@@ -84,6 +84,8 @@ class DiT(nn.Module):
             outputs are concatenated into t_emb (SFD passes (1, 0): semantic half first, spec §6.4).
         norm: "layernorm" | "rmsnorm"; ffn: "gelu" | "swiglu"; rope: 2-D RoPE on q, k; qk_norm: RMSNorm on q, k.
         attn_layout: "bhsd" | "bshd", where q, k are normalised and rotated (same result; layers.Attention).
+        kernels: "torch" | "triton", the suite's Triton kernels for q/k norm + RoPE and SwiGLU (same result;
+            layers.KERNELS). Speed choices only: neither changes the state dict.
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class DiT(nn.Module):
         rope: bool,
         qk_norm: bool,
         attn_layout: str = "bhsd",
+        kernels: str = "torch",
     ) -> None:
         super().__init__()
         if input_size % patch_size:
@@ -128,7 +131,8 @@ class DiT(nn.Module):
         # One RoPE table shared by every block (it has no parameters).
         rope_mod = RoPE2D(hidden_size // num_heads, self.grid) if rope else None
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, norm=norm, ffn=ffn, qk_norm=qk_norm, rope=rope_mod, attn_layout=attn_layout)
+            DiTBlock(hidden_size, num_heads, norm=norm, ffn=ffn, qk_norm=qk_norm, rope=rope_mod, attn_layout=attn_layout,
+                     kernels=kernels)
             for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, out_channels, norm=norm)

@@ -1,4 +1,4 @@
-"""q/k RMSNorm and 2-D RoPE fused into one Triton kernel per direction (backbone attn_layout="fused").
+"""q/k RMSNorm and 2-D RoPE fused into one Triton kernel per direction (backbone kernels="triton").
 
 What it replaces. In a LightningDiT block the attention inputs are prepared by a chain of small ops: split
 the qkv projection into q, k, v, RMSNorm q and k over each head, rotate them (RoPE), and hand SDPA its
@@ -21,7 +21,7 @@ rounding, not bit for bit (tests/test_fused_qk.py, tests/test_speed_numerics.py)
 
 Where it runs: the Triton kernels on CUDA tensors, or on CPU tensors under Triton's interpreter
 (TRITON_INTERPRET=1, which is how CI checks them on a machine without a GPU); elsewhere `qk_norm_rope`
-runs the module math (`reference`) under ordinary autograd, so a model built with attn_layout="fused"
+runs the module math (`reference`) under ordinary autograd, so a model built with kernels="triton"
 works on any device. The kernels are a torch custom op with its own autograd, so torch.compile keeps them
 as one opaque call inside the block graph.
 """

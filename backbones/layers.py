@@ -11,7 +11,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backbones.fused_qk import apply_rope, qk_norm_rope, rms_norm, rotate_pairs  # noqa: F401 (rotate_pairs re-exported)
+from backbones.fused_qk import apply_rope, qk_norm_rope, rms_norm
+from backbones.fused_swiglu import silu_mul
+
+# backbone.kernels: "torch" = the module math (compiled by inductor on a GPU); "triton" = the suite's own
+# Triton kernels for q/k RMSNorm + RoPE (fused_qk.py) and SwiGLU's SiLU·gate (fused_swiglu.py), with the
+# module math wherever Triton cannot run. Same model, same state dict (docs/performance.md).
+KERNELS = ("torch", "triton")
+
+
+def check_kernels(kernels: str) -> str:
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown backbone kernels {kernels!r}; valid: {', '.join(KERNELS)}")
+    return kernels
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -69,22 +81,27 @@ class SwiGLU(nn.Module):
     hidden = int(2/3 · 4D) keeps the FFN at ≈ 8D² parameters, like the 4D GELU MLP it replaces.
     """
 
-    def __init__(self, dim: int, ratio: float = 4.0) -> None:
+    def __init__(self, dim: int, ratio: float = 4.0, kernels: str = "torch") -> None:
         super().__init__()
         hidden = int(2 / 3 * int(dim * ratio))
         self.w12 = nn.Linear(dim, 2 * hidden)
         self.w3 = nn.Linear(hidden, dim)
+        self.kernels = check_kernels(kernels)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, value = self.w12(x).chunk(2, dim=-1)  # 2 x (N, T, hidden)
+        u = self.w12(x)  # (N, T, 2·hidden): [gate | value]
+        if self.kernels == "triton":
+            return self.w3(silu_mul(u))
+        gate, value = u.chunk(2, dim=-1)  # 2 x (N, T, hidden)
         return self.w3(F.silu(gate) * value)
 
 
-def make_ffn(kind: str, dim: int) -> nn.Module:
+def make_ffn(kind: str, dim: int, kernels: str = "torch") -> nn.Module:
+    """"gelu" (DiT's MLP; `kernels` does not apply to it) or "swiglu"."""
     if kind == "gelu":
         return GeluMlp(dim)
     if kind == "swiglu":
-        return SwiGLU(dim)
+        return SwiGLU(dim, kernels=kernels)
     raise ValueError(f"unknown ffn {kind!r}; valid: gelu, swiglu")
 
 
@@ -145,7 +162,7 @@ class RoPE2D(nn.Module):
 #                                 Attention                                     #
 #################################################################################
 
-ATTN_LAYOUTS = ("bhsd", "bshd", "fused")
+ATTN_LAYOUTS = ("bhsd", "bshd")
 
 
 class Attention(nn.Module):
@@ -154,19 +171,19 @@ class Attention(nn.Module):
     `layout` is where q and k are normalised and rotated, a speed choice with the same result:
     "bhsd" permutes the qkv projection to (N, H, T, hd) first (the reference codes' order); "bshd" works
     on (N, T, H, hd) slices of the projection itself and hands SDPA transposed views, so neither q, k, v
-    nor the attention output are copied into another layout; "fused" is bshd with the split, both norms and
-    both rotations done by one Triton kernel forward and one backward (fused_qk.py; the module math where
-    Triton cannot run). docs/performance.md.
+    nor the attention output are copied into another layout. kernels="triton" replaces both: the split, both
+    norms and both rotations are one Triton kernel forward and one backward (fused_qk.py), and SDPA gets
+    transposed views as in "bshd". docs/performance.md.
     """
 
     def __init__(self, dim: int, num_heads: int, *, qk_norm: bool, rope: RoPE2D | None,
-                 layout: str = "bhsd") -> None:
+                 layout: str = "bhsd", kernels: str = "torch") -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
         if layout not in ATTN_LAYOUTS:
             raise ValueError(f"unknown attention layout {layout!r}; valid: {', '.join(ATTN_LAYOUTS)}")
-        self.num_heads, self.layout = num_heads, layout
+        self.num_heads, self.layout, self.kernels = num_heads, layout, check_kernels(kernels)
         head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.q_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
@@ -177,7 +194,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         n, t, d = x.shape
         qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads)  # (N, T, 3, H, hd)
-        if self.layout == "fused":
+        if self.kernels == "triton":
             norm, rope = isinstance(self.q_norm, RMSNorm), self.rope
             q, k, v = qk_norm_rope(qkv, self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
                                    rope.cos if rope else None, rope.sin if rope else None,

@@ -1,10 +1,11 @@
 """`python -m benchmarks.speed [backbones=lightningdit-xl-1,lightningdit-b-1] [methods=sit,repa,sfd]
 [batch=128] [precision=bf16|bf16-residual|fp32] [compile=auto|regions|blocks|full|off]
-[sdpa=auto|flash|cudnn|efficient|math] [layout=bhsd|bshd|fused] [steps=30] [warmup=10] [threads=N] [small=4,2,8,64]
+[sdpa=auto|flash|cudnn|efficient|math] [layout=bhsd|bshd] [kernels=torch|triton] [steps=30] [warmup=10] [threads=N] [small=4,2,8,64]
 [peak_tflops=measure|<number>] [tune=cd|autotune] [profile=1] [sample=0] [timing=stream|sync]
 [out=results/speed]`
 
-backbones, methods, batch, precision, compile, sdpa and layout (the backbone's attn_layout) take comma lists:
+backbones, methods, batch, precision, compile, sdpa, layout and kernels (the backbone's attn_layout and kernels)
+take comma lists:
 every combination is a row.
 
 Times the training job's own step (`benchmarks.train.Trainer.train_step`: forward, loss incl. the REPA
@@ -138,7 +139,7 @@ KERNEL_CLASSES = (("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "matmu
                   ("attention", ("flash", "fmha", "attention", "sdpa")),
                   ("optimizer+ema", ("adam", "multi_tensor", "foreach", "lerp")),
                   ("inductor fused", ("triton_",)),
-                  ("fused q/k norm+RoPE", ("qk_norm_rope",)))   # backbones/fused_qk.py (layout=fused)
+                  ("suite triton kernels", ("qk_norm_rope", "silu_mul")))   # backbones/fused_*.py, kernels=triton
 
 
 def profile_step(step, device: torch.device, path: Path, reps: int = 3) -> None:
@@ -174,7 +175,7 @@ def profile_step(step, device: torch.device, path: Path, reps: int = 3) -> None:
 def bench(backbone: str, method_name: str, batch: int, precision: str, compile_mode: str, steps: int,
           warmup: int, device: torch.device, peak_tflops: float, small: dict | None = None,
           profile_dir: Path | None = None, sdpa: str = "auto", sample: bool = True, timing: str = "stream",
-          layout: str = "bhsd") -> dict:
+          layout: str = "bhsd", kernels: str = "torch") -> dict:
     from benchmarks.components import RunParts
     from benchmarks.train import Trainer, autocast_ctx
 
@@ -184,7 +185,7 @@ def bench(backbone: str, method_name: str, batch: int, precision: str, compile_m
     mcfg = api.preset(method_name, "tiny" if "tiny" in backbone else None)   # tiny: REPA depth 1
     with device:                     # built on the device: an XL's init on the host takes seconds
         model = api.backbone(backbone, method_cfg=mcfg, in_channels=g.channels, input_size=grid, groups=g,
-                             num_classes=1000, attn_layout=layout)
+                             num_classes=1000, attn_layout=layout, kernels=kernels)
     method = api.method(mcfg, groups=g, hidden_size=model.hidden_size, encoder_dim=tokens[1] if tokens else 0)
     method.loss.to(device)
     x1 = torch.randn(batch, g.channels, grid, grid, device=device)
@@ -241,11 +242,11 @@ def bench(backbone: str, method_name: str, batch: int, precision: str, compile_m
         sample_s = statistics.median(_time(sample_fwd, steps, warmup, device, timing))
     if profile_dir is not None:
         try:
-            profile_step(tr.train_step, device, profile_dir / f"profile_{backbone}_{method_name}_{precision}_{layout}.txt")
+            profile_step(tr.train_step, device, profile_dir / f"profile_{backbone}_{method_name}_{precision}_{layout}_{kernels}.txt")
         except Exception as e:  # noqa: BLE001 - the breakdown is extra; the timed row stands without it
             print(f"profile failed: {type(e).__name__}: {e}", flush=True)
     return {"backbone": backbone, "method": method_name, "batch": batch, "precision": precision,
-            "compile": tr.compile_mode, "sdpa": sdpa, "layout": layout, "timing": timing if device.type == "cuda" else "wall", "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+            "compile": tr.compile_mode, "sdpa": sdpa, "layout": layout, "kernels": kernels, "timing": timing if device.type == "cuda" else "wall", "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
             "first_step_s": round(first, 1), "ms_per_step": round(train * 1e3, 2),
             "img_per_s": round(batch / train, 1), "GFLOP_per_img": round(flops / batch / 1e9, 1),
             "TFLOP_per_s": round(flops / train / 1e12, 2), "MFU": round(flops / train / 1e12 / peak_tflops, 3),
@@ -284,17 +285,17 @@ def main(argv: list[str] | None = None) -> int:
     profile_dir = out if args.get("profile", "0") == "1" else None
     lists = {k: args.get(k, d).split(",") for k, d in (
         ("batch", "128" if device.type == "cuda" else "32"), ("precision", "bf16" if device.type == "cuda" else "fp32"),
-        ("compile", "auto"), ("sdpa", "auto"), ("layout", "bhsd"))}
+        ("compile", "auto"), ("sdpa", "auto"), ("layout", "bhsd"), ("kernels", "torch"))}
     rows = []
-    for bb, m, batch, precision, mode, sdpa, layout in itertools.product(backbones, methods, *lists.values()):
+    for bb, m, batch, precision, mode, sdpa, layout, kernels in itertools.product(backbones, methods, *lists.values()):
         batch = int(batch)
         try:
             row = bench(bb, m, batch, precision, mode, int(args.get("steps", 30)), int(args.get("warmup", 10)),
                         device, peak_tflops, small, profile_dir, sdpa, args.get("sample", "1") != "0",
-                        args.get("timing", "stream"), layout)
+                        args.get("timing", "stream"), layout, kernels)
         except torch.cuda.OutOfMemoryError:     # a row that says so; the other configurations still run
             row = {"backbone": bb, "method": m, "batch": batch, "precision": precision, "compile": mode,
-                   "sdpa": sdpa, "layout": layout, "error": "out of memory"}
+                   "sdpa": sdpa, "layout": layout, "kernels": kernels, "error": "out of memory"}
             torch.cuda.empty_cache()
         row["peak_TFLOP_per_s"] = peak_tflops
         row["tune"] = tune or "default"

@@ -219,15 +219,15 @@ def test_bf16_autocast_forward():
     assert torch.allclose(out.float(), model(x, t, y).out, atol=5e-2, rtol=5e-2)
 
 
-@pytest.mark.parametrize("layout", ["bshd", "fused"])
+@pytest.mark.parametrize("layout,kernels", [("bshd", "torch"), ("bhsd", "triton")])
 @pytest.mark.parametrize("name,qk_norm", [("lightningdit-tiny", True), ("lightningdit-tiny", False),
                                           ("dit-tiny", False)])
-def test_attention_layouts_give_the_same_model(name, qk_norm, layout):
-    """attn_layout is a speed choice only: same state dict keys, same outputs and gradients. (On the CPU
-    "fused" runs its custom op's reference math; tests/test_fused_qk.py checks the Triton kernels.)"""
+def test_attention_layouts_give_the_same_model(name, qk_norm, layout, kernels):
+    """attn_layout and kernels are speed choices only: same state dict keys, same outputs and gradients.
+    (On the CPU kernels="triton" runs the module math; tests/test_fused_*.py check the Triton kernels.)"""
     ref = build(name, qk_norm=qk_norm)
     randomize_zero_inits(ref)
-    alt = build(name, qk_norm=qk_norm, attn_layout=layout)
+    alt = build(name, qk_norm=qk_norm, attn_layout=layout, kernels=kernels)
     alt.load_state_dict(ref.state_dict())                        # strict: the same keys
     x, t, y = batch()
     outs, grads = [], []
@@ -239,5 +239,7 @@ def test_attention_layouts_give_the_same_model(name, qk_norm, layout):
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
-    with pytest.raises(ValueError, match="valid: bhsd, bshd, fused"):
+    with pytest.raises(ValueError, match="valid: bhsd, bshd"):
         build(name, attn_layout="bsdh")
+    with pytest.raises(ValueError, match="valid: torch, triton"):
+        build(name, kernels="cuda")

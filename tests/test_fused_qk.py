@@ -1,4 +1,4 @@
-"""The fused q/k RMSNorm + RoPE Triton kernels (backbone attn_layout="fused", backbones/fused_qk.py).
+"""The fused q/k RMSNorm + RoPE Triton kernels (backbone kernels="triton", backbones/fused_qk.py).
 
 Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, which must be set before
 triton decorates them, hence a subprocess running this file), and are compiled for an H100/H200 (sm_90)
@@ -6,13 +6,11 @@ to machine code, which needs Triton's bundled compiler but no GPU. With SEMPRIOR
 (scripts/device/gpu_check.sh) the same cases run on the card.
 """
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+import triton_util
 from backbones import fused_qk
 from backbones.layers import Attention, RoPE2D
 
@@ -65,12 +63,12 @@ def check_kernels_match_reference(device):
 
 
 def check_attention_through_the_op(device, compiled):
-    """Attention with attn_layout="fused" (the custom op and its autograd; under torch.compile its fake
+    """Attention with kernels="triton" (the custom op and its autograd; under torch.compile its fake
     implementations too) gives the module path's outputs and gradients."""
     for qk_norm in (True, False):
         torch.manual_seed(0)
         ref = Attention(48, 4, qk_norm=qk_norm, rope=RoPE2D(12, 4), layout="bhsd").to(device)
-        alt = Attention(48, 4, qk_norm=qk_norm, rope=RoPE2D(12, 4), layout="fused").to(device)
+        alt = Attention(48, 4, qk_norm=qk_norm, rope=RoPE2D(12, 4), kernels="triton").to(device)
         with torch.no_grad():
             for p in ref.parameters():
                 p.add_(0.1 * torch.randn_like(p))                   # norm weights away from 1
@@ -88,36 +86,13 @@ def check_attention_through_the_op(device, compiled):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
-def _all_cases(device, compiled):
-    check_kernels_match_reference(device)
-    check_attention_through_the_op(device, compiled=False)
-    if compiled:
-        check_attention_through_the_op(device, compiled=True)
-
-
 @needs_triton
 def test_fused_kernels():
-    """On a GPU directly; on the CPU in a subprocess under the interpreter (with the compiled check when
-    a C++ compiler is there for inductor's CPU backend)."""
-    if DEVICE.type == "cuda":
-        _all_cases(DEVICE, compiled=True)
-        return
-    import shutil
-    compiled = shutil.which(os.environ.get("CXX", "g++")) is not None
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, __file__, str(int(compiled))], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "fused_qk cases passed" in proc.stdout
+    """On a GPU directly; on the CPU in a subprocess under Triton's interpreter."""
+    triton_util.check_on(DEVICE, __file__, check_kernels_match_reference, check_attention_through_the_op)
 
 
-def _compile_for_hopper(kernel_name, dtype, norm, rope, block_r, warps):
-    """Compile one kernel for sm_90 (H100/H200) with Triton's own compiler, no GPU needed; the cubin."""
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError:
-        pytest.skip("this triton cannot compile ahead of time")
+def _compile(kernel_name, dtype, norm, rope, block_r, warps):
     ptr, f32 = f"*{dtype}", "*fp32"
     ints = dict(rows="i32", T="i32", H="i32", HD="i32", eps="fp32")
     consts = dict(NORM=norm, ROPE=rope, BLOCK_R=block_r, BLOCK_D=128)
@@ -129,11 +104,7 @@ def _compile_for_hopper(kernel_name, dtype, norm, rope, block_r, warps):
         sig = dict(dq=ptr, dk=ptr, dv=ptr, qkv=ptr, q_w=f32, k_w=f32, cos=f32, sin=f32, dqkv=ptr, dw_part=f32,
                    **ints, **{f"s{a}{b}": "i32" for a in "qkv" for b in "nth"})
         consts["ROWS_PER_PROGRAM"] = fused_qk.ROWS_PER_PROGRAM
-    src = ASTSource(fn=kernel, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
-    assert list(src.signature) == kernel.arg_names
-    cubin = fused_qk.triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["cubin"]
-    assert cubin, (kernel_name, dtype, norm, rope, block_r, warps)
-    return cubin
+    return triton_util.compile_for_hopper(kernel, sig, consts, warps)
 
 
 no_gpu = pytest.mark.skipif(DEVICE.type == "cuda", reason="on a GPU the kernels compile in test_fused_kernels")
@@ -147,7 +118,7 @@ def test_kernels_compile_for_hopper(dtype, combos):
     a device session does not find a compile error first."""
     for kernel_name in ("fwd", "bwd"):
         for norm, rope in combos:
-            _compile_for_hopper(kernel_name, dtype, norm, rope, 8, 4)
+            _compile(kernel_name, dtype, norm, rope, 8, 4)
 
 
 @needs_triton
@@ -155,25 +126,11 @@ def test_kernels_compile_for_hopper(dtype, combos):
 def test_tuning_configurations_do_not_spill():
     """Every configuration the autotuner may pick keeps its sm_90 code in registers (no local-memory
     spills, read from the cubin's resource usage), so tuning chooses among sound candidates."""
-    import tempfile
-
-    tool = Path(fused_qk.triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not tool.exists():
-        pytest.skip(f"no cuobjdump at {tool}")
     for cfg in fused_qk._CONFIGS:
         for kernel_name in ("fwd", "bwd"):
-            cubin = _compile_for_hopper(kernel_name, "bf16", True, True, cfg.kwargs["BLOCK_R"], cfg.num_warps)
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(cubin)
-                f.flush()
-                usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True,
-                                       check=True).stdout
-            line = next(x for x in usage.splitlines() if "REG:" in x)
-            assert " STACK:0 " in line and " LOCAL:0 " in line, (kernel_name, cfg, line)
+            cubin = _compile(kernel_name, "bf16", True, True, cfg.kwargs["BLOCK_R"], cfg.num_warps)
+            triton_util.assert_no_spills(cubin, (kernel_name, cfg))
 
 
 if __name__ == "__main__":  # the interpreter subprocess of test_fused_kernels
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    torch.set_num_threads(1)
-    _all_cases(torch.device("cpu"), compiled=sys.argv[1:] == ["1"])
-    print("fused_qk cases passed")
+    triton_util.interpreted_main("fused_qk", check_kernels_match_reference, check_attention_through_the_op)

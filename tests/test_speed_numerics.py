@@ -19,12 +19,12 @@ needs_compiler = pytest.mark.skipif(DEVICE.type == "cpu" and shutil.which(os.env
                                     reason="inductor's CPU backend needs a C++ compiler")
 
 
-def _setup(method_name: str, batch: int = 16, layout: str = "bhsd"):
+def _setup(method_name: str, batch: int = 16, layout: str = "bhsd", kernels: str = "torch"):
     g = api.groups(texture=4, semantic=2) if method_name == "sfd" else api.groups(texture=4)
     mcfg = api.preset(method_name, "tiny")
     torch.manual_seed(0)
     model = api.backbone("lightningdit-tiny", method_cfg=mcfg, in_channels=g.channels, input_size=8, groups=g,
-                         num_classes=10, attn_layout=layout).to(DEVICE)
+                         num_classes=10, attn_layout=layout, kernels=kernels).to(DEVICE)
     method = api.method(mcfg, groups=g, hidden_size=model.hidden_size, encoder_dim=64)
     method.loss.to(DEVICE)
     gen = torch.Generator().manual_seed(1)
@@ -60,10 +60,10 @@ def test_bf16_autocast_matches_fp32_loss(method_name):
     assert _cos(low_g, ref_g) > 0.99
 
 
-def _compiled_matches_eager(method_name, mode, precision, layout="bhsd"):
+def _compiled_matches_eager(method_name, mode, precision, layout="bhsd", kernels="torch"):
     """`mode` compiled against eager fp32: compiled fp32 to fp32 rounding, compiled `precision` to bf16
     tolerance; checkpoints keep their keys."""
-    model, method, b = _setup(method_name, layout=layout)
+    model, method, b = _setup(method_name, layout=layout, kernels=kernels)
     keys, loss_keys = list(model.state_dict()), list(method.loss.state_dict())
     ref, ref_terms, ref_g = _loss_and_grads(model, method, model, b, "fp32")
     fwd = compile_model(model, resolve_mode(mode, DEVICE))
@@ -81,18 +81,18 @@ def _compiled_matches_eager(method_name, mode, precision, layout="bhsd"):
 
 
 @needs_compiler
-@pytest.mark.parametrize("method_name,mode,precision,layout", [
-    ("sit", "blocks", "bf16", "bhsd"), ("sfd", "blocks", "bf16", "bhsd"),   # blocks only
-    ("sfd", "regions", "bf16", "bhsd"),                             # the GPU default: + final layer + loss
-    ("sfd", "regions", "bf16-residual", "bhsd"),                    # + the bf16 residual stream
-    ("sfd", "regions", "bf16", "bshd"),                             # q/k norm and RoPE without layout copies
-    ("sfd", "regions", "bf16-residual", "fused"),                   # ... in one Triton kernel (GPU only)
+@pytest.mark.parametrize("method_name,mode,precision,layout,kernels", [
+    ("sit", "blocks", "bf16", "bhsd", "torch"), ("sfd", "blocks", "bf16", "bhsd", "torch"),  # blocks only
+    ("sfd", "regions", "bf16", "bhsd", "torch"),                    # the GPU default: + final layer + loss
+    ("sfd", "regions", "bf16-residual", "bhsd", "torch"),           # + the bf16 residual stream
+    ("sfd", "regions", "bf16", "bshd", "torch"),                    # q/k norm and RoPE without layout copies
+    ("sfd", "regions", "bf16-residual", "bhsd", "triton"),          # the suite's Triton kernels (GPU only)
 ])
-def test_compiled_matches_eager(method_name, mode, precision, layout):
-    if layout == "fused" and DEVICE.type != "cuda":
-        pytest.skip("on the CPU attn_layout=fused runs the bshd math (covered above); "
-                    "tests/test_fused_qk.py checks the kernels under Triton's interpreter")
-    _compiled_matches_eager(method_name, mode, precision, layout)
+def test_compiled_matches_eager(method_name, mode, precision, layout, kernels):
+    if kernels == "triton" and DEVICE.type != "cuda":
+        pytest.skip("on the CPU kernels=triton runs the module math (covered above); tests/test_fused_qk.py "
+                    "and test_fused_swiglu.py check the kernels under Triton's interpreter")
+    _compiled_matches_eager(method_name, mode, precision, layout, kernels)
 
 
 @pytest.mark.parametrize("method_name", ["sit", "sfd"])
