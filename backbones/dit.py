@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from core.registry import BACKBONES
 from core.types import BackboneOut
+from backbones.fused_adaln import norm_modulate
 from backbones.layers import (
     Attention,
     LabelEmbedder,
@@ -40,10 +41,18 @@ class DiTBlock(nn.Module):
         self.norm2 = make_norm(norm, dim)
         self.mlp = make_ffn(ffn, dim, kernels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        # kernels="triton" with RMSNorm: norm1 + modulation, and the attention residual + norm2 + modulation,
+        # are Triton kernels (fused_adaln.py); LayerNorm blocks keep the module math.
+        self.fused_norms = kernels == "triton" and norm == "rmsnorm"
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         """x (N, T, D), c (N, D) -> (N, T, D)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        if self.fused_norms:
+            n1, n2 = self.norm1, self.norm2
+            _, h = norm_modulate(x, None, None, n1.weight, shift_msa, scale_msa, n1.eps)
+            x, h = norm_modulate(x, gate_msa, self.attn(h), n2.weight, shift_mlp, scale_mlp, n2.eps)
+            return x + gate_mlp.unsqueeze(1) * self.mlp(h)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
@@ -84,8 +93,8 @@ class DiT(nn.Module):
             outputs are concatenated into t_emb (SFD passes (1, 0): semantic half first, spec §6.4).
         norm: "layernorm" | "rmsnorm"; ffn: "gelu" | "swiglu"; rope: 2-D RoPE on q, k; qk_norm: RMSNorm on q, k.
         attn_layout: "bhsd" | "bshd", where q, k are normalised and rotated (same result; layers.Attention).
-        kernels: "torch" | "triton", the suite's Triton kernels for q/k norm + RoPE and SwiGLU (same result;
-            layers.KERNELS). Speed choices only: neither changes the state dict.
+        kernels: "torch" | "triton", the suite's Triton kernels for q/k norm + RoPE, SwiGLU and adaLN's
+            residual + norm + modulation (same result; layers.KERNELS). Speed choices only: neither changes the state dict.
     """
 
     def __init__(

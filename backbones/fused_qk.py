@@ -236,7 +236,7 @@ def triton_backward(dq: Tensor, dk: Tensor, dv: Tensor, qkv: Tensor, q_w: Tensor
     dq, dk, dv = _unit_last(dq), _unit_last(dk), _unit_last(dv)
     rows, t, h, hd, block_d = _launch_shape(qkv)
     programs = triton.cdiv(rows, ROWS_PER_PROGRAM)
-    dqkv = torch.empty_like(qkv)
+    dqkv = qkv.new_empty(qkv.shape)
     norm, rope = q_w is not None, cos is not None
     dw_part = torch.empty(programs, 2, block_d, dtype=torch.float32, device=qkv.device)
     dummy = qkv
@@ -288,8 +288,8 @@ def _qk_norm_rope_backward_op(dq: Tensor, dk: Tensor, dv: Tensor, qkv: Tensor, q
 
 @_qk_norm_rope_backward_op.register_fake
 def _(dq, dk, dv, qkv, q_w, k_w, cos, sin, eps):
-    dw = (_NO_GRAD(qkv), _NO_GRAD(qkv)) if q_w is None else (torch.empty_like(q_w), torch.empty_like(k_w))
-    return (torch.empty_like(qkv), *dw)
+    dw = (_NO_GRAD(qkv), _NO_GRAD(qkv)) if q_w is None else (q_w.new_empty(q_w.shape), k_w.new_empty(k_w.shape))
+    return (qkv.new_empty(qkv.shape), *dw)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -94,7 +94,7 @@ def triton_backward(dh: Tensor, u: Tensor) -> Tensor:
     dh = dh.reshape(m, hidden)  # a view when dh is row-major (w3's input gradient is); a copy otherwise
     if dh.stride(1) != 1:
         dh = dh.contiguous()
-    du = torch.empty_like(u)
+    du = u.new_empty(u.shape)
     _silu_mul_bwd_tuned[_grid(m, hidden)](dh, u, du, m, hidden, dh.stride(0))
     return du
 
@@ -123,7 +123,7 @@ def _silu_mul_backward_op(dh: Tensor, u: Tensor) -> Tensor:
 
 @_silu_mul_backward_op.register_fake
 def _(dh, u):
-    return torch.empty_like(u)
+    return u.new_empty(u.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:

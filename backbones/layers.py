@@ -15,8 +15,9 @@ from backbones.fused_qk import apply_rope, qk_norm_rope, rms_norm
 from backbones.fused_swiglu import silu_mul
 
 # backbone.kernels: "torch" = the module math (compiled by inductor on a GPU); "triton" = the suite's own
-# Triton kernels for q/k RMSNorm + RoPE (fused_qk.py) and SwiGLU's SiLU·gate (fused_swiglu.py), with the
-# module math wherever Triton cannot run. Same model, same state dict (docs/performance.md).
+# Triton kernels for q/k RMSNorm + RoPE (fused_qk.py), SwiGLU's SiLU·gate (fused_swiglu.py) and, in
+# RMSNorm blocks, adaLN's gated residual + norm + modulation (fused_adaln.py, used by dit.DiTBlock), with
+# the module math wherever Triton cannot run. Same model, same state dict (docs/performance.md).
 KERNELS = ("torch", "triton")
 
 

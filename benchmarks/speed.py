@@ -139,7 +139,7 @@ KERNEL_CLASSES = (("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "matmu
                   ("attention", ("flash", "fmha", "attention", "sdpa")),
                   ("optimizer+ema", ("adam", "multi_tensor", "foreach", "lerp")),
                   ("inductor fused", ("triton_",)),
-                  ("suite triton kernels", ("qk_norm_rope", "silu_mul")))   # backbones/fused_*.py, kernels=triton
+                  ("suite triton kernels", ("qk_norm_rope", "silu_mul", "adaln_")))   # backbones/fused_*.py, kernels=triton
 
 
 def profile_step(step, device: torch.device, path: Path, reps: int = 3) -> None:

@@ -36,7 +36,13 @@ def _double(*ts):
 
 def check_kernels_match_reference(device):
     """Forward and backward of the kernels against the module math in fp64, for every flag combination,
-    with gradients in the strided layouts SDPA returns them in; the backward is deterministic."""
+    with gradients in the strided layouts SDPA returns them in; the backward is deterministic. First
+    torch.library.opcheck (schema, autograd registration, fake against real, AOT dispatch)."""
+    for norm, rope in COMBOS:
+        qkv, q_w, k_w, cos, sin = _inputs(torch.float32, norm, rope, device=device)
+        args = (qkv.requires_grad_(), *(t if t is None else t.requires_grad_() for t in (q_w, k_w)), cos, sin, 1e-6)
+        result = torch.library.opcheck(torch.ops.semprior.qk_norm_rope.default, args)
+        assert set(result.values()) == {"SUCCESS"}, result
     for dtype, tol in [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)]:
         for norm, rope in COMBOS:
             qkv, q_w, k_w, cos, sin = _inputs(dtype, norm, rope, device=device)

@@ -18,6 +18,9 @@ def check_kernels_match_reference(device):
     """Forward and backward against the module math in fp64, hidden width 100 (masked columns), a row
     count that is no multiple of the blocks, and a gradient that is not row-major."""
     g = torch.Generator().manual_seed(0)
+    u = torch.randn(2, 7, 200, generator=g).to(device).requires_grad_()
+    result = torch.library.opcheck(torch.ops.semprior.silu_mul.default, (u,))   # schema, autograd, fake, AOT
+    assert set(result.values()) == {"SUCCESS"}, result
     for dtype, tol in [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)]:
         u = (2 * torch.randn(2, 7, 200, generator=g)).to(device, dtype)
         got = fused_swiglu.triton_forward(u)
