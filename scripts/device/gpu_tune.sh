@@ -22,8 +22,8 @@ stamp "suite Triton kernels on the GPU"
 SEMPRIOR_TEST_DEVICE=cuda timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_fused_qk.py \
   tests/test_fused_swiglu.py tests/test_fused_adaln.py tests/test_speed_numerics.py -k "kernels or triton" 2>&1 | tee -a "$LOG" | tail -3
 common="backbones=lightningdit-xl-1 batch=128 compile=regions steps=10 warmup=3 sample=0"
-speed layout 170 $common methods=sfd precision=bf16 layout=bhsd,bshd
-speed kernels 70 $common methods=sfd precision=bf16 kernels=triton
+speed layout 160 $common methods=sfd precision=bf16 layout=bhsd,bshd
+speed kernels 90 $common methods=sfd precision=bf16 kernels=triton
 speed residual 110 $common methods=sfd,sit precision=bf16-residual kernels=triton
 speed profile 80 $common methods=sfd precision=bf16-residual kernels=triton profile=1 steps=5
 left=$(( 580 - ($(date +%s) - t0) ))
