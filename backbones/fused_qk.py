@@ -206,7 +206,7 @@ def _launch_shape(qkv: Tensor) -> tuple[int, int, int, int, int]:
     n, t, three, h, hd = qkv.shape
     if qkv.numel() >= 2**31:
         raise ValueError(f"fused q/k kernels index with int32; qkv {tuple(qkv.shape)} has {qkv.numel()} elements "
-                         "(use a smaller batch per GPU or backbone.attn_layout=bshd)")
+                         "(use a smaller batch per GPU or backbone.kernels=torch)")
     return n * t * h, t, h, hd, triton.next_power_of_2(hd)
 
 
