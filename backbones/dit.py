@@ -94,7 +94,8 @@ class DiT(nn.Module):
         norm: "layernorm" | "rmsnorm"; ffn: "gelu" | "swiglu"; rope: 2-D RoPE on q, k; qk_norm: RMSNorm on q, k.
         attn_layout: "bhsd" | "bshd", where q, k are normalised and rotated (same result; layers.Attention).
         kernels: "torch" | "triton", the suite's Triton kernels for q/k norm + RoPE, SwiGLU and adaLN's
-            residual + norm + modulation (same result; layers.KERNELS). Speed choices only: neither changes the state dict.
+            residual + norm + modulation (same result; layers.KERNELS). Speed choices only: neither changes
+            the state dict.
     """
 
     def __init__(
@@ -140,8 +141,8 @@ class DiT(nn.Module):
         # One RoPE table shared by every block (it has no parameters).
         rope_mod = RoPE2D(hidden_size // num_heads, self.grid) if rope else None
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, norm=norm, ffn=ffn, qk_norm=qk_norm, rope=rope_mod, attn_layout=attn_layout,
-                     kernels=kernels)
+            DiTBlock(hidden_size, num_heads, norm=norm, ffn=ffn, qk_norm=qk_norm, rope=rope_mod,
+                     attn_layout=attn_layout, kernels=kernels)
             for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, out_channels, norm=norm)

@@ -7,9 +7,9 @@ A LightningDiT block enters each of its two branches through the same elementwis
 
 with gate, shift, scale (N, D) per sample. The backward needs row reductions (the norm, over D) and column
 reductions (shift, scale, gate over the T tokens of a sample; the norm weight over all tokens), which
-inductor cannot put in one kernel: on an H200 its reduction kernels around the norms ran at ≈ 1.1-1.5 TB/s
-by the bytes they must move (results/reference/speed-h200/profile_xl1_sfd.txt, the `..._pow_split_sum...`
-kernels). Here:
+inductor cannot put in one kernel: on an H200 its reduction kernels around the norms take 0.16-0.21 ms per
+XL block each (results/reference/speed-h200/profile_xl1_sfd.txt, the `..._pow_split_sum...` kernels); their
+bandwidth is unmeasured (the profile does not say what each reads). Here:
 
     forward  one pass: reads x, y (and the per-sample vectors), writes r (when there is a residual) and h
              in the dtype the next matrix product takes (bf16 under autocast: no separate cast);
@@ -27,13 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from backbones.fused_qk import interpreting, rms_norm, use_triton
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only on installs without triton
-    triton = None
+from backbones.fused_qk import rms_norm
+from backbones.triton_ops import autotuned, configs, tl, triton, use_triton
 
 ROWS_PER_PROGRAM = 32  # backward: tokens of one sample per program
 
@@ -113,15 +108,12 @@ if triton is not None:
         tl.store(base + 2 * BLOCK_D, acc_gate)
         tl.store(base + 3 * BLOCK_D, acc_w)
 
-    # Tuned once per shape on a GPU; one configuration under the interpreter. Candidates: the ones free of
-    # register spills on sm_90 at the B and XL widths (tests/test_fused_adaln.py reads them from the
-    # cubin): a whole padded row is in flight, so the backward wants many warps per row ((1, 8), (2, 8),
-    # (4, 16) spilled).
-    _CONFIGS = [triton.Config({"BLOCK_T": t}, num_warps=w) for t, w in ((1, 4), (1, 16), (2, 16), (1, 32))]
-    if interpreting():
-        _CONFIGS = [triton.Config({"BLOCK_T": 2}, num_warps=4)]
-    _adaln_fwd_tuned = triton.autotune(_CONFIGS, key=["rows", "D"])(_adaln_fwd)
-    _adaln_bwd_tuned = triton.autotune(_CONFIGS, key=["T", "D"])(_adaln_bwd)
+    # Candidates: the ones free of register spills on sm_90 at the B and XL widths (tests/test_fused_adaln.py
+    # reads them from the cubin): a whole padded row is in flight, so the backward wants many warps per row
+    # ((1, 8), (2, 8), (4, 16) spilled).
+    _CONFIGS = configs([({"BLOCK_T": t}, w) for t, w in ((1, 4), (1, 16), (2, 16), (1, 32))])
+    _adaln_fwd_tuned = autotuned(_adaln_fwd, _CONFIGS, ({"BLOCK_T": 2}, 4), ["rows", "D"])
+    _adaln_bwd_tuned = autotuned(_adaln_bwd, _CONFIGS, ({"BLOCK_T": 2}, 4), ["T", "D"])
 
 
 def triton_forward(x: Tensor, gate: Tensor | None, y: Tensor | None, weight: Tensor, shift: Tensor,
@@ -162,7 +154,8 @@ def triton_backward(dh: Tensor, dr: Tensor | None, x: Tensor, gate: Tensor | Non
         return t.to(dtype).clone(memory_format=torch.contiguous_format)
 
     d_gate = fresh(sums[:, 2], gate.dtype) if res else x.new_empty(0)
-    return dx, dy, d_gate, sums[:, 3].sum(0).to(weight.dtype), fresh(sums[:, 0], scale.dtype), fresh(sums[:, 1], scale.dtype)
+    d_w = sums[:, 3].sum(0).to(weight.dtype)
+    return dx, dy, d_gate, d_w, fresh(sums[:, 0], scale.dtype), fresh(sums[:, 1], scale.dtype)
 
 
 def norm_modulate(x: Tensor, gate: Tensor | None, y: Tensor | None, weight: Tensor, shift: Tensor,
@@ -191,7 +184,8 @@ def _(x, gate, y, weight, shift, scale, eps, out_dtype):
 
 @torch.library.custom_op("semprior::adaln_norm_modulate_backward", mutates_args=())
 def _adaln_backward_op(dh: Tensor, dr: Tensor | None, x: Tensor, gate: Tensor | None, y: Tensor | None,
-                       weight: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                       weight: Tensor, scale: Tensor,
+                       eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return triton_backward(dh, dr, x, gate, y, weight, scale, eps)
 
 

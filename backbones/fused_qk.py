@@ -27,24 +27,10 @@ as one opaque call inside the block graph.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-try:  # triton ships with CUDA builds of torch; CPU-only installs fall back to the reference math
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only on installs without triton
-    triton = None
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def use_triton(x: Tensor) -> bool:
-    return triton is not None and (x.is_cuda or interpreting())
+from backbones.triton_ops import autotuned, configs, tl, triton, use_triton
 
 
 #################################################################################
@@ -186,15 +172,11 @@ if triton is not None:
         tl.store(dw_part + pid * 2 * BLOCK_D + d, dw_q)
         tl.store(dw_part + (pid * 2 + 1) * BLOCK_D + d, dw_k)
 
-    # Rows per block and warps are tuned once per shape on a GPU (a few seconds at the first step); the
-    # interpreter takes one configuration (autotune would time on a GPU). Candidates: the configurations
-    # whose sm_90 code does not spill registers (cuobjdump -res-usage of the compiled kernels; larger
-    # blocks spill in the backward), docs/performance.md.
-    _CONFIGS = [triton.Config({"BLOCK_R": r}, num_warps=w) for r, w in ((4, 4), (8, 4), (8, 8), (16, 8))]
-    if interpreting():
-        _CONFIGS = [triton.Config({"BLOCK_R": 8}, num_warps=4)]
-    _qk_norm_rope_fwd_tuned = triton.autotune(_CONFIGS, key=["rows", "HD"])(_qk_norm_rope_fwd)
-    _qk_norm_rope_bwd_tuned = triton.autotune(_CONFIGS, key=["rows", "HD"])(_qk_norm_rope_bwd)
+    # Candidates: the configurations whose sm_90 code does not spill registers (cuobjdump -res-usage of
+    # the compiled kernels, tests/test_fused_qk.py; larger blocks spill in the backward).
+    _CONFIGS = configs([({"BLOCK_R": r}, w) for r, w in ((4, 4), (8, 4), (8, 8), (16, 8))])
+    _qk_norm_rope_fwd_tuned = autotuned(_qk_norm_rope_fwd, _CONFIGS, ({"BLOCK_R": 8}, 4), ["rows", "HD"])
+    _qk_norm_rope_bwd_tuned = autotuned(_qk_norm_rope_bwd, _CONFIGS, ({"BLOCK_R": 8}, 4), ["rows", "HD"])
 
 
 def _NO_GRAD(like: Tensor) -> Tensor:

@@ -22,14 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from backbones.fused_qk import interpreting, use_triton
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only on installs without triton
-    triton = None
-
+from backbones.triton_ops import autotuned, configs, tl, triton, use_triton
 
 def reference(u: Tensor) -> Tensor:
     """The module math: u (..., 2H) -> SiLU(u[..., :H]) · u[..., H:] (..., H)."""
@@ -64,14 +57,11 @@ if triton is not None:
         tl.store(du + src, (d * v * sig * (1.0 + g * (1.0 - sig))).to(du.dtype.element_ty), mask=mask)
         tl.store(du + src + H, (d * silu).to(du.dtype.element_ty), mask=mask)
 
-    # Tuned once per shape on a GPU; one configuration under the interpreter. Candidates free of register
-    # spills on sm_90 (tests/test_fused_swiglu.py reads them from the cubin).
-    _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w)
-                for m, n, w in ((1, 1024, 4), (2, 1024, 8), (4, 512, 4), (8, 256, 4), (4, 1024, 8))]
-    if interpreting():
-        _CONFIGS = [triton.Config({"BLOCK_M": 4, "BLOCK_N": 64}, num_warps=4)]
-    _silu_mul_fwd_tuned = triton.autotune(_CONFIGS, key=["M", "H"])(_silu_mul_fwd)
-    _silu_mul_bwd_tuned = triton.autotune(_CONFIGS, key=["M", "H"])(_silu_mul_bwd)
+    # Candidates free of register spills on sm_90 (tests/test_fused_swiglu.py reads them from the cubin).
+    _CONFIGS = configs([({"BLOCK_M": m, "BLOCK_N": n}, w)
+                        for m, n, w in ((1, 1024, 4), (2, 1024, 8), (4, 512, 4), (8, 256, 4), (4, 1024, 8))])
+    _silu_mul_fwd_tuned = autotuned(_silu_mul_fwd, _CONFIGS, ({"BLOCK_M": 4, "BLOCK_N": 64}, 4), ["M", "H"])
+    _silu_mul_bwd_tuned = autotuned(_silu_mul_bwd, _CONFIGS, ({"BLOCK_M": 4, "BLOCK_N": 64}, 4), ["M", "H"])
 
 
 def _grid(m: int, hidden: int):

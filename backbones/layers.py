@@ -195,24 +195,22 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         n, t, d = x.shape
         qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads)  # (N, T, 3, H, hd)
-        if self.kernels == "triton":
+        if self.kernels == "triton":                  # split, norms and rotations in one kernel each way
             norm, rope = isinstance(self.q_norm, RMSNorm), self.rope
             q, k, v = qk_norm_rope(qkv, self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
                                    rope.cos if rope else None, rope.sin if rope else None,
                                    self.q_norm.eps if norm else 0.0)  # 3 x (N, T, H, hd)
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            return self.proj(out.transpose(1, 2).reshape(n, t, d))
-        if self.layout == "bhsd":
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (N, H, T, hd)
-            token_dim = -2
         else:
-            q, k, v = qkv.unbind(2)  # 3 x (N, T, H, hd)
-            token_dim = -3
-        # LightningDiT order: normalise q, k first, then rotate, so the norm sees unrotated features.
-        q, k = self.q_norm(q), self.k_norm(k)
-        if self.rope is not None:
-            q, k = self.rope(q, token_dim), self.rope(k, token_dim)
-        if self.layout == "bshd":
+            if self.layout == "bhsd":
+                q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (N, H, T, hd)
+            else:
+                q, k, v = qkv.unbind(2)  # 3 x (N, T, H, hd)
+            token_dim = -2 if self.layout == "bhsd" else -3
+            # LightningDiT order: normalise q, k first, then rotate, so the norm sees unrotated features.
+            q, k = self.q_norm(q), self.k_norm(k)
+            if self.rope is not None:
+                q, k = self.rope(q, token_dim), self.rope(k, token_dim)
+        if self.kernels == "triton" or self.layout == "bshd":
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # views (N, H, T, hd)
         out = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, hd)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))  # (N, T, D)

@@ -1,25 +1,26 @@
 """`python -m benchmarks.speed [backbones=lightningdit-xl-1,lightningdit-b-1] [methods=sit,repa,sfd]
 [batch=128] [precision=bf16|bf16-residual|fp32] [compile=auto|regions|blocks|full|off]
-[sdpa=auto|flash|cudnn|efficient|math] [layout=bhsd|bshd] [kernels=torch|triton] [steps=30] [warmup=10] [threads=N] [small=4,2,8,64]
-[peak_tflops=measure|<number>] [tune=cd|autotune] [profile=1] [sample=0] [timing=stream|sync]
-[out=results/speed]`
+[sdpa=auto|flash|cudnn|efficient|math] [layout=bhsd|bshd] [kernels=torch|triton] [steps=30] [warmup=10]
+[threads=N] [small=4,2,8,64] [peak_tflops=measure|<number>] [tune=cd|autotune] [profile=1] [sample=0]
+[timing=stream|sync] [out=results/speed]`
 
-backbones, methods, batch, precision, compile, sdpa, layout and kernels (the backbone's attn_layout and kernels)
-take comma lists:
-every combination is a row.
+backbones, methods, batch, precision, compile, sdpa, layout and kernels (the backbone's attn_layout and
+kernels) take comma lists: every combination is a row.
 
 Times the training job's own step (`benchmarks.train.Trainer.train_step`: forward, loss incl. the REPA
 head, backward, fused AdamW, foreach EMA) and the sampling forward (the EMA model, no grad) on random
 latents of the method's shape, after warm-up, with CUDA events on a GPU (wall clock on the CPU), the
-median of `steps` repeats; on a GPU the steps run back to back as in training (`timing=stream`, see _time). The sampling forward runs as evaluation runs it: fp32 with TF32 matrix products
-(`sample=0` skips it). The first step's time (compilation included) is reported separately.
+median of `steps` repeats; on a GPU the steps run back to back as in training (`timing=stream`, see
+_time). The sampling forward runs as evaluation runs it: fp32 with TF32 matrix products (`sample=0` skips
+it). The first step's time (compilation included) is reported separately.
 FLOPs are counted with torch's FlopCounterMode on one eager step (not guessed); MFU = achieved FLOP/s
 over the bf16 matrix ceiling, measured on the card at start (an 8192³ bf16 product on random data)
 unless `peak_tflops=` gives a number. `tune=cd` turns on inductor's coordinate-descent tuning of its
 fused kernels, `tune=autotune` its GEMM autotuning (Triton templates with fused epilogues; minutes of
 compile). `profile=1` adds a torch.profiler breakdown of three steps by kernel class (GEMM, attention,
-fused inductor kernels, optimizer/EMA, other) to `out`/profile.txt. A script, not a test: it prints a table and writes speed.csv /
-speed.md under `out`, one row at a time (a killed run keeps the rows it finished).
+fused inductor kernels, the suite's Triton kernels, optimizer/EMA, other) to `out`/profile_*.txt. A script,
+not a test: it prints a table and writes speed.csv / speed.md under `out`, one row at a time (a killed run
+keeps the rows it finished).
 """
 from __future__ import annotations
 
@@ -139,7 +140,7 @@ KERNEL_CLASSES = (("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "matmu
                   ("attention", ("flash", "fmha", "attention", "sdpa")),
                   ("optimizer+ema", ("adam", "multi_tensor", "foreach", "lerp")),
                   ("inductor fused", ("triton_",)),
-                  ("suite triton kernels", ("qk_norm_rope", "silu_mul", "adaln_")))   # backbones/fused_*.py, kernels=triton
+                  ("suite triton kernels", ("qk_norm_rope", "silu_mul", "adaln_")))  # kernels=triton
 
 
 def profile_step(step, device: torch.device, path: Path, reps: int = 3) -> None:
@@ -242,11 +243,14 @@ def bench(backbone: str, method_name: str, batch: int, precision: str, compile_m
         sample_s = statistics.median(_time(sample_fwd, steps, warmup, device, timing))
     if profile_dir is not None:
         try:
-            profile_step(tr.train_step, device, profile_dir / f"profile_{backbone}_{method_name}_{precision}_{layout}_{kernels}.txt")
+            name = f"profile_{backbone}_{method_name}_{precision}_{layout}_{kernels}.txt"
+            profile_step(tr.train_step, device, profile_dir / name)
         except Exception as e:  # noqa: BLE001 - the breakdown is extra; the timed row stands without it
             print(f"profile failed: {type(e).__name__}: {e}", flush=True)
     return {"backbone": backbone, "method": method_name, "batch": batch, "precision": precision,
-            "compile": tr.compile_mode, "sdpa": sdpa, "layout": layout, "kernels": kernels, "timing": timing if device.type == "cuda" else "wall", "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+            "compile": tr.compile_mode, "sdpa": sdpa, "layout": layout, "kernels": kernels,
+            "timing": timing if device.type == "cuda" else "wall",
+            "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
             "first_step_s": round(first, 1), "ms_per_step": round(train * 1e3, 2),
             "img_per_s": round(batch / train, 1), "GFLOP_per_img": round(flops / batch / 1e9, 1),
             "TFLOP_per_s": round(flops / train / 1e12, 2), "MFU": round(flops / train / 1e12 / peak_tflops, 3),
@@ -287,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         ("batch", "128" if device.type == "cuda" else "32"), ("precision", "bf16" if device.type == "cuda" else "fp32"),
         ("compile", "auto"), ("sdpa", "auto"), ("layout", "bhsd"), ("kernels", "torch"))}
     rows = []
-    for bb, m, batch, precision, mode, sdpa, layout, kernels in itertools.product(backbones, methods, *lists.values()):
+    for bb, m, batch, precision, mode, sdpa, layout, kernels in itertools.product(backbones, methods,
+                                                                                  *lists.values()):
         batch = int(batch)
         try:
             row = bench(bb, m, batch, precision, mode, int(args.get("steps", 30)), int(args.get("warmup", 10)),
