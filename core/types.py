@@ -42,9 +42,13 @@ class Groups:
         return self.slices[self.index(name)]
 
     def expand(self, per_group: Tensor) -> Tensor:
-        """(N, G) per-group values -> (N, C, 1, 1) per-channel values."""
-        reps = torch.tensor(self.sizes, device=per_group.device)
-        return per_group.repeat_interleave(reps, dim=1)[:, :, None, None]  # (N, C, 1, 1)
+        """(N, G) per-group values -> (N, C, 1, 1) per-channel values.
+
+        Column copies on the values' device: a repeat_interleave with a tensor of repeats would copy the
+        sizes to the GPU and read the output size back (two host syncs in every training step, and an
+        error inside a CUDA graph capture; tests/test_contract.py checks every method's step for both)."""
+        cols = [per_group[:, g:g + 1].expand(-1, n) for g, n in enumerate(self.sizes)]
+        return torch.cat(cols, dim=1)[:, :, None, None]  # (N, C, 1, 1)
 
 
 @dataclass

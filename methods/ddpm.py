@@ -161,6 +161,17 @@ class DDPM:
         self.num_timesteps = int(num_timesteps)
         betas = torch.linspace(beta_start, beta_end, self.num_timesteps, dtype=torch.float64)
         self.consts = DiffusionConsts.from_betas(betas)
+        self._on_device: dict[torch.device, DiffusionConsts] = {}
+
+    def consts_on(self, device: torch.device) -> DiffusionConsts:
+        """The constants on `device`, copied there once: a copy from host memory at every training step
+        would wait for the GPU to drain (and cannot be captured in a CUDA graph, core/graphs.py)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.consts
+        if device not in self._on_device:
+            self._on_device[device] = self.consts.to(device)
+        return self._on_device[device]
 
     # -- the one conversion between DiT indices and project time --------------------------------
     def index_to_t(self, idx: Tensor) -> Tensor:
@@ -186,9 +197,8 @@ class DDPM:
 
     def path(self, x0: Tensor, x1: Tensor, t_groups: Tensor) -> tuple[Tensor, Tensor]:
         """x_t = √ᾱ_i·x1 + √(1 − ᾱ_i)·x0 (x0 = ε); target ε. Shapes (N, C, H, W)."""
-        idx = self.t_to_index(t_groups[:, 0]).to(x1.device)
-        xt = _at(self.consts.sqrt_alphas_cumprod, idx, x1) * x1 \
-            + _at(self.consts.sqrt_one_minus_alphas_cumprod, idx, x1) * x0
+        idx, c = self.t_to_index(t_groups[:, 0]).to(x1.device), self.consts_on(x1.device)
+        xt = _at(c.sqrt_alphas_cumprod, idx, x1) * x1 + _at(c.sqrt_one_minus_alphas_cumprod, idx, x1) * x0
         return xt, x0
 
     def model_time(self, t_groups: Tensor) -> Tensor:
@@ -225,7 +235,7 @@ class DDPMLoss(Loss):
         eps, v = out.out[:, :c], out.out[:, c:]                         # (N, C, H, W) each
         mse = ((eps - target) ** 2).flatten(1).mean(1).mean()
         idx = ctx.schedule.t_to_index(ctx.t_groups[:, 0]).to(target.device)
-        vlb = vlb_bits(ctx.schedule.consts, ctx.x1, ctx.xt, idx, eps.detach(), v).mean()
+        vlb = vlb_bits(ctx.schedule.consts_on(target.device), ctx.x1, ctx.xt, idx, eps.detach(), v).mean()
         return LossOut(total=mse + vlb, terms={"mse": mse.detach(), "vlb": vlb.detach()})
 
 
