@@ -201,6 +201,8 @@ def _check_ranges(cfg: dict) -> None:
          f"train.compile must be one of {', '.join(MODES)}, got {t['compile']!r}"),
         (t["device"] in ("auto", "cpu", "cuda") or t["device"].startswith("cuda:"),
          f"train.device must be auto, cpu or cuda[:N], got {t['device']!r}"),
+        (not (t["cuda_graph"] and t["device"] == "cpu"),
+         "train.cuda_graph=true needs a CUDA device; train.device is cpu (set train.cuda_graph=false)"),
         (t["log_every"] >= 1 and t["ckpt_every"] >= 1, "train.log_every and train.ckpt_every must be ≥ 1"),
         (t["keep_ckpts"] >= 1, f"train.keep_ckpts must be ≥ 1, got {t['keep_ckpts']}"),
         (t["grad_clip"] is None or t["grad_clip"] > 0, f"train.grad_clip must be > 0 or null, got {t['grad_clip']}"),

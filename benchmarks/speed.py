@@ -2,10 +2,11 @@
 [batch=128] [precision=bf16|bf16-residual|fp32] [compile=auto|regions|blocks|full|off]
 [sdpa=auto|flash|cudnn|efficient|math] [layout=bhsd|bshd] [kernels=torch|triton] [steps=30] [warmup=10]
 [threads=N] [small=4,2,8,64] [peak_tflops=measure|<number>] [tune=cd|autotune] [profile=1] [sample=0]
-[timing=stream|sync] [out=results/speed]`
+[timing=stream|sync] [graph=0|1] [out=results/speed]`
 
-backbones, methods, batch, precision, compile, sdpa, layout and kernels (the backbone's attn_layout and
-kernels) take comma lists: every combination is a row.
+backbones, methods, batch, precision, compile, sdpa, layout, kernels (the backbone's attn_layout and
+kernels) and graph (train.cuda_graph: forward + backward replayed as one CUDA graph, core/graphs.py; the
+warm-up steps include its eager steps and the capture) take comma lists: every combination is a row.
 
 Times the training job's own step (`benchmarks.train.Trainer.train_step`: forward, loss incl. the REPA
 head, backward, fused AdamW, foreach EMA) and the sampling forward (the EMA model, no grad) on random
@@ -20,7 +21,7 @@ fused kernels, `tune=autotune` its GEMM autotuning (Triton templates with fused 
 compile). `profile=1` adds a torch.profiler breakdown of three steps by kernel class (GEMM, attention,
 fused inductor kernels, the suite's Triton kernels, optimizer/EMA, other) to `out`/profile_*.txt. A script,
 not a test: it prints a table and writes speed.csv / speed.md under `out`, one row at a time (a killed run
-keeps the rows it finished).
+keeps the rows it finished; a configuration that fails gets a row with its error, and the others run).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import itertools
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pandas as pd
@@ -176,7 +178,7 @@ def profile_step(step, device: torch.device, path: Path, reps: int = 3) -> None:
 def bench(backbone: str, method_name: str, batch: int, precision: str, compile_mode: str, steps: int,
           warmup: int, device: torch.device, peak_tflops: float, small: dict | None = None,
           profile_dir: Path | None = None, sdpa: str = "auto", sample: bool = True, timing: str = "stream",
-          layout: str = "bhsd", kernels: str = "torch") -> dict:
+          layout: str = "bhsd", kernels: str = "torch", graph: bool = False) -> dict:
     from benchmarks.components import RunParts
     from benchmarks.train import Trainer, autocast_ctx
 
@@ -213,7 +215,8 @@ def bench(backbone: str, method_name: str, batch: int, precision: str, compile_m
 
     flops, sample_flops = (count_flops(f) * batch / k for f in (eager_step, eager_sample))
     train_cfg = dataclasses.asdict(TrainCfg(batch_size=batch, lr=1e-4, precision=precision, compile=compile_mode,
-                                            sdpa=sdpa, grad_clip=GRAD_CLIP.get(method_name), ema_decay=0.9999))
+                                            sdpa=sdpa, grad_clip=GRAD_CLIP.get(method_name), ema_decay=0.9999,
+                                            cuda_graph=graph))
     cfg = {"seed": 0, "train": train_cfg, "eval": {"num_samples": 10, "sample_seed": 0}}
     parts = RunParts(latent=None, method=method, model=model, feed=FixedFeed(b), fdnet=None,
                      latent_shape=tuple(x1.shape[1:]), num_classes=1000)
@@ -231,6 +234,9 @@ def bench(backbone: str, method_name: str, batch: int, precision: str, compile_m
     if device.type == "cuda":
         torch.cuda.synchronize()
     first = time.perf_counter() - t0
+    if graph:                        # time replays only: the eager warm-up steps and the capture come first
+        from core.graphs import WARMUP
+        warmup = max(warmup, WARMUP)
     train = statistics.median(_time(tr.train_step, steps, warmup, device, timing))
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     first_sample = sample_s = float("nan")
@@ -249,7 +255,7 @@ def bench(backbone: str, method_name: str, batch: int, precision: str, compile_m
             print(f"profile failed: {type(e).__name__}: {e}", flush=True)
     return {"backbone": backbone, "method": method_name, "batch": batch, "precision": precision,
             "compile": tr.compile_mode, "sdpa": sdpa, "layout": layout, "kernels": kernels,
-            "timing": timing if device.type == "cuda" else "wall",
+            "graph": int(graph), "timing": timing if device.type == "cuda" else "wall",
             "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
             "first_step_s": round(first, 1), "ms_per_step": round(train * 1e3, 2),
             "img_per_s": round(batch / train, 1), "GFLOP_per_img": round(flops / batch / 1e9, 1),
@@ -289,19 +295,23 @@ def main(argv: list[str] | None = None) -> int:
     profile_dir = out if args.get("profile", "0") == "1" else None
     lists = {k: args.get(k, d).split(",") for k, d in (
         ("batch", "128" if device.type == "cuda" else "32"), ("precision", "bf16" if device.type == "cuda" else "fp32"),
-        ("compile", "auto"), ("sdpa", "auto"), ("layout", "bhsd"), ("kernels", "torch"))}
+        ("compile", "auto"), ("sdpa", "auto"), ("layout", "bhsd"), ("kernels", "torch"), ("graph", "0"))}
     rows = []
-    for bb, m, batch, precision, mode, sdpa, layout, kernels in itertools.product(backbones, methods,
-                                                                                  *lists.values()):
-        batch = int(batch)
+    for bb, m, batch, precision, mode, sdpa, layout, kernels, graph in itertools.product(backbones, methods,
+                                                                                         *lists.values()):
+        batch, graph = int(batch), graph == "1"
         try:
             row = bench(bb, m, batch, precision, mode, int(args.get("steps", 30)), int(args.get("warmup", 10)),
                         device, peak_tflops, small, profile_dir, sdpa, args.get("sample", "1") != "0",
-                        args.get("timing", "stream"), layout, kernels)
-        except torch.cuda.OutOfMemoryError:     # a row that says so; the other configurations still run
+                        args.get("timing", "stream"), layout, kernels, graph)
+        except Exception as e:  # noqa: BLE001 - a row that says why; the other configurations still run
+            traceback.print_exc()
             row = {"backbone": bb, "method": m, "batch": batch, "precision": precision, "compile": mode,
-                   "sdpa": sdpa, "layout": layout, "kernels": kernels, "error": "out of memory"}
-            torch.cuda.empty_cache()
+                   "sdpa": sdpa, "layout": layout, "kernels": kernels, "graph": int(graph),
+                   "error": "out of memory" if isinstance(e, torch.cuda.OutOfMemoryError)
+                   else f"{type(e).__name__}: {e}"[:300]}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         row["peak_TFLOP_per_s"] = peak_tflops
         row["tune"] = tune or "default"
         print(row, flush=True)
@@ -310,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         df.to_csv(out / "speed.csv", index=False)
         (out / "speed.md").write_text(df.to_markdown(index=False) + "\n")
     print(pd.DataFrame(rows).to_markdown(index=False))
-    return 0
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":

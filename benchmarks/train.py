@@ -25,6 +25,7 @@ from benchmarks.prepare import FD_NET, prepare_run
 from core.compile import attention_context, compile_loss, compile_model, resolve_mode
 from core.dist import Dist, all_reduce_grads, barrier, mean_over_ranks, setup
 from core.ema import ema_decay, make_ema, update_ema
+from core.graphs import GraphedGrads, check_device
 from core.rundir import RunDir
 from core.seed import seed_everything
 from core.types import Batch
@@ -47,12 +48,13 @@ def shard(batch: Batch, j: int, shards: int) -> Batch:
     return Batch(batch.x1[s], batch.y[s], {k: v[s] for k, v in batch.aux.items()})
 
 
-def autocast_ctx(precision: str, device: torch.device):
+def autocast_ctx(precision: str, device: torch.device, cache: bool = True):
     """bf16 autocast on GPU by default; fp32 on CPU unless asked (fp32 master weights always).
-    bf16-residual is bf16 autocast with a bf16 residual stream (set_residual_dtype)."""
+    bf16-residual is bf16 autocast with a bf16 residual stream (set_residual_dtype). `cache=False` turns
+    off autocast's weight-cast cache (a CUDA graph capture needs that; core/graphs.py)."""
     use_bf16 = precision in ("bf16", "bf16-residual") or (precision == "auto" and device.type == "cuda")
     if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 
@@ -103,6 +105,12 @@ class Trainer:
         self.forward = compile_model(self.parts.model, self.compile_mode)
         compile_loss(self.parts.method.loss, self.compile_mode)
         self.sampling_model = compile_model(self.ema, self.compile_mode)
+        # train.cuda_graph: this rank's shards of every step replay one captured forward + backward
+        shards, d = t["micro_batches"] or self.dist.world, self.dist
+        self.shards = (shards, d.rank * shards // d.world, (d.rank + 1) * shards // d.world)  # all, lo, hi
+        check_device(t.get("cuda_graph", False), self.device)
+        self.graph = GraphedGrads(self.shard_grads, self.params, self.device, self.shards[2] - self.shards[1]) \
+            if t.get("cuda_graph", False) else None
         self.labels = eval_labels(self.cfg["eval"]["num_samples"], self.parts.num_classes,
                                   self.cfg["eval"]["sample_seed"])
 
@@ -134,21 +142,21 @@ class Trainer:
         losses averaged over all shards of all ranks (core/dist.py)."""
         t, d = self.cfg["train"], self.dist
         self.phase = "grads"
-        shards, n = t["micro_batches"] or d.world, t["batch_size"]
-        lo, hi = d.rank * shards // d.world, (d.rank + 1) * shards // d.world     # this rank's shards
+        (shards, lo, hi), n = self.shards, t["batch_size"]
         if n % shards:
             raise ValueError(f"train.batch_size {n} is not divisible into {shards} micro-batches / processes")
         batch = self.parts.feed.batch(self.step, slice(lo * n // shards, hi * n // shards))   # only its rows
         self.parts.model.train()
-        self.opt.zero_grad(set_to_none=True)
+        if self.graph is None:
+            self.opt.zero_grad(set_to_none=True)
+        else:
+            self.graph.begin_step()
+        grads = self.graph or self.shard_grads
         terms: dict[str, torch.Tensor] = {}
         for j in range(lo, hi):
             seed_everything(self.cfg["seed"], j, self.step)
-            with autocast_ctx(t["precision"], self.device), self.attention():
-                out = self.parts.method.losses(self.forward, shard(batch, j - lo, hi - lo))
-            (out.total / shards).backward()
-            for k, v in {"loss": out.total, **{f"loss/{k}": v for k, v in out.terms.items()}}.items():
-                terms[k] = terms.get(k, 0.0) + v.detach() * d.world / shards
+            for k, v in grads(shard(batch, j - lo, hi - lo)).items():
+                terms[k] = terms.get(k, 0.0) + v * d.world / shards
         all_reduce_grads(self.params, d)
         if t["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(self.params, t["grad_clip"])
@@ -157,6 +165,15 @@ class Trainer:
         self.phase = "stepped"
         self.finish_step()
         return terms
+
+    def shard_grads(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Forward, loss and backward of one shard, the loss divided by the number of shards; the loss
+        terms, detached. What train.cuda_graph captures and replays (core/graphs.py)."""
+        precision, graphed = self.cfg["train"]["precision"], self.cfg["train"].get("cuda_graph", False)
+        with autocast_ctx(precision, self.device, cache=not graphed), self.attention():
+            out = self.parts.method.losses(self.forward, batch)
+        (out.total / self.shards[0]).backward()
+        return {"loss": out.total.detach(), **{f"loss/{k}": v.detach() for k, v in out.terms.items()}}
 
     def finish_step(self) -> None:
         t = self.cfg["train"]
@@ -286,8 +303,8 @@ def _loop(tr: Trainer) -> dict:
 
 
 def _fail(rd: RunDir, step: int, row: dict, last_finite: dict) -> dict:
-    payload = {"status": "failed", "reason": "non-finite loss", "step": step, "loss": {k: str(v) for k, v in row.items()},
-               "last_finite": last_finite}
+    payload = {"status": "failed", "reason": "non-finite loss", "step": step,
+               "loss": {k: str(v) for k, v in row.items()}, "last_finite": last_finite}
     rd.mark_failed(payload)
     log.error("%s: non-finite loss at step %d; run marked failed (last finite: %s)", rd.path.name, step, last_finite)
     return payload

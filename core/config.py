@@ -58,6 +58,7 @@ class TrainCfg:
     device: str = "auto"               # auto | cpu | cuda
     threads: int = 0                   # torch intra-op threads; 0 = leave torch's default
     micro_batches: int = 0             # shards of the global batch (0 = one per process); see core/dist.py
+    cuda_graph: bool = False           # replay each shard's forward + backward as one CUDA graph (core/graphs.py)
     log_every: int = 50
     ckpt_every: int = 500
     keep_ckpts: int = 2

@@ -38,6 +38,8 @@ CASES = [
     ("bad precision", ["grid=smoke", "train.precision=fp8"], "precision must be one of auto, fp32, bf16, bf16-residual"),
     ("bad sdpa kernel", ["grid=smoke", "train.sdpa=flash3"], "train.sdpa must be one of auto, flash, cudnn"),
     ("bad compile mode", ["grid=smoke", "train.compile=fast"], "train.compile must be one of auto, regions, blocks, full, off"),
+    ("CUDA graph on the CPU", ["grid=smoke", "train.cuda_graph=true", "train.device=cpu"],
+     "train.cuda_graph=true needs a CUDA device"),
     ("Δt ≥ 1", ["grid=sfd_delta_t", "profile=smoke", "method.schedule.delta_t.texture=1.0"],
      r"delta_t\['texture'\] must be in \[0, 1\)"),
     ("negative Δt", ["grid=sfd_delta_t", "profile=smoke", "method.schedule.delta_t.texture=-0.1"],

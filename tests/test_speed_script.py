@@ -27,3 +27,22 @@ def test_timing_mode_is_checked():
 
     with pytest.raises(ValueError, match="valid: stream, sync"):
         speed._time(lambda: None, 1, 0, torch.device("cpu"), "async")
+
+
+def test_speed_script_graph_rows(tmp_path, monkeypatch):
+    """graph=0,1 makes a row each (on the CPU the capture is emulated, as in tests/test_graphs.py)."""
+    import core.graphs
+
+    monkeypatch.setattr(core.graphs, "EMULATE_ON_CPU", True)
+    assert speed.main(["backbones=lightningdit-tiny", "methods=sfd", "batch=2", "steps=1", "warmup=0",
+                       "graph=0,1", "sample=0", f"out={tmp_path}"]) == 0
+    df = pd.read_csv(tmp_path / "speed.csv")
+    assert list(df["graph"]) == [0, 1] and (df["img_per_s"] > 0).all()
+
+
+def test_a_failing_configuration_is_a_row_and_the_others_run(tmp_path):
+    """graph=1 on the CPU is refused by the trainer: that row records the error, graph=0 still runs."""
+    assert speed.main(["backbones=lightningdit-tiny", "methods=sit", "batch=2", "steps=1", "warmup=0",
+                       "graph=1,0", "sample=0", f"out={tmp_path}"]) == 1
+    df = pd.read_csv(tmp_path / "speed.csv")
+    assert "needs a CUDA device" in df["error"][0] and df["img_per_s"][1] > 0
