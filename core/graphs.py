@@ -113,7 +113,11 @@ class GraphedGrads:
                 p.grad = None
         rng = torch.cuda.get_rng_state(self.device)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=self.side):   # the warm-up's stream: its cuBLAS workspace
+        # On the warm-up's stream (its cuBLAS workspace is set up). thread_local: CUDA calls that a capture
+        # forbids are refused in this thread only, so a data thread (ShardedLatentFeed's prefetch pins
+        # host memory for the next batch) may run during the capture; the backward's autograd thread
+        # launches onto the capturing stream and is captured either way.
+        with torch.cuda.graph(self.graph, stream=self.side, capture_error_mode="thread_local"):
             self.out = self.fn(self.static)
         torch.cuda.set_rng_state(rng, self.device)   # the capture ran nothing; replay draws from this state
 

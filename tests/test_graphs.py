@@ -30,11 +30,11 @@ class StepFeed:
         self.channels, self.n = channels, n
 
     def batch(self, step: int, rows: slice = slice(None)) -> Batch:
-        g = torch.Generator().manual_seed(100 + step)
-        b = Batch(x1=torch.randn(self.n, self.channels, 8, 8, generator=g),
-                  y=torch.randint(0, 10, (self.n,), generator=g),
-                  aux={"tokens": torch.randn(self.n, 16, 64, generator=g)})
-        return Batch(b.x1[rows].to(DEVICE), b.y[rows].to(DEVICE), {k: v[rows].to(DEVICE) for k, v in b.aux.items()})
+        g = torch.Generator(DEVICE).manual_seed(100 + step)          # drawn on the device: no host copy
+        b = Batch(x1=torch.randn(self.n, self.channels, 8, 8, generator=g, device=DEVICE),
+                  y=torch.randint(0, 10, (self.n,), generator=g, device=DEVICE),
+                  aux={"tokens": torch.randn(self.n, 16, 64, generator=g, device=DEVICE)})
+        return Batch(b.x1[rows], b.y[rows], {k: v[rows] for k, v in b.aux.items()})
 
 
 def _trainer(graph: bool, micro_batches: int = 0, compile_mode: str = "off", precision: str = "fp32") -> Trainer:
@@ -99,6 +99,22 @@ def test_graphed_compiled_bf16_steps_follow_eager():
     b = _run(_trainer(True, compile_mode="regions", precision="bf16"))
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=2e-2, abs=1e-3)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA's sync debug mode: GPU only")
+@pytest.mark.parametrize("graph", [False, True])
+def test_a_training_step_never_waits_for_the_gpu(graph):
+    """No host sync in the hot loop (issue 4): after the warm-up (and the capture), a whole Trainer step
+    (feed, forward, loss, backward, clipping, fused AdamW, EMA) under CUDA's sync debug mode."""
+    tr = _trainer(graph)
+    for _ in range(core.graphs.WARMUP + 1):
+        tr.train_step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tr.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_a_changed_batch_shape_is_a_clear_error(emulate):
