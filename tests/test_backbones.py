@@ -85,6 +85,25 @@ def test_zero_init_outputs_zero(name):
     assert torch.equal(model(x, t, y).out, torch.zeros(3, C_OUT, SIZE, SIZE))
 
 
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("layout,qk_norm,time_inputs", [("bhsd", True, 2), ("bshd", True, 1), ("bhsd", False, 1)])
+def test_forward_backward_never_syncs(name, layout, qk_norm, time_inputs):
+    """A training forward + backward on a non-host device (`meta`) reads no device value on the host and
+    copies no host tensor to the device (tests/host_traffic.py): no hidden sync in the GPU hot loop and
+    nothing a CUDA graph capture cannot take (core/graphs.py)."""
+    from host_traffic import HostTraffic
+
+    with torch.device("meta"):
+        model = build(name, time_inputs=time_inputs, qk_norm=qk_norm, attn_layout=layout).train()
+        x, t = torch.randn(3, C_IN, SIZE, SIZE), torch.rand(3, time_inputs)
+        y = torch.zeros(3, dtype=torch.long)
+    rec = HostTraffic()
+    with rec:
+        out = model(x, t, y, hidden_at=(1,))
+        (out.out.square().mean() + out.hidden[1].mean()).backward()
+    assert not rec.found, sorted(rec.found)
+
+
 @pytest.mark.parametrize("name", LARGE)
 def test_large_presets_shapes_on_meta(name):
     """Shape propagation only (meta tensors hold no data), so B/L/XL cost no memory or time."""

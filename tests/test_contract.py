@@ -7,13 +7,12 @@ import io
 
 import pytest
 import torch
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.api import presets
 from benchmarks.components import build_run
 from benchmarks.grid import resolve
 from benchmarks.prepare import prepare_run
+from host_traffic import HostTraffic
 
 pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")
@@ -80,27 +79,6 @@ def test_preset_phase_figure(name, built, tmp_path):
     assert path.stat().st_size > 0
 
 
-class _HostTraffic(TorchDispatchMode):
-    """Records the ops of a step on a device (here `meta`) that read a device value on the host or feed
-    host tensors into device work: host syncs in the hot loop, and what a CUDA graph capture cannot take."""
-
-    SYNCS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.repeat_interleave.Tensor")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.found: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if str(func).startswith(self.SYNCS) and kwargs.get("output_size") is None:
-            raise AssertionError(f"{func} in the training step reads a device value on the host (see the stack)")
-        leaves = pytree.tree_leaves((args, kwargs))
-        host = [a for a in leaves if isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.dim() > 0]
-        if host:
-            self.found.add(f"{func} with host tensors of shapes {[tuple(a.shape) for a in host]}")
-        return func(*args, **kwargs)
-
-
 @pytest.mark.parametrize("name", presets())
 def test_preset_train_step_has_no_host_sync(name, built):
     """Every method's training step after the first, run on a non-host device (`meta`: shapes without
@@ -113,7 +91,7 @@ def test_preset_train_step_has_no_host_sync(name, built):
     b = parts.feed.batch(0)
     batch = type(b)(b.x1.to(meta), b.y.to(meta), {k: v.to(meta) for k, v in b.aux.items()})
     method.losses(model.train(), batch).total.backward()       # the first step may move constants once
-    rec = _HostTraffic()
+    rec = HostTraffic()
     with rec:
         out = method.losses(model, batch)
         out.total.backward()
