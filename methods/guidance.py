@@ -30,10 +30,11 @@ GUIDANCE: Registry = Registry("guidance")
 # ----------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=32)
-def channel_group_index(groups: Groups) -> Tensor:
-    """(C,) channel -> group index: Groups.expand's map, built once per Groups (CPU tensor; per-step
-    use then costs an index instead of a repeat_interleave, which syncs on a GPU)."""
-    return torch.repeat_interleave(torch.arange(len(groups.sizes)), torch.tensor(groups.sizes))
+def channel_group_index(groups: Groups, device: torch.device = torch.device("cpu")) -> Tensor:
+    """(C,) channel -> group index on `device`: Groups.expand's map, built and copied there once per
+    (Groups, device), so that a sampling step costs an index, not a host-to-device copy (which waits for
+    the GPU)."""
+    return torch.repeat_interleave(torch.arange(len(groups.sizes)), torch.tensor(groups.sizes)).to(device)
 
 
 def _parse_channels(channels: str | Sequence[int]) -> str | tuple[int, ...] | slice:
@@ -75,7 +76,7 @@ def _per_channel(per_group: Tensor, groups: Groups | None, c_out: int) -> Tensor
         if per_group.shape[1] != 1:
             raise ValueError("guidance needs `groups` when the schedule has several channel groups")
         return per_group[:, :, None, None].expand(-1, c_out, 1, 1)        # (N, C_out, 1, 1)
-    per_c = per_group[:, channel_group_index(groups).to(per_group.device)][:, :, None, None]   # (N, C, 1, 1)
+    per_c = per_group[:, channel_group_index(groups, per_group.device)][:, :, None, None]      # (N, C, 1, 1)
     if c_out % groups.channels:
         raise ValueError(f"model output has {c_out} channels, not a multiple of the latent's {groups.channels}")
     return per_c.repeat(1, c_out // groups.channels, 1, 1)                # (N, C_out, 1, 1)
@@ -122,6 +123,7 @@ class ClassifierFreeGuidance:
                  groups: Groups | None = None) -> Tensor:
         low, high = self.interval
         inside = (t_groups >= low) & (t_groups <= high)                      # (N, G) bool
+        # One host read per model call, deliberately: outside the interval it saves the doubled forward.
         if self.scale == 1.0 or not bool(inside.any()):
             return model_fn(x, t_model, y)
         n = x.shape[0]

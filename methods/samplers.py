@@ -113,11 +113,10 @@ class _Field:
     def __init__(self, model_fn: ModelFn, y: Tensor, schedule: Any, guidance: Any) -> None:
         self.model_fn, self.y, self.schedule, self.guidance = model_fn, y, schedule, guidance
         self.nfe = 0
-        self._group_of = channel_group_index(schedule.groups)                          # (C,)
 
     def per_channel(self, t_groups: Tensor) -> Tensor:
-        """(N, G) -> (N, C, 1, 1), like Groups.expand, with the channel map built once per run."""
-        return t_groups[:, self._group_of.to(t_groups.device)][:, :, None, None]
+        """(N, G) -> (N, C, 1, 1), like Groups.expand, with the channel map on the device built once."""
+        return t_groups[:, channel_group_index(self.schedule.groups, t_groups.device)][:, :, None, None]
 
     def _model(self, x: Tensor, t_model: Tensor, y: Tensor) -> Tensor:
         self.nfe += 1                                    # a batched CFG forward is one call

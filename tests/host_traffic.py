@@ -18,10 +18,15 @@ class HostTraffic(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if str(func).startswith(self.SYNCS) and kwargs.get("output_size") is None:
-            raise AssertionError(f"{func} in the training step reads a device value on the host (see the stack)")
-        leaves = pytree.tree_leaves((args, kwargs))
-        host = [a for a in leaves if isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.dim() > 0]
-        if host:
+        tensors = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        on_device = any(a.device.type != "cpu" for a in tensors)
+        to_device = kwargs.get("device") is not None and torch.device(kwargs["device"]).type != "cpu"
+        if on_device and str(func).startswith(self.SYNCS) and kwargs.get("output_size") is None:
+            raise AssertionError(f"{func} reads a device value on the host (see the stack)")
+        # A copy of any host tensor to the device waits for the GPU (a blocking copy from pageable memory);
+        # a 0-dim host tensor as an operand of device work is passed as a number and costs nothing.
+        copy = str(func).startswith(("aten._to_copy", "aten.copy_", "aten.lift_fresh"))
+        host = [a for a in tensors if a.device.type == "cpu" and (a.dim() > 0 or copy)]
+        if host and (on_device or to_device):      # host-only work (e.g. a sampler's time grid) is fine
             self.found.add(f"{func} with host tensors of shapes {[tuple(a.shape) for a in host]}")
         return func(*args, **kwargs)
