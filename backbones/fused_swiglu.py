@@ -10,9 +10,14 @@ the forward's bandwidth is for a device run to say. Memory: autograd keeps u for
 w3's weight gradient (as it keeps any Linear input); inductor's partitioner may instead keep u and
 recompute h, so peak memory can be up to one h per block higher (≈ 5.6 GB at XL/1, batch 128).
 
+The w12 bias is added here, not in the product (layers.SwiGLU calls the product without it): the
+backward then has dg and dv in registers and sums them over the rows into the bias gradient, per program
+over ROWS_PER_PROGRAM rows in a fixed order (deterministic, no atomics). Otherwise the bias gradient is a
+separate pass over du (inductor's `red_fused_sum` kernel, 2.7 ms of the H200 step in the profile above).
+
 Math in fp32 from the input dtype, rounded once at the output (inductor's fused kernel rounds the same
-way; eager rounds SiLU(g) to bf16 before the product):
-    h = g·σ(g)·v,   dg = dh·v·σ(g)·(1 + g·(1 − σ(g))),   dv = dh·g·σ(g).
+way; eager rounds SiLU(g) to bf16 before the product), with [g | v] = u + b:
+    h = g·σ(g)·v,   dg = dh·v·σ(g)·(1 + g·(1 − σ(g))),   dv = dh·g·σ(g),   db = Σ_rows [dg | dv].
 Runs where backbones/fused_qk.py's kernels run (CUDA, or CPU tensors under Triton's interpreter);
 elsewhere `silu_mul` is the module math under ordinary autograd.
 """
@@ -24,38 +29,57 @@ from torch import Tensor
 
 from backbones.triton_ops import autotuned, configs, tl, triton, use_triton
 
-def reference(u: Tensor) -> Tensor:
-    """The module math: u (..., 2H) -> SiLU(u[..., :H]) · u[..., H:] (..., H)."""
-    gate, value = u.chunk(2, dim=-1)
+def reference(u: Tensor, bias: Tensor | None = None) -> Tensor:
+    """The module math: [g | v] = u (..., 2H) + bias -> SiLU(g) · v (..., H)."""
+    gate, value = (u if bias is None else u + bias.to(u.dtype)).chunk(2, dim=-1)
     return F.silu(gate) * value
 
 
 if triton is not None:
     @triton.jit
-    def _gate_value_tile(u, M, H, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """This program's (BLOCK_M, BLOCK_N) tile of g and v in fp32, with its rows, columns and mask."""
-        rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    def _gate_value_tile(u, b, rows, M, H, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """g and v (+ bias) in fp32 for `rows` and this program's BLOCK_N columns, with the mask."""
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (rows < M)[:, None] & (cols < H)[None, :]
         src = rows[:, None] * (2 * H) + cols[None, :]
         g = tl.load(u + src, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(u + src + H, mask=mask, other=0.0).to(tl.float32)
-        return rows, cols, mask, src, g, v
+        if HAS_BIAS:
+            g += tl.load(b + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
+            v += tl.load(b + H + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
+        return cols, mask, src, g, v
 
     @triton.jit
-    def _silu_mul_fwd(u, h, M, H, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        rows, cols, mask, src, g, v = _gate_value_tile(u, M, H, BLOCK_M, BLOCK_N)
+    def _silu_mul_fwd(u, b, h, M, H, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+        rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        cols, mask, src, g, v = _gate_value_tile(u, b, rows, M, H, BLOCK_N, HAS_BIAS)
         out = g * tl.sigmoid(g) * v
         tl.store(h + rows[:, None] * H + cols[None, :], out.to(h.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _silu_mul_bwd(dh, u, du, M, H, s_dh, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        rows, cols, mask, src, g, v = _gate_value_tile(u, M, H, BLOCK_M, BLOCK_N)
-        d = tl.load(dh + rows[:, None] * s_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(g)
-        silu = g * sig
-        tl.store(du + src, (d * v * sig * (1.0 + g * (1.0 - sig))).to(du.dtype.element_ty), mask=mask)
-        tl.store(du + src + H, (d * silu).to(du.dtype.element_ty), mask=mask)
+    def _silu_mul_bwd(dh, u, b, du, db_part, M, H, s_dh, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr):
+        """ROWS_PER_PROGRAM rows in blocks of BLOCK_M; with a bias, the columns' sums of dg and dv over
+        those rows go to db_part[program row] (summed by the caller)."""
+        acc_g = tl.zeros((BLOCK_N,), tl.float32)
+        acc_v = tl.zeros((BLOCK_N,), tl.float32)
+        for i in range(ROWS_PER_PROGRAM // BLOCK_M):
+            rows = (tl.program_id(0) * ROWS_PER_PROGRAM + i * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            cols, mask, src, g, v = _gate_value_tile(u, b, rows, M, H, BLOCK_N, HAS_BIAS)
+            d = tl.load(dh + rows[:, None] * s_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(g)
+            dg = d * v * sig * (1.0 + g * (1.0 - sig))
+            dv = d * g * sig
+            tl.store(du + src, dg.to(du.dtype.element_ty), mask=mask)
+            tl.store(du + src + H, dv.to(du.dtype.element_ty), mask=mask)
+            if HAS_BIAS:                       # masked rows have d = 0, so they add nothing
+                acc_g += tl.sum(dg, axis=0)
+                acc_v += tl.sum(dv, axis=0)
+        if HAS_BIAS:
+            cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            part = db_part + tl.program_id(0).to(tl.int64) * 2 * H
+            tl.store(part + cols, acc_g, mask=cols < H)
+            tl.store(part + H + cols, acc_v, mask=cols < H)
 
     # Candidates free of register spills on sm_90 (tests/test_fused_swiglu.py reads them from the cubin).
     _CONFIGS = configs([({"BLOCK_M": m, "BLOCK_N": n}, w)
@@ -63,21 +87,26 @@ if triton is not None:
     _silu_mul_fwd_tuned = autotuned(_silu_mul_fwd, _CONFIGS, ({"BLOCK_M": 4, "BLOCK_N": 64}, 4), ["M", "H"])
     _silu_mul_bwd_tuned = autotuned(_silu_mul_bwd, _CONFIGS, ({"BLOCK_M": 4, "BLOCK_N": 64}, 4), ["M", "H"])
 
-
-def _grid(m: int, hidden: int):
-    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(hidden, meta["BLOCK_N"]))
+ROWS_PER_PROGRAM = 64  # backward: rows per program, a multiple of every BLOCK_M
 
 
-def triton_forward(u: Tensor) -> Tensor:
+def _no_grad(like: Tensor) -> Tensor:
+    """Stands for the bias gradient without a bias (custom-op outputs cannot be None)."""
+    return like.new_empty(0, dtype=torch.float32)
+
+
+def triton_forward(u: Tensor, bias: Tensor | None = None) -> Tensor:
     u = u.contiguous()
     hidden = u.shape[-1] // 2
     h = u.new_empty(u.shape[:-1] + (hidden,))
     m = u.numel() // u.shape[-1]
-    _silu_mul_fwd_tuned[_grid(m, hidden)](u, h, m, hidden)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(hidden, meta["BLOCK_N"]))  # noqa: E731
+    _silu_mul_fwd_tuned[grid](u, u if bias is None else bias, h, m, hidden, HAS_BIAS=bias is not None)
     return h
 
 
-def triton_backward(dh: Tensor, u: Tensor) -> Tensor:
+def triton_backward(dh: Tensor, u: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """du (..., 2H) and the bias gradient (2H,) in the bias's dtype (empty without a bias)."""
     u = u.contiguous()
     hidden = u.shape[-1] // 2
     m = u.numel() // u.shape[-1]
@@ -85,44 +114,50 @@ def triton_backward(dh: Tensor, u: Tensor) -> Tensor:
     if dh.stride(1) != 1:
         dh = dh.contiguous()
     du = u.new_empty(u.shape)
-    _silu_mul_bwd_tuned[_grid(m, hidden)](dh, u, du, m, hidden, dh.stride(0))
-    return du
+    programs = triton.cdiv(m, ROWS_PER_PROGRAM)
+    # Without a bias the kernel reads and writes no bias buffers: u and du stand in for the pointers.
+    db_part = du if bias is None else torch.empty(programs, 2 * hidden, dtype=torch.float32, device=u.device)
+    grid = lambda meta: (programs, triton.cdiv(hidden, meta["BLOCK_N"]))  # noqa: E731
+    _silu_mul_bwd_tuned[grid](dh, u, u if bias is None else bias, du, db_part, m, hidden, dh.stride(0),
+                              HAS_BIAS=bias is not None, ROWS_PER_PROGRAM=ROWS_PER_PROGRAM)
+    return du, (_no_grad(u) if bias is None else db_part.sum(0).to(bias.dtype))  # fixed order: deterministic
 
 
-def silu_mul(u: Tensor) -> Tensor:
-    """u (..., 2H) -> SiLU(u[..., :H]) · u[..., H:]: the Triton op where it can run, else the module math."""
+def silu_mul(u: Tensor, bias: Tensor | None = None) -> Tensor:
+    """[g | v] = u (..., 2H) + bias -> SiLU(g) · v: the Triton op where it can run, else the module math."""
     if use_triton(u):
-        return torch.ops.semprior.silu_mul(u)
-    return reference(u)
+        return torch.ops.semprior.silu_mul(u, bias)
+    return reference(u, bias)
 
 
 @torch.library.custom_op("semprior::silu_mul", mutates_args=())
-def _silu_mul_op(u: Tensor) -> Tensor:
-    return triton_forward(u)
+def _silu_mul_op(u: Tensor, bias: Tensor | None) -> Tensor:
+    return triton_forward(u, bias)
 
 
 @_silu_mul_op.register_fake
-def _(u):
+def _(u, bias):
     return u.new_empty(u.shape[:-1] + (u.shape[-1] // 2,))
 
 
 @torch.library.custom_op("semprior::silu_mul_backward", mutates_args=())
-def _silu_mul_backward_op(dh: Tensor, u: Tensor) -> Tensor:
-    return triton_backward(dh, u)
+def _silu_mul_backward_op(dh: Tensor, u: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    return triton_backward(dh, u, bias)
 
 
 @_silu_mul_backward_op.register_fake
-def _(dh, u):
-    return u.new_empty(u.shape)
+def _(dh, u, bias):
+    return u.new_empty(u.shape), (_no_grad(u) if bias is None else bias.new_empty(bias.shape))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(inputs[0])
+    ctx.save_for_backward(*inputs)
 
 
 def _backward(ctx, dh):
-    (u,) = ctx.saved_tensors
-    return torch.ops.semprior.silu_mul_backward(dh, u)
+    u, bias = ctx.saved_tensors
+    du, db = torch.ops.semprior.silu_mul_backward(dh, u, bias)
+    return du, (db if bias is not None else None)
 
 
 _silu_mul_op.register_autograd(_backward, setup_context=_setup_context)

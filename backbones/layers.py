@@ -90,9 +90,9 @@ class SwiGLU(nn.Module):
         self.kernels = check_kernels(kernels)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.kernels == "triton":  # the w12 bias is added (and its gradient summed) in the kernels
+            return self.w3(silu_mul(F.linear(x, self.w12.weight), self.w12.bias))
         u = self.w12(x)  # (N, T, 2·hidden): [gate | value]
-        if self.kernels == "triton":
-            return self.w3(silu_mul(u))
         gate, value = u.chunk(2, dim=-1)  # 2 x (N, T, hidden)
         return self.w3(F.silu(gate) * value)
 

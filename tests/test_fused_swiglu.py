@@ -15,25 +15,36 @@ needs_triton = pytest.mark.skipif(fused_swiglu.triton is None, reason="triton is
 
 
 def check_kernels_match_reference(device):
-    """Forward and backward against the module math in fp64, hidden width 100 (masked columns), a row
-    count that is no multiple of the blocks, and a gradient that is not row-major."""
+    """Forward and backward against the module math in fp64, without and with the w12 bias (fp32, as the
+    parameter is, under an fp32 or bf16 u): hidden width 100 (masked columns), 2·75 rows (three backward
+    programs' bias partials, the last one partly masked), and a gradient that is not row-major."""
     g = torch.Generator().manual_seed(0)
     u = torch.randn(2, 7, 200, generator=g).to(device).requires_grad_()
-    result = torch.library.opcheck(torch.ops.semprior.silu_mul.default, (u,))   # schema, autograd, fake, AOT
-    assert set(result.values()) == {"SUCCESS"}, result
+    b = torch.randn(200, generator=g).to(device).requires_grad_()
+    for args in ((u, None), (u, b)):                        # schema, autograd, fake, AOT dispatch
+        result = torch.library.opcheck(torch.ops.semprior.silu_mul.default, args)
+        assert set(result.values()) == {"SUCCESS"}, result
     for dtype, tol in [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)]:
-        u = (2 * torch.randn(2, 7, 200, generator=g)).to(device, dtype)
-        got = fused_swiglu.triton_forward(u)
-        want = fused_swiglu.reference(u.double())
-        assert got.dtype == dtype and got.shape == (2, 7, 100)
-        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
-        for dh in (torch.randn(2, 7, 100, generator=g), torch.randn(100, 7, 2, generator=g).permute(2, 1, 0)):
-            dh = dh.to(device, dtype)
-            leaf = u.double().requires_grad_()
-            (want_du,) = torch.autograd.grad(fused_swiglu.reference(leaf), leaf, dh.double())
-            du = fused_swiglu.triton_backward(dh, u)
-            assert du.dtype == dtype and du.shape == u.shape
-            torch.testing.assert_close(du.double(), want_du, rtol=tol, atol=3 * tol)
+        u = (2 * torch.randn(2, 75, 200, generator=g)).to(device, dtype)
+        for bias in (None, torch.randn(200, generator=g).to(device)):
+            got = fused_swiglu.triton_forward(u, bias)
+            want = fused_swiglu.reference(u.double(), None if bias is None else bias.double())
+            assert got.dtype == dtype and got.shape == (2, 75, 100)
+            torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+            for dh in (torch.randn(2, 75, 100, generator=g), torch.randn(100, 75, 2, generator=g).permute(2, 1, 0)):
+                dh = dh.to(device, dtype)
+                leaf = u.double().requires_grad_()
+                leaf_b = None if bias is None else bias.double().requires_grad_()
+                inputs = [leaf] if bias is None else [leaf, leaf_b]
+                wants = torch.autograd.grad(fused_swiglu.reference(leaf, leaf_b), inputs, dh.double())
+                du, db = fused_swiglu.triton_backward(dh, u, bias)
+                assert du.dtype == dtype and du.shape == u.shape
+                torch.testing.assert_close(du.double(), wants[0], rtol=tol, atol=3 * tol)
+                if bias is None:
+                    assert db.numel() == 0
+                else:                       # a sum of 150 rows of fp32 products: fp32 rounding, either dtype
+                    assert db.dtype == bias.dtype and db.shape == bias.shape
+                    torch.testing.assert_close(db.double(), wants[1], rtol=1e-4, atol=1e-3)
 
 
 def check_swiglu_through_the_op(device, compiled):
@@ -69,11 +80,15 @@ def test_swiglu_kernels_compile_for_hopper_without_spills():
         for cfg in fused_swiglu._CONFIGS:
             consts, warps = dict(cfg.kwargs), cfg.num_warps
             ptr = f"*{dtype}"
-            for kernel, sig in [(fused_swiglu._silu_mul_fwd, dict(u=ptr, h=ptr, M="i32", H="i32")),
-                                (fused_swiglu._silu_mul_bwd, dict(dh=ptr, u=ptr, du=ptr, M="i32", H="i32",
-                                                                  s_dh="i32"))]:
-                cubin = triton_util.compile_for_hopper(kernel, sig, consts, warps)
-                triton_util.assert_no_spills(cubin, (kernel.fn.__name__, dtype, cfg))
+            for bias in (False, True):
+                fwd = dict(consts, HAS_BIAS=bias)
+                bwd = dict(fwd, ROWS_PER_PROGRAM=fused_swiglu.ROWS_PER_PROGRAM)
+                for kernel, sig, cons in [
+                        (fused_swiglu._silu_mul_fwd, dict(u=ptr, b="*fp32", h=ptr, M="i32", H="i32"), fwd),
+                        (fused_swiglu._silu_mul_bwd, dict(dh=ptr, u=ptr, b="*fp32", du=ptr, db_part="*fp32",
+                                                          M="i32", H="i32", s_dh="i32"), bwd)]:
+                    cubin = triton_util.compile_for_hopper(kernel, sig, cons, warps)
+                    triton_util.assert_no_spills(cubin, (kernel.fn.__name__, dtype, cfg, bias))
 
 
 if __name__ == "__main__":  # the interpreter subprocess of test_swiglu_kernels
