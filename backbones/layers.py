@@ -194,13 +194,15 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n, t, d = x.shape
-        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads)  # (N, T, 3, H, hd)
-        if self.kernels == "triton":                  # split, norms and rotations in one kernel each way
+        shape = (n, t, 3, self.num_heads, d // self.num_heads)  # (N, T, 3, H, hd)
+        if self.kernels == "triton":  # bias, split, norms and rotations in one kernel each way
             norm, rope = isinstance(self.q_norm, RMSNorm), self.rope
-            q, k, v = qk_norm_rope(qkv, self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
+            q, k, v = qk_norm_rope(F.linear(x, self.qkv.weight).reshape(shape), self.qkv.bias,
+                                   self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
                                    rope.cos if rope else None, rope.sin if rope else None,
                                    self.q_norm.eps if norm else 0.0)  # 3 x (N, T, H, hd)
         else:
+            qkv = self.qkv(x).reshape(shape)
             if self.layout == "bhsd":
                 q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (N, H, T, hd)
             else:
