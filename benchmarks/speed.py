@@ -13,7 +13,8 @@ head, backward, fused AdamW, foreach EMA) and the sampling forward (the EMA mode
 latents of the method's shape, after warm-up, with CUDA events on a GPU (wall clock on the CPU), the
 median of `steps` repeats; on a GPU the steps run back to back as in training (`timing=stream`, see
 _time). The sampling forward runs as evaluation runs it: fp32 with TF32 matrix products (`sample=0` skips
-it). The first step's time (compilation included) is reported separately.
+it). The first step's time (compilation included) is reported separately, and with graph=1 the host time
+of the CUDA graph capture (`capture_s`).
 FLOPs are counted with torch's FlopCounterMode on one eager step (not guessed); MFU = achieved FLOP/s
 over the bf16 matrix ceiling, measured on the card at start (an 8192³ bf16 product on random data)
 unless `peak_tflops=` gives a number. `tune=cd` turns on inductor's coordinate-descent tuning of its
@@ -257,7 +258,9 @@ def bench(backbone: str, method_name: str, batch: int, precision: str, compile_m
             "compile": tr.compile_mode, "sdpa": sdpa, "layout": layout, "kernels": kernels,
             "graph": int(graph), "timing": timing if device.type == "cuda" else "wall",
             "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
-            "first_step_s": round(first, 1), "ms_per_step": round(train * 1e3, 2),
+            "first_step_s": round(first, 1),
+            "capture_s": round(tr.graph.capture_seconds, 2) if tr.graph is not None else float("nan"),
+            "ms_per_step": round(train * 1e3, 2),
             "img_per_s": round(batch / train, 1), "GFLOP_per_img": round(flops / batch / 1e9, 1),
             "TFLOP_per_s": round(flops / train / 1e12, 2), "MFU": round(flops / train / 1e12 / peak_tflops, 3),
             "first_sample_s": round(first_sample, 1), "sample_fwd_img_per_s": round(batch / sample_s, 1),

@@ -34,6 +34,7 @@ itself is tested on a GPU only (the same file, with SEMPRIOR_TEST_DEVICE=cuda).
 """
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
@@ -66,6 +67,7 @@ class GraphedGrads:
         self.static: Batch | None = None
         self.out: dict[str, Tensor] = {}
         self.side = torch.cuda.Stream(device) if self.capture else None
+        self.capture_seconds = float("nan")   # host time of the capture (benchmarks.speed reports it)
 
     @property
     def captured(self) -> bool:
@@ -112,6 +114,7 @@ class GraphedGrads:
             for p in self.params:             # the backward allocates .grad from the graph's pool
                 p.grad = None
         rng = torch.cuda.get_rng_state(self.device)
+        t0 = time.perf_counter()
         self.graph = torch.cuda.CUDAGraph()
         # On the warm-up's stream (its cuBLAS workspace is set up). thread_local: CUDA calls that a capture
         # forbids are refused in this thread only, so a data thread (ShardedLatentFeed's prefetch pins
@@ -119,6 +122,7 @@ class GraphedGrads:
         # launches onto the capturing stream and is captured either way.
         with torch.cuda.graph(self.graph, stream=self.side, capture_error_mode="thread_local"):
             self.out = self.fn(self.static)
+        self.capture_seconds = time.perf_counter() - t0
         torch.cuda.set_rng_state(rng, self.device)   # the capture ran nothing; replay draws from this state
 
     def _load(self, batch: Batch) -> None:
