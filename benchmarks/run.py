@@ -113,6 +113,19 @@ def dry_run(grid: Grid, meta: dict[str, str], results: Path) -> None:
     print(assumptions())
 
 
+def check_local_cuda(grid, launcher: str) -> None:
+    """Jobs of the inline and local launchers run on this machine: a run that needs CUDA
+    (train.device=cuda, train.cuda_graph=true) must find it here, or fail before anything is written."""
+    if torch.cuda.is_available():
+        return
+    for r in grid.runs:
+        t = r.cfg["train"]
+        if t["cuda_graph"] or str(t["device"]).startswith("cuda"):
+            raise ConfigError(f"run {r.run_id} needs CUDA (train.device={t['device']}, train.cuda_graph="
+                              f"{str(t['cuda_graph']).lower()}) but this machine has none, and launcher={launcher} "
+                              "runs jobs here (use launcher=slurm for a GPU cluster)")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -120,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         meta, dotlist, flags = parse(list(sys.argv[1:] if argv is None else argv))
         grid = expand(meta["grid"], dotlist, profile=meta.get("profile"), check_files="--dry-run" not in flags)
         launcher = get_launcher(meta.get("launcher", DEFAULT_LAUNCHER))
+        if meta.get("launcher", DEFAULT_LAUNCHER) != "slurm" and "--dry-run" not in flags:
+            check_local_cuda(grid, meta.get("launcher", DEFAULT_LAUNCHER))
         if meta.get("launcher") == "slurm":          # a bad cluster profile fails before anything is written
             prof = load_slurm_profile(meta.get("slurm", "local-ci"))
             if "--dry-run" not in flags:             # a dry run may plan from a machine outside the cluster

@@ -40,6 +40,7 @@ CASES = [
     ("bad compile mode", ["grid=smoke", "train.compile=fast"], "train.compile must be one of auto, regions, blocks, full, off"),
     ("CUDA graph on the CPU", ["grid=smoke", "train.cuda_graph=true", "train.device=cpu"],
      "train.cuda_graph=true needs a CUDA device"),
+    ("CUDA needed, none here", ["grid=smoke", "train.cuda_graph=true"], "needs CUDA.*this machine has none"),
     ("Δt ≥ 1", ["grid=sfd_delta_t", "profile=smoke", "method.schedule.delta_t.texture=1.0"],
      r"delta_t\['texture'\] must be in \[0, 1\)"),
     ("negative Δt", ["grid=sfd_delta_t", "profile=smoke", "method.schedule.delta_t.texture=-0.1"],
@@ -75,6 +76,7 @@ def test_bad_input(name, argv, pattern, results, capsys, monkeypatch):
     import re
 
     monkeypatch.delenv("SEMPRIOR_CONFIG_PATH", raising=False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)    # the catalogue is about a CPU machine
     before = _snapshot(results)
     code = cli.main(argv + [f"results={results}"])
     err = capsys.readouterr().err.strip()
