@@ -34,5 +34,11 @@ def configs(candidates: Sequence[tuple[dict, int]]) -> list[Any]:
 
 def autotuned(kernel, candidates: list[Any], interpreted: tuple[dict, int], key: list[str]):
     """`kernel` tuned once per `key` among `candidates` on a GPU (a few seconds at its first call); under
-    the interpreter with the one configuration `interpreted` (autotuning times kernels on a GPU)."""
-    return triton.autotune(configs([interpreted]) if interpreting() else candidates, key=key)(kernel)
+    the interpreter with the one configuration `interpreted` (autotuning times kernels on a GPU). With
+    SEMPRIOR_TRITON_TUNE=0 only the first candidate (the GPU tests: one compile per specialisation
+    instead of one per candidate; every candidate is compiled and checked for spills offline)."""
+    if interpreting():
+        candidates = configs([interpreted])
+    elif os.environ.get("SEMPRIOR_TRITON_TUNE") == "0":
+        candidates = candidates[:1]
+    return triton.autotune(candidates, key=key)(kernel)

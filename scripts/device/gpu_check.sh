@@ -21,7 +21,7 @@ xl="backbones=lightningdit-xl-1 batch=128 methods=sfd,sit compile=auto sdpa=auto
 speed main 200 $xl precision=bf16 steps=15 warmup=5
 speed residual 110 $xl precision=bf16-residual steps=15 warmup=5 sample=0
 stamp "numerics on the GPU"
-SEMPRIOR_TEST_DEVICE=cuda timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_speed_numerics.py \
+SEMPRIOR_TEST_DEVICE=cuda SEMPRIOR_TRITON_TUNE=0 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_speed_numerics.py \
   tests/test_fused_qk.py tests/test_fused_swiglu.py tests/test_fused_adaln.py 2>&1 \
   | tee -a "$LOG" | tail -3
 speed b1 90 backbones=lightningdit-b-1 batch=128 methods=sfd,sit precision=bf16 steps=15 warmup=5

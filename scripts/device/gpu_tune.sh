@@ -3,7 +3,8 @@
 # 150 + 230 + 70 + 70 s, then what is left of 570 s). Every row is LightningDiT-XL/1, batch 128,
 # compile=regions, steps timed back to back as in training (timing=stream), no sampling column; short and essential stages first, rows written as they finish (a configuration that
 # fails gets a row with its error and the others still run):
-#   1. on the card: the suite's Triton kernels (tests/test_fused_{qk,swiglu,adaln}.py), the compiled model
+#   1. on the card (each kernel with its first tuning candidate, SEMPRIOR_TRITON_TUNE=0: one compile per
+#      specialisation, not one per candidate): the suite's Triton kernels (tests/test_fused_{qk,swiglu,adaln}.py), the compiled model
 #      with them against eager fp32 (tests/test_speed_numerics.py -k triton), and train.cuda_graph's real
 #      capture against the eager step (tests/test_graphs.py); if these fail, the matching rows mean nothing;
 #   2. SFD, bf16-residual: kernels torch/triton × cuda_graph off/on, on one machine (the first row is the
@@ -19,7 +20,7 @@ source "$(dirname "$0")/common.sh"
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/gpu.txt"
 stamp "suite Triton kernels and the CUDA graph step on the GPU"
-SEMPRIOR_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_fused_qk.py \
+SEMPRIOR_TEST_DEVICE=cuda SEMPRIOR_TRITON_TUNE=0 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_fused_qk.py \
   tests/test_fused_swiglu.py tests/test_fused_adaln.py tests/test_graphs.py tests/test_speed_numerics.py \
   -k "kernels or triton or graph" 2>&1 | tee -a "$LOG" | tail -4
 common="backbones=lightningdit-xl-1 batch=128 compile=regions steps=10 warmup=3 sample=0"
