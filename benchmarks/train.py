@@ -108,9 +108,10 @@ class Trainer:
         # train.cuda_graph: this rank's shards of every step replay one captured forward + backward
         shards, d = t["micro_batches"] or self.dist.world, self.dist
         self.shards = (shards, d.rank * shards // d.world, (d.rank + 1) * shards // d.world)  # all, lo, hi
-        check_device(t.get("cuda_graph", False), self.device)
+        self.graphed = bool(t.get("cuda_graph", False))
+        check_device(self.graphed, self.device)
         self.graph = GraphedGrads(self.shard_grads, self.params, self.device, self.shards[2] - self.shards[1]) \
-            if t.get("cuda_graph", False) else None
+            if self.graphed else None
         self.labels = eval_labels(self.cfg["eval"]["num_samples"], self.parts.num_classes,
                                   self.cfg["eval"]["sample_seed"])
 
@@ -169,8 +170,7 @@ class Trainer:
     def shard_grads(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Forward, loss and backward of one shard, the loss divided by the number of shards; the loss
         terms, detached. What train.cuda_graph captures and replays (core/graphs.py)."""
-        precision, graphed = self.cfg["train"]["precision"], self.cfg["train"].get("cuda_graph", False)
-        with autocast_ctx(precision, self.device, cache=not graphed), self.attention():
+        with autocast_ctx(self.cfg["train"]["precision"], self.device, cache=not self.graphed), self.attention():
             out = self.parts.method.losses(self.forward, batch)
         (out.total / self.shards[0]).backward()
         return {"loss": out.total.detach(), **{f"loss/{k}": v.detach() for k, v in out.terms.items()}}

@@ -61,12 +61,12 @@ class GraphedGrads:
                  shards: int) -> None:
         self.fn, self.params, self.device = fn, params, device
         self.accumulate = shards > 1          # several shards: zero, then accumulate (see the module docstring)
-        self.capture = device.type == "cuda"  # False only when the tests emulate on the CPU
+        self.on_gpu = device.type == "cuda"   # False only when the tests emulate on the CPU
         self.steps = 0                        # optimizer steps begun on this instance
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: Batch | None = None
         self.out: dict[str, Tensor] = {}
-        self.side = torch.cuda.Stream(device) if self.capture else None
+        self.side = torch.cuda.Stream(device) if self.on_gpu else None
         self.capture_seconds = float("nan")   # host time of the capture (benchmarks.speed reports it)
 
     @property
@@ -88,7 +88,7 @@ class GraphedGrads:
         if not self.captured:
             self._capture(batch)
         self._load(batch)
-        if self.capture:
+        if self.on_gpu:
             self.graph.replay()
         else:                                 # emulation: what a replay computes, by a plain call
             if not self.accumulate:
@@ -108,7 +108,7 @@ class GraphedGrads:
 
     def _capture(self, batch: Batch) -> None:
         self.static = Batch(batch.x1.clone(), batch.y.clone(), {k: v.clone() for k, v in batch.aux.items()})
-        if not self.capture:
+        if not self.on_gpu:
             return
         if not self.accumulate:
             for p in self.params:             # the backward allocates .grad from the graph's pool

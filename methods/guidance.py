@@ -9,7 +9,6 @@ model_fn(x (N,C,H,W), t_model (N,K), y (N,)) -> out (N,C_out,H,W). Times are in 
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -28,14 +27,6 @@ GUIDANCE: Registry = Registry("guidance")
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=32)
-def channel_group_index(groups: Groups, device: torch.device = torch.device("cpu")) -> Tensor:
-    """(C,) channel -> group index on `device`: Groups.expand's map, built and copied there once per
-    (Groups, device), so that a sampling step costs an index, not a host-to-device copy (which waits for
-    the GPU)."""
-    return torch.repeat_interleave(torch.arange(len(groups.sizes)), torch.tensor(groups.sizes)).to(device)
-
 
 def _parse_channels(channels: str | Sequence[int]) -> str | tuple[int, ...] | slice:
     """"all" | "start:stop" (half-open, e.g. "0:3") | a list of channel indices, checked at build time."""
@@ -76,7 +67,7 @@ def _per_channel(per_group: Tensor, groups: Groups | None, c_out: int) -> Tensor
         if per_group.shape[1] != 1:
             raise ValueError("guidance needs `groups` when the schedule has several channel groups")
         return per_group[:, :, None, None].expand(-1, c_out, 1, 1)        # (N, C_out, 1, 1)
-    per_c = per_group[:, channel_group_index(groups, per_group.device)][:, :, None, None]      # (N, C, 1, 1)
+    per_c = groups.expand(per_group)                                      # (N, C, 1, 1)
     if c_out % groups.channels:
         raise ValueError(f"model output has {c_out} channels, not a multiple of the latent's {groups.channels}")
     return per_c.repeat(1, c_out // groups.channels, 1, 1)                # (N, C_out, 1, 1)

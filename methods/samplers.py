@@ -20,7 +20,6 @@ from torchdiffeq import odeint
 
 from core.registry import SAMPLERS
 from methods.base import ModelFn
-from methods.guidance import channel_group_index
 from methods.schedules import shift_tau
 
 SOLVERS = ("euler", "heun", "dopri5")
@@ -115,8 +114,8 @@ class _Field:
         self.nfe = 0
 
     def per_channel(self, t_groups: Tensor) -> Tensor:
-        """(N, G) -> (N, C, 1, 1), like Groups.expand, with the channel map on the device built once."""
-        return t_groups[:, channel_group_index(self.schedule.groups, t_groups.device)][:, :, None, None]
+        """(N, G) -> (N, C, 1, 1): Groups.expand (column copies on the device, no host traffic)."""
+        return self.schedule.groups.expand(t_groups)
 
     def _model(self, x: Tensor, t_model: Tensor, y: Tensor) -> Tensor:
         self.nfe += 1                                    # a batched CFG forward is one call
