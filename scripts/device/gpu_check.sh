@@ -14,15 +14,13 @@
 # The profiler breakdown and inductor's tuning options are in gpu_tune.sh, the attention kernels in
 # gpu_attention.sh.
 source "$(dirname "$0")/common.sh"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-} 2>&1 | tee "$OUT/gpu.txt"
+card | tee "$OUT/gpu.txt"
 xl="backbones=lightningdit-xl-1 batch=128 methods=sfd,sit compile=auto sdpa=auto"
 speed main 200 $xl precision=bf16 steps=15 warmup=5
 speed residual 110 $xl precision=bf16-residual steps=15 warmup=5 sample=0
 stamp "numerics on the GPU"
-SEMPRIOR_TEST_DEVICE=cuda SEMPRIOR_TRITON_TUNE=0 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_speed_numerics.py \
-  tests/test_fused_qk.py tests/test_fused_swiglu.py tests/test_fused_adaln.py 2>&1 \
+SEMPRIOR_TEST_DEVICE=cuda SEMPRIOR_TRITON_TUNE=0 timeout 100 python3 -m pytest -q -p no:cacheprovider \
+  tests/test_speed_numerics.py tests/test_fused_qk.py tests/test_fused_swiglu.py tests/test_fused_adaln.py 2>&1 \
   | tee -a "$LOG" | tail -3
 speed b1 90 backbones=lightningdit-b-1 batch=128 methods=sfd,sit precision=bf16 steps=15 warmup=5
 stamp "done"
