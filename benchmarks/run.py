@@ -132,10 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         meta, dotlist, flags = parse(list(sys.argv[1:] if argv is None else argv))
         grid = expand(meta["grid"], dotlist, profile=meta.get("profile"), check_files="--dry-run" not in flags)
-        launcher = get_launcher(meta.get("launcher", DEFAULT_LAUNCHER))
-        if meta.get("launcher", DEFAULT_LAUNCHER) != "slurm" and "--dry-run" not in flags:
-            check_local_cuda(grid, meta.get("launcher", DEFAULT_LAUNCHER))
-        if meta.get("launcher") == "slurm":          # a bad cluster profile fails before anything is written
+        launcher_name = meta.get("launcher", DEFAULT_LAUNCHER)
+        launcher = get_launcher(launcher_name)
+        if launcher_name != "slurm" and "--dry-run" not in flags:
+            check_local_cuda(grid, launcher_name)
+        if launcher_name == "slurm":                 # a bad cluster profile fails before anything is written
             prof = load_slurm_profile(meta.get("slurm", "local-ci"))
             if "--dry-run" not in flags:             # a dry run may plan from a machine outside the cluster
                 check_partition(prof.get("partition"))

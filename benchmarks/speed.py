@@ -303,15 +303,15 @@ def main(argv: list[str] | None = None) -> int:
     for bb, m, batch, precision, mode, sdpa, layout, kernels, graph in itertools.product(backbones, methods,
                                                                                          *lists.values()):
         batch, graph = int(batch), graph == "1"
+        settings = {"backbone": bb, "method": m, "batch": batch, "precision": precision, "compile": mode,
+                    "sdpa": sdpa, "layout": layout, "kernels": kernels, "graph": int(graph)}
         try:
             row = bench(bb, m, batch, precision, mode, int(args.get("steps", 30)), int(args.get("warmup", 10)),
                         device, peak_tflops, small, profile_dir, sdpa, args.get("sample", "1") != "0",
                         args.get("timing", "stream"), layout, kernels, graph)
         except Exception as e:  # noqa: BLE001 - a row that says why; the other configurations still run
             traceback.print_exc()
-            row = {"backbone": bb, "method": m, "batch": batch, "precision": precision, "compile": mode,
-                   "sdpa": sdpa, "layout": layout, "kernels": kernels, "graph": int(graph),
-                   "error": "out of memory" if isinstance(e, torch.cuda.OutOfMemoryError)
+            row = {**settings, "error": "out of memory" if isinstance(e, torch.cuda.OutOfMemoryError)
                    else f"{type(e).__name__}: {e}"[:300]}
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -113,10 +113,6 @@ class _Field:
         self.model_fn, self.y, self.schedule, self.guidance = model_fn, y, schedule, guidance
         self.nfe = 0
 
-    def per_channel(self, t_groups: Tensor) -> Tensor:
-        """(N, G) -> (N, C, 1, 1): Groups.expand (column copies on the device, no host traffic)."""
-        return self.schedule.groups.expand(t_groups)
-
     def _model(self, x: Tensor, t_model: Tensor, y: Tensor) -> Tensor:
         self.nfe += 1                                    # a batched CFG forward is one call
         return self.model_fn(x, t_model, y)
@@ -279,7 +275,7 @@ class SDESampler(_PhasedSampler):
         for a, b in zip(pts[:-1], pts[1:]):
             h = b - a
             v, t_groups = field(x, a)
-            t = field.per_channel(t_groups).to(x.dtype)                # (N, C, 1, 1)
+            t = field.schedule.groups.expand(t_groups).to(x.dtype)      # (N, C, 1, 1)
             drift = v + (t * v - x)                                     # v + w·s
             if self.last_step > 0 and a >= deterministic_from:
                 step = drift if self.last_step_mode == "mean" else v
