@@ -61,7 +61,9 @@ def test_full_rank_reconstruction_is_exact_and_rank_is_a_prefix():
     pca = fitted(rows)
     tokens = correlated_rows(24, seed=1).reshape(2, 12, 12)
     assert torch.allclose(pca.reconstruct(pca.project(tokens, 12)), tokens, atol=1e-10)
-    assert torch.equal(pca.project(tokens, 4), pca.project(tokens, 12)[:, :4])
+    # A prefix up to rounding, not bit for bit: the two matmuls have different shapes, and BLAS may pick a
+    # different kernel (and summation order) for each, which differs between CPU models (AMD vs Intel).
+    assert torch.allclose(pca.project(tokens, 4), pca.project(tokens, 12)[:, :4], rtol=0, atol=1e-12)
 
 
 def test_project_layout_dtype_and_errors():
