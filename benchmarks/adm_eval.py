@@ -22,6 +22,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.utils import create_feature_extractor
 
 from benchmarks.adm_npz import _check_images, _read_npz, load_samples   # the sample side (npz, shards, labels)
+from core.errors import NonFiniteError
 from core.rundir import atomic_write_text
 
 REF_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
@@ -36,8 +37,9 @@ INCEPTION_FILE = Path(URL_INCEPTION_V3).name        # torch-fidelity's pt_incept
 SPATIAL_MODULE = "Mixed_6d.branch1x1"
 SPATIAL_CHANNELS = 7                                 # ADM: spatial[..., :7] -> 17·17·7 = 2023 dims
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
-IS_SPLIT = 5000                                      # ADM's split size (10 splits at 50k)
+IS_SPLIT = 5000                                      # ADM's split size at every N (10 splits at 50k)
 PR_K = 3                                             # k-NN manifold radius (ADM's nhood_sizes=(3,))
+PR_BLOCK = 10000                                     # ADM's ManifoldEstimator row and column batch size
 FD_METHODS = ("scipy", "eigh")                       # scipy: ADM's sqrtm; eigh: the same trace, faster
 
 
@@ -185,60 +187,103 @@ def frechet_distance(a: FDStats, b: FDStats, method: str = "scipy") -> float:
     return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * tr_covmean)
 
 
-def inception_score(logits: np.ndarray, split_size: int | None = None) -> float:
-    """ADM's IS: softmax of the unbiased logits, mean over consecutive splits of exp(E[KL(p(y|x) ‖ p(y))]);
-    split_size defaults to 5000 (ADM: 10 splits at 50k), N // 10 below 50k samples."""
+def inception_score(logits: np.ndarray, split_size: int = IS_SPLIT) -> float:
+    """ADM's IS at every N: softmax of the unbiased logits, exp(E[KL(p(y|x) ‖ p(y))]) over consecutive splits of
+    `split_size` samples (ADM: 5000, so 10 splits at 50k, one below 5000; the last split holds the remainder),
+    averaged. The arithmetic is float64 log-softmax (ADM: float32 softmax, then log), which differs by ~1e-6
+    relative and stays finite where ADM's float32 softmax underflows to 0 and 0·log 0 gives NaN."""
     n = logits.shape[0]
-    split = split_size or min(IS_SPLIT, max(1, n // 10))
+    if n == 0 or split_size < 1:
+        raise ValueError(f"inception score needs samples and split_size >= 1, got {n} samples, split_size={split_size}")
     logp = torch.log_softmax(torch.from_numpy(logits).double(), dim=1)          # (N, 1008)
     scores = []
-    for i in range(0, n, split):
-        lp = logp[i:i + split]
+    for i in range(0, n, split_size):
+        lp = logp[i:i + split_size]
         log_py = torch.logsumexp(lp, 0) - math.log(lp.shape[0])                 # log of the split's mean p(y)
         scores.append(math.exp(float((lp.exp() * (lp - log_py)).sum(1).mean())))
     return float(np.mean(scores))
 
 
 def _sqdist(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances (a, b), clamped at 0 as ADM's DistanceBlock."""
+    """Squared Euclidean distances (a, b) in the inputs' dtype, clamped at 0: ADM's float32 fallback."""
     return (u.square().sum(1)[:, None] - 2 * u @ v.T + v.square().sum(1)[None, :]).clamp_min_(0)
 
 
-def manifold_radii(x: torch.Tensor, k: int = PR_K, block: int = 10000) -> torch.Tensor:
-    """Squared distance of each point to its k-th nearest neighbour in its own set (self excluded), (N,):
-    row blocks against column blocks keeping a running k+1 smallest, so memory is O(block²), not O(N²)."""
+def _to_half(x: torch.Tensor) -> torch.Tensor:
+    """float64 -> float16 rounded once (nearest, ties to even). torch's CPU cast goes through float32 and can
+    round twice (1 + 2^-11 + 2^-40 becomes 1, not 1 + 2^-10); rounding to float32 toward odd first makes the
+    second rounding exact (24 >= 11 + 2 bits)."""
+    y = x.float()
+    y = torch.where(y.double().abs() > x.abs(), torch.nextafter(y, torch.zeros_like(y)), y)   # toward zero
+    odd = (y.view(torch.int32) | 1).view(torch.float32)                                       # sticky bit
+    return torch.where(y.double() == x, y, odd).half()
+
+
+def adm_sqdist(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """ADM's DistanceBlock on one (row block, column block) pair, (a, b) float32: the features cast to float16,
+    ‖u‖² (squares rounded to float16, summed), u·vᵀ (float16 in, rounded to float16 out), then
+    max((‖u‖² − 2u·v) + ‖v‖², 0) with every operation rounded to float16. If any entry of the block is not
+    finite (float16 overflows above 65504), the whole block is recomputed in float32, as ADM's tf.cond does.
+    Sums and products are accumulated exactly (float64) and rounded once: ADM's GPU kernels accumulate
+    ‖u‖² in float16 and u·v in float32 in an order of their own, so a few entries differ by one float16
+    step (docs/paper_scale.md)."""
+    u16, v16 = u.float().half(), v.float().half()
+    nu = _to_half(u16.float().square().half().double().sum(1))                  # (a,)
+    nv = _to_half(v16.float().square().half().double().sum(1))                  # (b,)
+    two_uv = (2 * _to_half(u16.double() @ v16.double().T).float()).half()       # (a, b); exact unless inf
+    d = ((nu.float()[:, None] - two_uv.float()).half().float() + nv.float()[None, :]).half().float()
+    if torch.isfinite(d).all():
+        return d.clamp_min_(0)
+    return _sqdist(u.float(), v.float())
+
+
+def manifold_radii(x: torch.Tensor, k: int = PR_K, block: int = PR_BLOCK) -> torch.Tensor:
+    """Squared distance of each point to its k-th nearest neighbour in its own set, (N,): the (k+1)-th smallest
+    entry of its distance row, the point itself included (ADM's partition, `[:, k]`). Row blocks against
+    column blocks of `block` (ADM: 10000 both), keeping a running k+1 smallest: memory O(block²), not O(N²)."""
     if x.shape[0] <= k:
         raise ValueError(f"precision/recall need more than k={k} images per set, got {x.shape[0]}")
     radii = torch.empty(x.shape[0], device=x.device)
     for i in range(0, x.shape[0], block):
         best = None
         for j in range(0, x.shape[0], block):
-            d = _sqdist(x[i:i + block], x[j:j + block])
+            d = adm_sqdist(x[i:i + block], x[j:j + block])
             d = d if best is None else torch.cat([best, d], 1)
-            best = d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values  # ascending; column 0 is self
+            best = d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values  # ascending
         radii[i:i + block] = best[:, k]
     return radii
 
 
-def precision_recall(ref: np.ndarray, samples: np.ndarray, k: int = PR_K, block: int = 10000,
+def precision_recall(ref: np.ndarray, samples: np.ndarray, k: int = PR_K, block: int = PR_BLOCK,
                      device: str | torch.device = "cpu") -> tuple[float, float]:
     """ADM's k-NN manifold precision (samples inside the reference manifold) and recall (the reverse) of ref
-    (N_ref, D) and samples (N, D). Distances are float32; ADM's are float16 (float32 only on overflow)."""
+    (N_ref, D) and samples (N, D), with ADM's float16 distances (`adm_sqdist`) in its 10000 × 10000 blocks."""
     r, s = (torch.from_numpy(a).float().to(device) for a in (ref, samples))
     r_rad, s_rad = manifold_radii(r, k, block), manifold_radii(s, k, block)
     ref_in = torch.zeros(r.shape[0], dtype=torch.bool, device=r.device)
     sample_in = torch.zeros(s.shape[0], dtype=torch.bool, device=r.device)
     for i in range(0, r.shape[0], block):
         for j in range(0, s.shape[0], block):
-            d = _sqdist(r[i:i + block], s[j:j + block])                          # (b_ref, b_sample)
+            d = adm_sqdist(r[i:i + block], s[j:j + block])                      # (b_ref, b_sample)
             ref_in[i:i + block] |= (d <= s_rad[None, j:j + block]).any(1)
             sample_in[j:j + block] |= (d <= r_rad[i:i + block, None]).any(0)
-    return float(sample_in.float().mean()), float(ref_in.float().mean())
+    return int(sample_in.sum()) / s.shape[0], int(ref_in.sum()) / r.shape[0]     # fractions, as ADM's float64 mean
+
+
+def _check_finite(acts: Activations, whose: str) -> None:
+    """ADM would print NaN metrics (or, in precision/recall, count NaN distances as outside every ball)."""
+    for name, a in (("pool_3", acts.pool), ("the sFID features", acts.spatial), ("the logits", acts.logits)):
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        if bad:
+            raise NonFiniteError(f"{whose} Inception activations: {name} holds {bad} non-finite values; the images "
+                                 f"or the Inception weights are broken (re-download the weights from {URL_INCEPTION_V3})")
 
 
 def score(acts: Activations, ref: Reference, fd: str = "scipy", device: str | torch.device = "cpu",
-          is_split_size: int | None = None) -> dict[str, float]:
+          is_split_size: int = IS_SPLIT) -> dict[str, float]:
     """FID, sFID, IS, precision, recall of sample activations against a reference (ADM's main, spec §9)."""
+    _check_finite(acts, "samples'")
+    _check_finite(ref.acts, "reference batch's")
     precision, recall = precision_recall(ref.acts.pool, acts.pool, device=device)
     return {"fid": frechet_distance(FDStats.of(acts.pool), ref.pool, fd),
             "sfid": frechet_distance(FDStats.of(acts.spatial), ref.spatial, fd),

@@ -1,7 +1,7 @@
 """Official checkpoint layouts written from CHECKPOINTS.md and METHODS.md (§0.2, §5.3, §6.4, §7),
 independently of the suite: architectures, the published tables, reference position/RoPE tables, a reference
 forward, and random-weight files in the official containers. Used by tests/test_importers.py and
-tests/test_paper_eval.py.
+tests/test_paper_eval.py. The last section restates ADM's evaluator arithmetic for tests/test_adm_eval.py.
 """
 from __future__ import annotations
 
@@ -289,3 +289,74 @@ def official_name(suite: str, kind: str) -> str:
     if m := re.match(r"t_embedders\.(\d+)\.(.*)", suite):
         return f"{TIME_NAMES[kind][int(m.group(1))]}.{m.group(2)}"
     return suite
+
+
+#################################################################################
+#   ADM's evaluator (guided-diffusion evaluations/evaluator.py), restated        #
+#################################################################################
+# Its arithmetic written again in numpy, independently of benchmarks/adm_eval.py, following the official
+# structure: IS over `range(0, N, 5000)` splits of a float32 softmax; DistanceBlock's float16 graph and its
+# tf.cond fallback to float32; ManifoldEstimator's row/column batches, np.partition radii and `<=` tests.
+# Sums of float16 values (the norms, the matmul) are accumulated exactly and rounded once, the model
+# adm_eval.py documents for TF's GPU kernels (see docs/paper_scale.md).
+
+def adm_inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
+    x = logits.astype(np.float32)
+    e = np.exp(x - x.max(1, keepdims=True))
+    preds = (e / e.sum(1, keepdims=True)).astype(np.float32)                   # tf.nn.softmax, float32
+    scores = []
+    for i in range(0, len(preds), split_size):
+        part = preds[i:i + split_size]
+        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    return float(np.mean(scores))
+
+
+def _adm_pairwise(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """max(‖u‖² − 2 u·vᵀ + ‖v‖², 0) in the dtype of u and v (numpy float16 rounds after every operation)."""
+    wide = lambda a: a.astype(np.float64)  # noqa: E731
+    norm_u = wide(np.square(u)).sum(1).astype(u.dtype).reshape(-1, 1)
+    norm_v = wide(np.square(v)).sum(1).astype(v.dtype).reshape(1, -1)
+    uv = (wide(u) @ wide(v).T).astype(u.dtype)
+    return np.maximum(norm_u - u.dtype.type(2) * uv + norm_v, u.dtype.type(0))
+
+
+def adm_distance_block(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):
+        d16 = _adm_pairwise(u.astype(np.float32).astype(np.float16), v.astype(np.float32).astype(np.float16))
+    if np.isfinite(d16).all():
+        return d16.astype(np.float32)
+    u32, v32 = u.astype(np.float32), v.astype(np.float32)                       # the float32 branch
+    return np.maximum(np.square(u32).sum(1)[:, None] - 2 * (u32 @ v32.T) + np.square(v32).sum(1)[None, :],
+                      np.float32(0))
+
+
+def adm_manifold_radii(features: np.ndarray, row_batch: int = 10000, col_batch: int = 10000,
+                       k: int = 3) -> np.ndarray:
+    n = len(features)
+    radii = np.zeros([n], dtype=np.float32)
+    distance_batch = np.zeros([row_batch, n], dtype=np.float32)
+    for begin1 in range(0, n, row_batch):
+        end1 = min(begin1 + row_batch, n)
+        for begin2 in range(0, n, col_batch):
+            end2 = min(begin2 + col_batch, n)
+            distance_batch[0:end1 - begin1, begin2:end2] = adm_distance_block(features[begin1:end1],
+                                                                              features[begin2:end2])
+        radii[begin1:end1] = np.partition(distance_batch[0:end1 - begin1], np.arange(k + 1), axis=1)[:, k]
+    return radii
+
+
+def adm_precision_recall(ref: np.ndarray, samples: np.ndarray, row_batch: int = 10000, col_batch: int = 10000,
+                         k: int = 3) -> tuple[float, float]:
+    radii_1 = adm_manifold_radii(ref, row_batch, col_batch, k)
+    radii_2 = adm_manifold_radii(samples, row_batch, col_batch, k)
+    status_1 = np.zeros([len(ref)], dtype=bool)
+    status_2 = np.zeros([len(samples)], dtype=bool)
+    for begin_1 in range(0, len(ref), row_batch):
+        end_1 = begin_1 + row_batch
+        for begin_2 in range(0, len(samples), col_batch):
+            end_2 = begin_2 + col_batch
+            d = adm_distance_block(ref[begin_1:end_1], samples[begin_2:end_2])
+            status_1[begin_1:end_1] |= np.any(d <= radii_2[None, begin_2:end_2], axis=1)
+            status_2[begin_2:end_2] |= np.any(d <= radii_1[begin_1:end_1, None], axis=0)
+    return float(np.mean(status_2)), float(np.mean(status_1))              # precision, recall

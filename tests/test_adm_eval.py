@@ -15,6 +15,8 @@ from benchmarks.adm_eval import (ADMInception, FDStats, Reference, frechet_dista
 from benchmarks.adm_npz import (balanced_labels, load_samples, merge_shards, pack_npz, read_png_folder,
                                 shuffle_order, write_shard)
 from benchmarks.datasets import load_image_folder
+from core.errors import CorruptFileError, NonFiniteError
+from official_ref import adm_distance_block, adm_inception_score, adm_manifold_radii, adm_precision_recall
 
 CLASSES, PER_CLASS, PER_CLASS_VAL, SIZE = 4, 4, 2, 64
 
@@ -180,6 +182,73 @@ def test_inception_score_formula():
     logits = np.full((8, 1008), -50.0, np.float32)
     logits[np.arange(8), np.arange(8) % 4] = 50.0  # confident, 4 classes equally often
     assert inception_score(logits, split_size=8) == pytest.approx(4.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("n", [3000, 12345, 10000])  # one split; 5000 + 5000 + 2345; exactly two
+def test_inception_score_splits_as_adm(n):
+    """ADM splits by 5000 samples at every N (the last split holds the rest): compared with the official
+    formula restated in numpy (float32 softmax), on class-ordered logits where the split boundaries matter."""
+    rng = np.random.default_rng(n)
+    logits = rng.normal(0, 2, size=(n, 1008)).astype(np.float32)
+    logits[np.arange(n), np.arange(n) * 40 // n] += 6.0                        # classes 0..39 in index order
+    want = adm_inception_score(logits)
+    assert inception_score(logits) == pytest.approx(want, rel=1e-5)
+    assert adm_inception_score(logits, n // 10) != pytest.approx(want, rel=1e-3)  # the old N // 10 splits differ
+
+
+def pool_like(rng, n: int, d: int = 2048) -> np.ndarray:
+    """Non-negative features of Inception pool_3's scale: squared distances of a few hundred, where one
+    float16 step is 0.25-0.5, so the float16 path decides boundary cases."""
+    return (np.abs(rng.normal(size=(n, d))) * rng.uniform(0.4, 0.7, size=(n, 1))).astype(np.float32)
+
+
+def test_adm_distance_block_float16_and_its_float32_fallback():
+    rng = np.random.default_rng(3)
+    u, v = pool_like(rng, 6), pool_like(rng, 5)
+    d = adm_eval.adm_sqdist(torch.from_numpy(u), torch.from_numpy(v))
+    np.testing.assert_array_equal(d.numpy(), adm_distance_block(u, v))         # float16 values, as ADM's graph
+    assert torch.equal(d, d.half().float()) and (d > 100).all()
+    exact = ((u[:, None].astype(np.float64) - v[None]) ** 2).sum(-1)
+    assert not np.array_equal(d.numpy(), exact.astype(np.float32))            # not the float32 distances
+    np.testing.assert_allclose(d.numpy(), exact, rtol=5e-3)
+    big = v.copy()
+    big[0] *= 12                                                              # ‖v₀‖² > 65504: float16 overflows
+    d = adm_eval.adm_sqdist(torch.from_numpy(u), torch.from_numpy(big))       # the whole block in float32
+    np.testing.assert_allclose(d.numpy(), adm_distance_block(u, big), rtol=1e-5)
+    np.testing.assert_allclose(d.numpy(), ((u[:, None].astype(np.float64) - big[None]) ** 2).sum(-1), rtol=1e-4)
+    assert not torch.equal(d, d.half().float())
+
+
+def test_precision_recall_as_adm_blocks_and_overflow():
+    """Radii, precision and recall against ADM's ManifoldEstimator restated in numpy, with blocks of 16 (ADM:
+    10000) and points that overflow float16, so that some blocks take the float32 branch and others not."""
+    rng = np.random.default_rng(4)
+    ref = np.concatenate([pool_like(rng, 40), 12 * pool_like(rng, 8), pool_like(rng, 12)])
+    samples = np.concatenate([pool_like(rng, 30) * 1.05, 12 * pool_like(rng, 5), pool_like(rng, 3)])
+    for block in (16, 10000):                                                 # ADM's own size: one block
+        for x in (ref, samples):
+            got = adm_eval.manifold_radii(torch.from_numpy(x), block=block).numpy()
+            np.testing.assert_allclose(got, adm_manifold_radii(x, block, block), rtol=1e-5)
+        assert precision_recall(ref, samples, block=block) == adm_precision_recall(ref, samples, block, block)
+    # the block structure decides which distances fall back to float32: one block of 10000 holds the large
+    # points, so every radius is float32; in blocks of 16 most radii come from float16 blocks
+    on_grid = lambda r: int((r == r.half().float()).sum())  # noqa: E731
+    small = adm_eval.manifold_radii(torch.from_numpy(ref[:40]), block=16)
+    one = adm_eval.manifold_radii(torch.from_numpy(ref[:40]), block=10000)
+    assert on_grid(small) == 40 and torch.allclose(small, one, rtol=5e-3)      # no overflow: all float16
+    small = adm_eval.manifold_radii(torch.from_numpy(ref), block=16)[:16]
+    one = adm_eval.manifold_radii(torch.from_numpy(ref), block=10000)[:16]
+    assert on_grid(small) > on_grid(one) + 8
+
+
+def test_nonfinite_activations_refused(acts):
+    train, val = acts
+    bad = adm_eval.Activations(train.pool.copy(), train.spatial, train.logits)
+    bad.pool[1, 3] = np.nan
+    with pytest.raises(NonFiniteError, match=r"samples' Inception activations.*pool_3.*1 non-finite"):
+        score(bad, self_reference(val), fd="eigh")
+    with pytest.raises(NonFiniteError, match=r"reference batch's Inception activations"):
+        score(val, self_reference(bad), fd="eigh")
 
 
 def test_self_and_other_set(acts):
