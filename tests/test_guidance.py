@@ -45,6 +45,15 @@ def cfg(**kw):
     return build_guidance({"name": "cfg", **kw}, null_label=NULL)
 
 
+def same(a, b) -> bool:
+    """Equal up to float64 rounding, for outputs whose conditional branch ran inside the batched forward on
+    [x; x] while the reference ran on x alone: an elementwise kernel may round a tensor's tail differently
+    from its vectorised body, and where that split falls depends on the length and the CPU's vector width
+    (AVX2 vs AVX-512), so the two are not bit-equal on every machine. The model's few float64 operations
+    on O(1) values stay within ~1e-15 of each other; a guided channel moves by O(1)."""
+    return torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------------------------
 # Factory
 # ----------------------------------------------------------------------------------------------
@@ -96,7 +105,7 @@ def test_cfg_channel_subset_leaves_others_conditional(channels, guided):
     out = cfg(scale=3.0, channels=channels)(LabelModel(), x, t_model, t_groups, y, GROUPS)
     cond = LabelModel()(x, t_model, y)
     for c in range(5):
-        assert torch.equal(out[:, c], cond[:, c]) != (c in guided)
+        assert same(out[:, c], cond[:, c]) != (c in guided)
 
 
 def test_cfg_learned_sigma_channels_follow_conditional():
@@ -104,9 +113,9 @@ def test_cfg_learned_sigma_channels_follow_conditional():
     t_groups, t_model = times(4, 0.5, 0.5)
     cond = LabelModel(out_factor=2)(x, t_model, y)                          # (N, 2C, H, W)
     out = cfg(scale=3.0)(LabelModel(out_factor=2), x, t_model, t_groups, y, GROUPS)
-    assert torch.equal(out[:, 5:], cond[:, 5:]) and not torch.equal(out[:, :5], cond[:, :5])
+    assert same(out[:, 5:], cond[:, 5:]) and not same(out[:, :5], cond[:, :5])
     legacy = cfg(scale=3.0, channels="0:3")(LabelModel(out_factor=2), x, t_model, t_groups, y, GROUPS)
-    assert torch.equal(legacy[:, 3:], cond[:, 3:])                           # DiT's first-3-of-8 rule
+    assert same(legacy[:, 3:], cond[:, 3:])                                  # DiT's first-3-of-8 rule
     with pytest.raises(ValueError, match="outputs 10 channels"):
         cfg(scale=3.0, channels="0:11")(LabelModel(out_factor=2), x, t_model, t_groups, y, GROUPS)
 
@@ -118,12 +127,12 @@ def test_cfg_interval_per_group_and_per_sample():
     t_groups, t_model = times(4, 0.1, 0.5)
     out = g(LabelModel(), x, t_model, t_groups, y, GROUPS)
     cond = LabelModel()(x, t_model, y)
-    assert torch.equal(out[:, TEX], cond[:, TEX]) and not torch.equal(out[:, SEM], cond[:, SEM])
+    assert same(out[:, TEX], cond[:, TEX]) and not same(out[:, SEM], cond[:, SEM])
     # per sample: sample 0 inside, the others outside
     t_groups = torch.tensor([[0.9, 0.9]] + [[0.2, 0.2]] * 3, dtype=torch.float64)
     out = g(LabelModel(), x, t_groups, t_groups, y, GROUPS)
     cond = LabelModel()(x, t_groups, y)
-    assert not torch.equal(out[0], cond[0]) and torch.equal(out[1:], cond[1:])
+    assert not same(out[0], cond[0]) and same(out[1:], cond[1:])
     # nobody inside: the unconditional branch is skipped altogether
     model = LabelModel()
     t_groups, t_model = times(4, 0.1, 0.2)
