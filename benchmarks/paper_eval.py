@@ -22,7 +22,7 @@ from benchmarks.adm_npz import balanced_labels, merge_shards, write_shard
 from core.dist import Dist, barrier
 from core.registry import ENCODERS
 from core.seed import generator
-from core.types import to_uint8
+from core.types import check_finite, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,11 @@ def sample_npz(method: Any, model: torch.nn.Module, latent: Any, shape: tuple[in
         with torch.no_grad():
             x1 = method.sample(model, noise.to(device), y.to(device), guidance=guidance,
                                generator=generator(seed * 1_000_003 + k + 1, device))
-            images = to_uint8(latent.decode(x1.float())).permute(0, 2, 3, 1).cpu().numpy()     # (n, H, W, 3)
+            decoded = latent.decode(x1.float())
+            # NaN/inf would become black pixels that get scored: refuse before this chunk is written
+            check_finite(decoded, "decoded samples", f" in chunk {k} (samples {i}-{i + len(y) - 1}); nothing of "
+                         "it was written (check guidance=, sampler.* and the checkpoint)")
+            images = to_uint8(decoded).permute(0, 2, 3, 1).cpu().numpy()     # (n, H, W, 3)
         write_shard(images, y.numpy(), chunks, rank=k, index=np.arange(i, i + len(y)))       # atomic
         done += len(y)
         log.info("rank %d: chunk %d (%d images, %.1f img/s)", dist.rank, k, len(y), done / (time.time() - t0))

@@ -24,6 +24,7 @@ from benchmarks.plugins import load_all
 from benchmarks.prepare import FD_NET, prepare_run
 from core.compile import attention_context, compile_loss, compile_model, resolve_mode
 from core.dist import Dist, all_reduce_grads, barrier, mean_over_ranks, setup
+from core.errors import NonFiniteError
 from core.ema import ema_decay, make_ema, update_ema
 from core.graphs import GraphedGrads, check_device
 from core.rundir import RunDir
@@ -31,6 +32,7 @@ from core.seed import seed_everything
 from core.types import Batch
 
 log = logging.getLogger(__name__)
+LOGS = ("metrics.jsonl", "eval.jsonl")   # the run folder's append-only logs
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -121,6 +123,14 @@ class Trainer:
                 "loss": self.parts.method.loss.state_dict(), "opt": self.opt.state_dict()}
 
     def restore(self) -> None:
+        """Resume from the newest valid checkpoint (or start afresh) and cut the logs back to it. Runs
+        while this job is the run folder's one writer: temp files of killed writes are removed; a damaged
+        row of metrics.jsonl / eval.jsonl (not a torn last line) raises CorruptFileError before either
+        file is rewritten, so the run stops with that error and loses no row."""
+        if self.dist.main:
+            self.rd.remove_stale_tmp()
+            for name in LOGS:
+                self.rd.rows(name)       # both read before either is rewritten
         st = self.rd.load_latest(map_location=self.device)
         if st is None:                   # a fresh start: drop rows an attempt killed before its first checkpoint wrote
             if self.dist.main:
@@ -200,11 +210,18 @@ class Trainer:
     def evaluate(self) -> dict:
         e, p = self.cfg["eval"], self.parts
         t0 = time.time()
-        images = generate(p.method, self.sampling_model, p.latent, p.latent_shape, self.labels, seed=e["sample_seed"],
-                          batch_size=e["batch_size"], device=self.device, dist=self.dist)
+        try:
+            images = generate(p.method, self.sampling_model, p.latent, p.latent_shape, self.labels,
+                              seed=e["sample_seed"], batch_size=e["batch_size"], device=self.device, dist=self.dist)
+        except NonFiniteError as err:
+            raise NonFiniteError(f"step {self.step}: {err} ({self.nonfinite_hint()})") from None
         if images is None:               # not rank 0: its share of the samples went to rank 0
             return {}
-        row = {"step": self.step, **self.scorer(images, self.labels),
+        try:
+            scores = self.scorer(images, self.labels)
+        except NonFiniteError as err:
+            raise NonFiniteError(f"step {self.step}: {err}") from None
+        row = {"step": self.step, **scores,
                "nfe": int(getattr(p.method.sampler, "last_nfe", 0)), "sec": round(time.time() - t0, 2)}
         self.rd.samples_dir.mkdir(parents=True, exist_ok=True)
         order = torch.argsort(self.labels[: e["grid_images"]], stable=True)
@@ -212,6 +229,26 @@ class Trainer:
                    self.rd.samples_dir / f"step_{self.step:07d}.png", nrow=10)
         self.rd.append("eval.jsonl", row)
         return row
+
+    def nonfinite_hint(self) -> str:
+        """Why samples may be NaN/inf: a non-finite setting, weights that diverged, or the sampler."""
+        keys = nonfinite_settings(self.cfg)
+        if keys:
+            return ", ".join(f"{k}={v}" for k, v in keys) + "?"
+        if any(not torch.isfinite(v).all() for v in self.ema.state_dict().values() if v.is_floating_point()):
+            return "the EMA weights hold NaN/inf"
+        return "weights and settings are finite: the sampler diverged; check eval.guidance and eval.sampler"
+
+
+def nonfinite_settings(cfg: dict, prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted key, value) of every NaN/inf number in a config."""
+    out = []
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            out += nonfinite_settings(v, f"{prefix}{k}.")
+        elif isinstance(v, float) and not math.isfinite(v):
+            out.append((f"{prefix}{k}", v))
+    return out
 
 
 def make_scorer(cfg: dict, prepared, parts: RunParts, device: torch.device):
@@ -267,7 +304,13 @@ def _loop(tr: Trainer) -> dict:
     main = tr.dist.main
     while True:
         if tr.step in evals and not any(r["step"] == tr.step for r in rd.rows("eval.jsonl")):
-            last_eval = tr.evaluate()    # sampling sharded over ranks, scored on rank 0
+            try:
+                last_eval, err = tr.evaluate(), None   # sampling sharded over ranks, scored on rank 0
+            except NonFiniteError as e:  # NaN/inf samples, features or statistics: nothing was scored
+                last_eval, err = None, e
+            if _on_any_rank(err is not None, tr):      # a scoring failure is seen by rank 0 alone
+                return _fail(rd, tr.step, f"evaluation: {err or 'NaN/inf on another rank'}", last_finite, stage="evaluation") if main \
+                    else {"status": "failed", "step": tr.step}
             if main:
                 log.info("%s step %d: %s", rd.path.name, tr.step, last_eval)
             barrier(tr.dist)
@@ -281,7 +324,8 @@ def _loop(tr: Trainer) -> dict:
             acc = mean_over_ranks(acc, tr.dist)
             row = {k: float(v) / n for k, v in acc.items()}          # the one host sync per log interval
             if not all(math.isfinite(v) for v in row.values()):
-                return _fail(rd, tr.step, row, last_finite) if main else {"status": "failed", "step": tr.step}
+                return _fail(rd, tr.step, "non-finite loss", last_finite, stage="training",
+                             loss={k: str(v) for k, v in row.items()}) if main else {"status": "failed", "step": tr.step}
             row.update(step=tr.step, sec_per_step=(time.time() - t_log) / n)
             if main:
                 rd.append("metrics.jsonl", row)
@@ -302,9 +346,16 @@ def _loop(tr: Trainer) -> dict:
     return done
 
 
-def _fail(rd: RunDir, step: int, row: dict, last_finite: dict) -> dict:
-    payload = {"status": "failed", "reason": "non-finite loss", "step": step,
-               "loss": {k: str(v) for k, v in row.items()}, "last_finite": last_finite}
+def _on_any_rank(flag: bool, tr: Trainer) -> bool:
+    if tr.dist.world == 1:
+        return flag
+    return bool(mean_over_ranks({"f": torch.tensor(float(flag), device=tr.device)}, tr.dist)["f"] > 0)
+
+
+def _fail(rd: RunDir, step: int, reason: str, last_finite: dict, **details) -> dict:
+    """Mark the run failed (failed.json: reason, step, stage = training | evaluation, details); the grid goes on."""
+    payload = {"status": "failed", "reason": reason, "step": step, **details, "last_finite": last_finite}
     rd.mark_failed(payload)
-    log.error("%s: non-finite loss at step %d; run marked failed (last finite: %s)", rd.path.name, step, last_finite)
+    log.error("%s: %s at step %d; run marked failed (last finite train row: %s)", rd.path.name, reason, step,
+              last_finite)
     return payload

@@ -2,8 +2,14 @@
 
 results/<grid>/<run_id>/
   config.yaml  metrics.jsonl  eval.jsonl  checkpoints/step_0000500.pt (+ .sha256)  samples/  done.json  failed.json
-Checkpoints are written atomically (temp file + rename) with a sha256 beside them; a checkpoint whose
-checksum does not match is skipped in favour of the previous one. They load with weights_only=True.
+Checkpoints are written atomically (temp file `.<name>.tmp<pid>` + rename) with a sha256 beside them; a
+checkpoint whose checksum does not match is skipped in favour of the previous one. They load with
+weights_only=True. A temp file left by a killed write is removed when the run resumes (remove_stale_tmp).
+
+metrics.jsonl and eval.jsonl are append-only, one JSON object per line. A job killed mid-append leaves at
+most a torn LAST line (no trailing newline, or not parseable): readers drop it and a resume rewrites the
+file without it. Any other bad line is damage, not a killed write: read_jsonl raises CorruptFileError with
+the file and line, and nothing rewrites the file (so no row is ever lost silently).
 """
 from __future__ import annotations
 
@@ -18,8 +24,11 @@ from typing import Any, Iterator
 import torch
 from omegaconf import OmegaConf
 
+from core.errors import CorruptFileError
+
 log = logging.getLogger(__name__)
 _CKPT = re.compile(r"^step_(\d{7})\.pt$")
+_TMP = re.compile(r"^\..+\.tmp(\d+)$")       # what atomic_write_bytes writes before its rename
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -31,6 +40,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _pid_alive(pid: int) -> bool:
+    """This process, or another one running on this machine with that pid (it may still be writing)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:              # exists, owned by another user
+        return True
+    return True
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -46,17 +68,39 @@ def sha256_file(path: Path) -> str:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Read a JSONL file, ignoring a truncated last line (a job killed mid-write)."""
-    path = Path(path)
+    """The rows of an append-only JSONL file, without a torn last line (a job killed mid-append).
+
+    The last line is torn when it has no trailing newline or does not parse as a JSON object; it is
+    dropped. Any other line that does not parse is damage: CorruptFileError names the file and line."""
+    return _parse_jsonl(Path(path))[0]
+
+
+def _parse_jsonl(path: Path) -> tuple[list[dict], bool]:
+    """(rows, whether a torn last line was dropped)."""
     if not path.exists():
-        return []
+        return [], False
+    lines = path.read_bytes().split(b"\n")
+    torn = lines.pop() != b""            # the bytes after the last newline: a write that did not finish
     rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    for i, line in enumerate(lines, start=1):
+        row = _row(line)
+        if row is None and i == len(lines) and not torn:
+            return rows, True            # a complete-looking but unparseable last line: torn as well
+        if row is None:
+            raise CorruptFileError(
+                f"{path}:{i}: line {i} of {len(lines)} is not a JSON object ({line[:40]!r}), and rows follow "
+                f"it, so this is damage, not a killed write; delete the run folder to retrain it, or repair "
+                f"line {i}")
+        rows.append(row)
+    return rows, torn
+
+
+def _row(line: bytes) -> dict | None:
+    try:
+        row = json.loads(line.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return row if isinstance(row, dict) else None
 
 
 class RunDir:
@@ -108,9 +152,30 @@ class RunDir:
         return read_jsonl(self.path / name)
 
     def truncate_after(self, name: str, step: int) -> None:
-        """Drop rows logged after `step` (they are replayed identically after a resume)."""
-        rows = [r for r in self.rows(name) if r.get("step", -1) <= step]
-        atomic_write_text(self.path / name, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        """Drop rows logged after `step` (they are replayed identically after a resume) and a torn last
+        line. A damaged row elsewhere raises CorruptFileError before anything is written; a file with
+        nothing to drop is left as it is."""
+        rows, torn = _parse_jsonl(self.path / name)
+        keep = [r for r in rows if r.get("step", -1) <= step]
+        if torn or len(keep) < len(rows):
+            atomic_write_text(self.path / name, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
+
+    def remove_stale_tmp(self) -> list[Path]:
+        """Delete temp files of writes that never reached their rename (`.<name>.tmp<pid>`, in the run
+        folder and checkpoints/): only while this process is the folder's one writer (a resume), and never
+        one of this process or of another process alive on this machine. Returns what was removed."""
+        removed = []
+        for folder in (self.path, self.ckpt_dir):
+            if not folder.is_dir():
+                continue
+            for p in folder.iterdir():
+                m = _TMP.match(p.name)
+                if m and p.is_file() and not _pid_alive(int(m.group(1))):
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
+        if removed:
+            log.info("removed %d temp file(s) of killed writes: %s", len(removed), ", ".join(p.name for p in removed))
+        return removed
 
     # ---------------------------------------------------------------- checkpoints
     def checkpoints(self) -> list[tuple[int, Path]]:

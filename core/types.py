@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from core.errors import NonFiniteError
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,31 @@ def to_unit(images_u8: Tensor) -> Tensor:
     return images_u8.float().div(127.5).sub(1.0)
 
 
+def nonfinite_rows(x: Tensor | np.ndarray) -> int:
+    """How many rows (entries along dim 0: samples, feature vectors) hold a NaN or ±inf anywhere."""
+    if isinstance(x, np.ndarray):
+        return int((~np.isfinite(x.reshape(x.shape[0], -1) if x.ndim else x.reshape(1, 1))).any(1).sum())
+    x = x.detach()
+    if not (x.is_floating_point() or x.is_complex()):
+        return 0                         # integer tensors (uint8 images) cannot hold NaN/inf
+    return int((~torch.isfinite(x.reshape(x.shape[0], -1) if x.dim() else x.reshape(1, 1))).any(1).sum())
+
+
+def check_finite(x: Tensor | np.ndarray, what: str, hint: str = "") -> None:
+    """Raise NonFiniteError "<bad> of <rows> <what> hold NaN/inf<hint>" when any row of x is not finite.
+
+    Everything that is scored passes here first: a NaN would otherwise become a number (to_uint8 turns it
+    into black pixels, a Fréchet distance of NaN statistics is NaN or a plausible-looking float)."""
+    bad = nonfinite_rows(x)
+    if bad:
+        rows = int(x.shape[0]) if x.ndim else 1
+        raise NonFiniteError(f"{bad} of {rows} {what} hold NaN/inf{hint}")
+
+
 def to_uint8(images: Tensor) -> Tensor:
-    """float [-1, 1] -> uint8 [0, 255], clamped (spec §5.2: clamp(127.5·x + 128))."""
+    """float [-1, 1] -> uint8 [0, 255], clamped (spec §5.2: clamp(127.5·x + 128)).
+
+    NaN/inf raise NonFiniteError: clamp would silently turn NaN into 0 (a black pixel that gets scored).
+    Callers that know more (which step, which chunk) check first with check_finite and a better message."""
+    check_finite(images, "images given to to_uint8")
     return images.mul(127.5).add(128.0).clamp(0, 255).to(torch.uint8)
