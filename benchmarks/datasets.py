@@ -15,10 +15,10 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from core.cache import cached_dir
+from core.cache import cached_dir, read_safetensors
 from core.types import ImageData
 
 # ---------------------------------------------------------------------------------------------------
@@ -272,7 +272,7 @@ def cached_sample(cache_dir: str | Path, key_obj: dict, root: str | Path, image_
 
     folder = cached_dir(cache_dir, "sample", key_obj, build)
     info = json.loads((folder / "info.json").read_text())
-    return ImageData(name=info["name"], num_classes=info["num_classes"], **load_file(str(folder / "sample.safetensors")))
+    return ImageData(name=info["name"], num_classes=info["num_classes"], **read_safetensors(folder / "sample.safetensors"))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from benchmarks.datasets import READ_WORKERS, ImageFolderDataset
 from benchmarks.prepare import (ENCODER, FD_NET, STATS_SAMPLES, artifact_plan, build_latent, build_node,
                                 encodings_key, latent_key, load_artifacts, load_data, stream_cache_dirs, streamed)
 from benchmarks.shards import ShardWriter, map_shard, open_sharded, shard_file, shard_ok, write_index
-from core.cache import MARKER
+from core.cache import MARKER, verify_dir, write_manifest
 from core.config import ConfigError, structured, to_dict
 from core.seed import generator
 from core.types import to_unit
@@ -216,6 +216,7 @@ def try_merge(t: Target, bounds: list[tuple[int, int]], finish: Callable[[Path],
             if finish is not None:
                 finish(t.folder)
             (t.folder / "key.json").write_text(json.dumps(t.key_obj, indent=2, sort_keys=True, default=str))
+            write_manifest(t.folder)                  # core.cache: what every later open checks
             (t.folder / MARKER).write_text(f"{time.time() - t0:.1f}s merge\n")
             log.info("extract: %s complete (%d shards)", t.folder.name, len(bounds))
     return True
@@ -264,7 +265,7 @@ def extract_run(cfg: dict, rank: int = 0, world: int = 1, device: torch.device |
     dirs = stream_artifacts(cfg, device)
     enc_dirs, latent_dir = stream_cache_dirs(cfg, dirs)
     if (latent_dir / MARKER).exists():
-        return latent_dir
+        return verify_dir(latent_dir)             # damaged: CorruptFileError (delete it to extract again)
     latent = build_latent(cfg, load_artifacts(dirs, device))
     enc = {k: Target(d, "tokens" if k == ENCODER else "texture", encodings_key(cfg, dirs[k])) for k, d in enc_dirs.items()}
     lat = Target(latent_dir, "train", latent_key(cfg, enc_dirs, dirs))

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from benchmarks.datasets import READ_WORKERS, cached_sample, check_streamable, fingerprint, load_dataset
 from benchmarks.shards import is_sharded, open_sharded
-from core.cache import MARKER, cache_key, cached_dir
+from core.cache import MARKER, cache_key, cached_dir, read_safetensors, verify_dir
 from core.config import ConfigError
 from core.dag import run_dag
 from core.registry import ENCODERS, LATENTS
@@ -285,8 +285,8 @@ def build_latent_cache(cfg: dict, data: ImageData, dirs: dict[str, Path], device
 
     def build(tmp: Path) -> None:
         t0 = time.time()
-        tex = load_file(str(enc[latent.tokenizer_kind] / "texture.safetensors"))
-        tok = load_file(str(enc[ENCODER] / "tokens.safetensors")) if ENCODER in enc else {}
+        tex = read_safetensors(enc[latent.tokenizer_kind] / "texture.safetensors")
+        tok = read_safetensors(enc[ENCODER] / "tokens.safetensors") if ENCODER in enc else {}
         tensors = {"y": data.train_y.long()}
         for i, sfx in enumerate(_splits(cfg, data)):
             x_tex, tokens = tex[f"texture{sfx}"], tok.get(f"tokens{sfx}")
@@ -326,6 +326,7 @@ def prepare_run(cfg: dict, device: torch.device | str = "cpu") -> Prepared:
         if not (latent_dir / MARKER).exists():
             raise FileNotFoundError(f"sharded latent cache {latent_dir} is not extracted yet: run `python -m "
                                     "benchmarks.extract grid=<grid>` (one job per GPU; docs/paper_scale.md)")
+        verify_dir(latent_dir)               # written by extract: nothing here can rebuild it, so refuse damage
     else:
         latent_dir = build_latent_cache(cfg, data, dirs, device)
     return Prepared(data=data, artifact_dirs=dirs, latent_dir=latent_dir)
@@ -338,18 +339,21 @@ def load_latent_cache(latent_dir: Path) -> tuple[dict[str, Any], torch.Tensor, t
     by the feed) for x1/x1_flip and the aux targets, and the labels y as a tensor.
     """
     latent_dir = Path(latent_dir)
-    stats = load_file(str(latent_dir / "stats.safetensors"))
+    verify_dir(latent_dir)                   # (a quick check; prepare_run has rebuilt a damaged in-memory one)
+    stats = read_safetensors(latent_dir / "stats.safetensors")
     aux = read_json(latent_dir / "info.json")["aux"]
+    for enc_dir in set(aux.values()):
+        verify_dir(latent_dir.parent / enc_dir)
     if is_sharded(latent_dir):
         tensors: dict[str, Any] = open_sharded(latent_dir)
         tensors["y"] = torch.from_numpy(tensors["y"].numpy()).long()
         for enc_dir in set(aux.values()):
             tensors.update(open_sharded(latent_dir.parent / enc_dir))
         return tensors, stats["mean"], stats["std"]
-    tensors = load_file(str(latent_dir / "train.safetensors"))
+    tensors = read_safetensors(latent_dir / "train.safetensors")
     for key, enc_dir in aux.items():
         # aux targets live once in the encodings cache next door (the REPA tokens are ~0.5 GB per split)
-        tensors.update(load_file(str(latent_dir.parent / enc_dir / f"{key}.safetensors")))
+        tensors.update(read_safetensors(latent_dir.parent / enc_dir / f"{key}.safetensors"))
     return tensors, stats["mean"], stats["std"]
 
 

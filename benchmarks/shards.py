@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.errors import CorruptFileError
 from encoders.base import read_json, write_json
 
 INDEX = "index.json"
@@ -160,7 +161,12 @@ def open_sharded(folder: Path) -> dict[str, ShardedArray]:
     index = read_json(folder / INDEX)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in index["keys"]}
     for file, _, _ in index["shards"]:
-        for key, view in map_shard(folder / file).items():
+        try:
+            views = map_shard(folder / file)
+        except (OSError, ValueError, KeyError) as e:      # missing, truncated, garbled header
+            raise CorruptFileError(f"{folder / file}: not a readable shard ({type(e).__name__}: {e}); "
+                                   f"delete {folder} and rerun to rebuild it") from None
+        for key, view in views.items():
             parts[key].append(view)
     starts = [start for _, start, _ in index["shards"]]
     return {key: ShardedArray(p, starts) for key, p in parts.items()}

@@ -22,6 +22,7 @@ from benchmarks.evaluate import ADMScorer, FDNetScorer, eval_labels, generate, r
 from benchmarks.phases import phase_figure
 from benchmarks.plugins import load_all
 from benchmarks.prepare import FD_NET, prepare_run
+from core.cache import full_verification
 from core.compile import attention_context, compile_loss, compile_model, resolve_mode
 from core.dist import Dist, all_reduce_grads, barrier, mean_over_ranks, setup
 from core.errors import NonFiniteError
@@ -275,10 +276,11 @@ def run_job(cfg: dict, run_dir: str) -> dict:
     if t["threads"] > 0:
         torch.set_num_threads(t["threads"])
     device = resolve_device(t["device"], d.local_rank)
-    prepared = prepare_run(cfg, device)
-    parts = build_run(cfg, prepared, device)
-    trainer = Trainer(cfg, rd, parts, device, scorer=make_scorer(cfg, prepared, parts, device) if d.main else None,
-                      dist=d)
+    with full_verification(bool(rd.checkpoints())):   # resuming (after a crash?): caches checked in full (core/cache.py)
+        prepared = prepare_run(cfg, device)
+        parts = build_run(cfg, prepared, device)
+        trainer = Trainer(cfg, rd, parts, device, scorer=make_scorer(cfg, prepared, parts, device) if d.main else None,
+                          dist=d)
     barrier(d)                           # every rank sees the same checkpoints
     trainer.restore()
     ACTIVE[:] = [trainer]

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
+
+from core.cache import read_safetensors
 
 
 def save_module(module: nn.Module, config: dict[str, Any], summary: dict[str, Any], out_dir: Path) -> None:
@@ -34,7 +36,7 @@ def load_state(out_dir: Path, device: torch.device | str = "cpu") -> tuple[dict[
     weights = out_dir / "weights.safetensors"
     if not weights.exists():
         raise FileNotFoundError(f"no weights at {weights}; rerun `prepare` (python -m benchmarks.run ...) to rebuild it")
-    state = load_file(str(weights), device=str(device))
+    state = read_safetensors(weights, device=str(device))      # damaged: CorruptFileError naming it
     return state, read_json(out_dir / "config.json"), read_json(out_dir / "summary.json")
 
 
