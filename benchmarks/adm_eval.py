@@ -219,19 +219,44 @@ def _to_half(x: torch.Tensor) -> torch.Tensor:
     return torch.where(y.double() == x, y, odd).half()
 
 
+def _add16(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """float16 + float16, rounded once (float32 holds the exact sum's rounding: 24 >= 2·11 + 2 bits)."""
+    return (a.float() + b.float()).half()
+
+
+def _tf_row_sum16(x: torch.Tensor) -> torch.Tensor:
+    """tf.reduce_sum(x, 1) of a float16 (N, D) tensor on the GPU, in float16 and in TF's order: D >= 1024 goes to
+    cub's segmented reduce (256 threads; thread t sums columns t, t+256, ... in turn; each warp of 32 threads
+    adds in a shuffle tree; the 8 warp sums are added in turn), D < 1024 to TF's RowReduceKernel (lane l of one
+    warp sums columns l, l+32, ...; then the shuffle tree). Zero padding leaves every sum exact as it was."""
+    threads = 256 if x.shape[1] >= 1024 else 32
+    pad = -x.shape[1] % threads
+    x = torch.cat([x, x.new_zeros(x.shape[0], pad)], 1) if pad else x
+    items = x.reshape(x.shape[0], -1, threads)                                  # (N, items per thread, threads)
+    acc = items[:, 0]
+    for j in range(1, items.shape[1]):
+        acc = _add16(acc, items[:, j])
+    warps = acc.reshape(acc.shape[0], -1, 32)                                   # (N, warps, 32 lanes)
+    while warps.shape[2] > 1:                                                   # shuffle-down by 1, 2, 4, 8, 16
+        warps = _add16(warps[:, :, 0::2], warps[:, :, 1::2])
+    total = warps[:, 0, 0]
+    for w in range(1, warps.shape[1]):
+        total = _add16(total, warps[:, w, 0])
+    return total
+
+
 def adm_sqdist(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """ADM's DistanceBlock on one (row block, column block) pair, (a, b) float32: the features cast to float16,
-    ‖u‖² (squares rounded to float16, summed), u·vᵀ (float16 in, rounded to float16 out), then
-    max((‖u‖² − 2u·v) + ‖v‖², 0) with every operation rounded to float16. If any entry of the block is not
-    finite (float16 overflows above 65504), the whole block is recomputed in float32, as ADM's tf.cond does.
-    Sums and products are accumulated exactly (float64) and rounded once: ADM's GPU kernels accumulate
-    ‖u‖² in float16 and u·v in float32 in an order of their own, so a few entries differ by one float16
-    step (docs/paper_scale.md)."""
+    ‖u‖² (squares rounded to float16, summed in float16 in TF's GPU order), u·vᵀ (float16 in, rounded to
+    float16 out), then max((‖u‖² − 2u·v) + ‖v‖², 0) with every operation rounded to float16. If any entry of
+    the block is not finite (float16 overflows above 65504), the whole block is recomputed in float32, as
+    ADM's tf.cond does. u·v is accumulated exactly (float64) and rounded once, where cuBLAS accumulates in
+    float32 in an order of its own: a few entries can differ by one float16 step (docs/paper_scale.md)."""
     u16, v16 = u.float().half(), v.float().half()
-    nu = _to_half(u16.float().square().half().double().sum(1))                  # (a,)
-    nv = _to_half(v16.float().square().half().double().sum(1))                  # (b,)
+    nu = _tf_row_sum16(u16.float().square().half())                            # (a,)
+    nv = _tf_row_sum16(v16.float().square().half())                            # (b,)
     two_uv = (2 * _to_half(u16.double() @ v16.double().T).float()).half()       # (a, b); exact unless inf
-    d = ((nu.float()[:, None] - two_uv.float()).half().float() + nv.float()[None, :]).half().float()
+    d = _add16(_add16(nu[:, None], -two_uv), nv[None, :]).float()
     if torch.isfinite(d).all():
         return d.clamp_min_(0)
     return _sqdist(u.float(), v.float())

@@ -297,8 +297,9 @@ def official_name(suite: str, kind: str) -> str:
 # Its arithmetic written again in numpy, independently of benchmarks/adm_eval.py, following the official
 # structure: IS over `range(0, N, 5000)` splits of a float32 softmax; DistanceBlock's float16 graph and its
 # tf.cond fallback to float32; ManifoldEstimator's row/column batches, np.partition radii and `<=` tests.
-# Sums of float16 values (the norms, the matmul) are accumulated exactly and rounded once, the model
-# adm_eval.py documents for TF's GPU kernels (see docs/paper_scale.md).
+# tf.reduce_sum of float16 on the GPU adds in float16 in cub's order (tensorflow/core/kernels/
+# reduction_gpu_kernels.cu.h: rows of >= 1024 columns go to cub's DeviceSegmentedReduce, 256 threads per
+# row); the float16 matmul accumulates in float32 (TF_FP16_MATMUL_USE_FP32_COMPUTE), here exactly.
 
 def adm_inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
     x = logits.astype(np.float32)
@@ -312,13 +313,36 @@ def adm_inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
     return float(np.mean(scores))
 
 
+def tf_gpu_row_sum(x: np.ndarray) -> np.ndarray:
+    """Row sums of float16 x (N, D) as TF's GPU kernel adds them, written as its loops (vectorised over rows)."""
+    n, d = x.shape
+    threads = 256 if d >= 1024 else 32                 # cub segmented reduce / TF's one-warp RowReduceKernel
+    per_thread = []
+    for t in range(threads):
+        acc = x[:, t] if t < d else np.zeros(n, np.float16)
+        for c in range(t + threads, d, threads):
+            acc = acc + x[:, c]                        # float16 + float16 -> float16
+        per_thread.append(acc)
+    warp_sums = []
+    for w in range(0, threads, 32):                    # warp shuffle-down tree: offsets 1, 2, 4, 8, 16
+        lanes = per_thread[w:w + 32]
+        off = 1
+        while off < 32:
+            lanes = [lanes[i] + lanes[i + off] if i + off < 32 else lanes[i] for i in range(32)]
+            off *= 2
+        warp_sums.append(lanes[0])
+    total = warp_sums[0]
+    for part in warp_sums[1:]:
+        total = total + part
+    return total
+
+
 def _adm_pairwise(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """max(‖u‖² − 2 u·vᵀ + ‖v‖², 0) in the dtype of u and v (numpy float16 rounds after every operation)."""
-    wide = lambda a: a.astype(np.float64)  # noqa: E731
-    norm_u = wide(np.square(u)).sum(1).astype(u.dtype).reshape(-1, 1)
-    norm_v = wide(np.square(v)).sum(1).astype(v.dtype).reshape(1, -1)
-    uv = (wide(u) @ wide(v).T).astype(u.dtype)
-    return np.maximum(norm_u - u.dtype.type(2) * uv + norm_v, u.dtype.type(0))
+    """max(‖u‖² − 2 u·vᵀ + ‖v‖², 0) of float16 u, v (numpy float16 rounds after every operation)."""
+    norm_u = tf_gpu_row_sum(np.square(u)).reshape(-1, 1)
+    norm_v = tf_gpu_row_sum(np.square(v)).reshape(1, -1)
+    uv = (u.astype(np.float64) @ v.astype(np.float64).T).astype(np.float16)
+    return np.maximum(norm_u - np.float16(2) * uv + norm_v, np.float16(0))
 
 
 def adm_distance_block(u: np.ndarray, v: np.ndarray) -> np.ndarray:

@@ -16,7 +16,8 @@ from benchmarks.adm_npz import (balanced_labels, load_samples, merge_shards, pac
                                 shuffle_order, write_shard)
 from benchmarks.datasets import load_image_folder
 from core.errors import CorruptFileError, NonFiniteError
-from official_ref import adm_distance_block, adm_inception_score, adm_manifold_radii, adm_precision_recall
+from official_ref import (adm_distance_block, adm_inception_score, adm_manifold_radii, adm_precision_recall,
+                          tf_gpu_row_sum)
 
 CLASSES, PER_CLASS, PER_CLASS_VAL, SIZE = 4, 4, 2, 64
 
@@ -200,6 +201,16 @@ def pool_like(rng, n: int, d: int = 2048) -> np.ndarray:
     """Non-negative features of Inception pool_3's scale: squared distances of a few hundred, where one
     float16 step is 0.25-0.5, so the float16 path decides boundary cases."""
     return (np.abs(rng.normal(size=(n, d))) * rng.uniform(0.4, 0.7, size=(n, 1))).astype(np.float32)
+
+
+@pytest.mark.parametrize("d", [2048, 1500, 1000, 100, 5])  # cub's 256-thread path (>= 1024) and one warp
+def test_float16_norms_in_tf_gpu_order(d):
+    rng = np.random.default_rng(d)
+    sq = np.square(pool_like(rng, 64, d).astype(np.float16))                  # ADM's tf.square in float16
+    got = adm_eval._tf_row_sum16(torch.from_numpy(sq)).numpy()
+    np.testing.assert_array_equal(got, tf_gpu_row_sum(sq))
+    if d == 2048:  # float16 accumulation is not the exact sum rounded once: the order is part of the result
+        assert (got != sq.astype(np.float64).sum(1).astype(np.float16)).sum() >= 5
 
 
 def test_adm_distance_block_float16_and_its_float32_fallback():
