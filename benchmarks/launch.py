@@ -2,6 +2,11 @@
 
 Failure isolation: a run that raises or turns non-finite is marked failed in its folder and the rest
 of the grid goes on. Rerunning a grid resumes every unfinished run and skips finished ones.
+One writer per run folder: run_job holds the folder's lock (core/runlock.py); a run held by another live
+process is skipped with a one-line message. A job process that ends without done.json or failed.json
+(a signal, the OOM killer, a crash outside Python) is marked failed here, with its exit status and the
+tail of its log. launcher=local: SIGINT/SIGTERM to the launcher cancel its jobs, and its jobs end when
+it dies (benchmarks/localjob.py).
 """
 from __future__ import annotations
 
@@ -15,10 +20,12 @@ from typing import Any, Callable
 
 import submitit
 
+from benchmarks import localjob
 from benchmarks.grid import Grid, RunSpec
 from benchmarks.train import run_job
 from core.config import ConfigError
 from core.rundir import RunDir
+from core.runlock import RunHeld, RunLock, describe
 
 log = logging.getLogger(__name__)
 LAUNCHERS = ("inline", "local", "slurm")
@@ -35,6 +42,7 @@ class Resumable:
     run_dir: str
 
     def __call__(self) -> dict:
+        localjob.end_with_controller()      # launcher=local only: this process ends with its controller
         return guarded_run(self.cfg, self.run_dir)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
@@ -52,6 +60,9 @@ def guarded_run(cfg: dict, run_dir: str) -> dict:
         return run_job(cfg, run_dir)
     except (KeyboardInterrupt, SystemExit):
         raise
+    except RunHeld as e:                    # not a failure of this run: another process is training it
+        log.warning("run %s skipped: held by another process (%s)", Path(run_dir).name, describe(e.holder))
+        return {"status": "held", "holder": describe(e.holder)}
     except Exception as e:  # noqa: BLE001 - isolate one run's failure from the grid
         payload = {"status": "failed", "reason": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
         RunDir(run_dir).mark_failed(payload)
@@ -75,34 +86,114 @@ def _threads_per_job(parallel: int) -> int:
     return max(1, (os.cpu_count() or 1) // parallel)
 
 
-def launch_local(todo: list[tuple[RunSpec, Path]], *, folder: Path, parallel: int = 0,
+LOG_TAIL_LINES = 20
+
+
+def log_tail(paths: list[Path], n: int = LOG_TAIL_LINES) -> list[str]:
+    """The last n lines of each existing log file (a job's submitit stderr holds logging and tracebacks)."""
+    out = []
+    for p in paths:
+        if p.exists():
+            out += [f"[{p.name}] {line}" for line in p.read_text(errors="replace").splitlines()[-n:]]
+    return out
+
+
+def mark_ended(run_dir: Path, reason: str, logs: list[Path], **extra: Any) -> dict | None:
+    """A job ended: if its run has neither done.json nor failed.json, write failed.json with the reason and
+    the tail of the job's log. Under the run lock, so a process that took the run over meanwhile is left
+    alone (its run_job clears failed.json anyway). Returns the payload written, or None."""
+    rd = RunDir(run_dir)
+    if rd.is_done() or rd.failed_file.exists():
+        return None
+    try:
+        with RunLock(run_dir):
+            if rd.is_done() or rd.failed_file.exists():
+                return None
+            payload = {"status": "failed", "reason": reason, "log": [str(p) for p in logs],
+                       "log_tail": log_tail(logs), **extra}
+            rd.mark_failed(payload)
+    except RunHeld as e:
+        log.warning("run %s: its job ended (%s) but %s holds the run now; not marked", run_dir.name, reason,
+                    describe(e.holder))
+        return None
+    tail = "\n".join(f"    {line}" for line in payload["log_tail"][-LOG_TAIL_LINES:])
+    log.error("run %s failed: %s; last lines of its log:\n%s", run_dir.name, reason, tail)
+    return payload
+
+
+def _settle_local(job: Any, run_dir: Path, folder: Path) -> dict:
+    """The result of a finished local job; a job process that died without a word is marked failed."""
+    err = None
+    try:
+        result = job.result()
+    except Exception as e:  # noqa: BLE001 - a crashed worker process; the grid goes on
+        err = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        result = {"status": "failed", "reason": err}
+    if isinstance(result, dict) and result.get("status") == "held":
+        log.warning("run %s skipped: held by another process (%s)", run_dir.name, result["holder"])
+        return result
+    codes = localjob.read_exit(folder, job.job_id)
+    code = codes[0] if codes else None
+    if codes is None:
+        reason = f"job controller {job.job_id} ended without recording an exit status"
+    else:
+        reason = f"job process {localjob.describe_exit(code)}"
+    if err and not (code is not None and code < 0):      # a signal says it all; an exception adds its words
+        reason = f"{reason}: {err}"
+    payload = mark_ended(run_dir, reason, [job.paths.stderr, job.paths.stdout], exit_code=code)
+    return payload or result
+
+
+def local_parallel(parallel: int | None) -> int:
+    """Jobs at once: `parallel` when given (run.py checks it is a positive integer); by default one
+    single-threaded job per core on a CPU machine and one job at a time on a GPU machine."""
+    import torch
+
+    if parallel is not None:
+        return parallel
+    return 1 if torch.cuda.is_available() else max(1, os.cpu_count() or 1)
+
+
+def launch_local(todo: list[tuple[RunSpec, Path]], *, folder: Path, parallel: int | None = None,
                  timeout_min: int = 120, poll: Callable[[], None] | None = None, **_: Any) -> list[dict]:
     """submitit LocalExecutor; at most `parallel` jobs at once, each with torch threads = cores / parallel,
     because LocalExecutor ignores cpus_per_task (notes/stack.md). Default: one single-threaded job per
     core on a CPU machine (tiny models: 2 jobs × 1 thread trained 1.4× faster than 1 job × 2 threads on
-    2 cores, docs/results.md), one job at a time on a GPU machine."""
-    import torch
-
-    parallel = parallel or (1 if torch.cuda.is_available() else max(1, os.cpu_count() or 1))
-    ex = submitit.LocalExecutor(folder=str(folder / "%j"))
+    2 cores, docs/results.md), one job at a time on a GPU machine. An exception here (KeyboardInterrupt,
+    run.py's SIGTERM) cancels the running jobs before it propagates."""
+    parallel = local_parallel(parallel)
+    ex = localjob.LocalExecutor(folder=str(folder / "%j"))
     ex.update_parameters(timeout_min=timeout_min)
     queue, running, results = list(todo), [], []
     threads = _threads_per_job(parallel)
-    while queue or running:
-        while queue and len(running) < parallel:
-            r, d = queue.pop(0)
-            cfg = {**r.cfg, "train": {**r.cfg["train"], "threads": r.cfg["train"]["threads"] or threads}}
-            running.append(ex.submit(Resumable(cfg, str(d))))
-        for job in [j for j in running if j.done()]:
-            running.remove(job)
-            try:
-                results.append(job.result())
-            except Exception as e:  # noqa: BLE001 - a crashed worker process; the grid goes on
-                results.append({"status": "failed", "reason": str(e).splitlines()[0]})
-        if poll:
-            poll()
-        time.sleep(1.0)
+    try:
+        while queue or running:
+            while queue and len(running) < parallel:
+                r, d = queue.pop(0)
+                cfg = {**r.cfg, "train": {**r.cfg["train"], "threads": r.cfg["train"]["threads"] or threads}}
+                running.append((ex.submit(Resumable(cfg, str(d))), d))
+            for job, d in [(j, d) for j, d in running if j.done()]:
+                running.remove((job, d))
+                results.append(_settle_local(job, d, folder / "%j"))
+            if poll:
+                poll()
+            time.sleep(1.0)
+    finally:
+        _cancel(running)
     return results
+
+
+def _cancel(running: list[tuple[Any, Path]], wait_s: float = 10.0) -> None:
+    """SIGINT to each controller (submitit's clean-up then stops its job: SIGINT, SIGKILL a second later);
+    wait for them, so the launcher returns only when no job process of it is left."""
+    for job, _ in running:
+        job.cancel()
+    deadline = time.time() + wait_s
+    while any(not j.done() for j, _ in running) and time.time() < deadline:
+        time.sleep(0.2)
+    if running:
+        log.warning("cancelled %d running job(s): %s; rerun the grid to resume them", len(running),
+                    ", ".join(d.name for _, d in running))
 
 
 SLURM_DIR = Path(__file__).resolve().parents[1] / "slurm"
@@ -110,14 +201,17 @@ GENERIC_KEYS = {"timeout_min", "mem_gb", "nodes", "cpus_per_task", "gpus_per_nod
 
 
 def load_slurm_profile(profile: str) -> dict:
-    """slurm/<profile>.yaml (safe loader), with unknown names and keys rejected in one line."""
-    import yaml
+    """slurm/<profile>.yaml (safe loader refusing duplicate keys), with unknown names, keys, syntax errors
+    and a top level that is not a mapping rejected in one line."""
+    from core.config import load_config_yaml
 
     path = SLURM_DIR / f"{profile}.yaml"
     if not path.exists():
         valid = sorted(p.stem for p in SLURM_DIR.glob("*.yaml"))
         raise ConfigError(f"unknown slurm profile {profile!r}; valid: {', '.join(valid)} (see slurm/README.md)")
-    prof = yaml.safe_load(path.read_text()) or {}
+    prof = load_config_yaml(path, "slurm profile") or {}
+    if not isinstance(prof, dict):
+        raise ConfigError(f"{path}: expected a mapping (key: value lines) at the top level of a slurm profile")
     unknown = set(prof) - SLURM_KEYS
     if unknown:
         raise ConfigError(f"slurm profile {profile!r}: unknown keys {sorted(unknown)}; valid: {', '.join(sorted(SLURM_KEYS))}")
@@ -180,11 +274,14 @@ def launch_slurm(todo: list[tuple[RunSpec, Path]], *, folder: Path, slurm: str =
             poll()
         time.sleep(2.0)
     out = []
-    for j in jobs:
+    for j, (_, d) in zip(jobs, todo):
         try:
             out.append(j.result())
         except Exception as e:  # noqa: BLE001 - cancelled / failed job: the grid goes on
-            out.append({"status": "failed", "reason": str(e).splitlines()[0], "job_id": j.job_id})
+            failed = {"status": "failed", "reason": str(e).splitlines()[0], "job_id": j.job_id}
+            marked = mark_ended(d, f"SLURM job {j.job_id} ended {j.state}", [j.paths.stderr, j.paths.stdout],
+                                job_id=j.job_id)
+            out.append(marked or failed)
     return out
 
 

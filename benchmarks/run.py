@@ -6,9 +6,12 @@ never redoes), shows a live status table, and writes the report.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from benchmarks.grid import Grid, expand
 from benchmarks.launch import check_partition, get_launcher, load_slurm_profile, pending, run_dirs
 from benchmarks.report import write_report
 from benchmarks.status import StatusBoard
+from core import runlock
 from core.config import ConfigError
 from core.rundir import RunDir, atomic_write_text
 
@@ -134,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         grid = expand(meta["grid"], dotlist, profile=meta.get("profile"), check_files="--dry-run" not in flags)
         launcher_name = meta.get("launcher", DEFAULT_LAUNCHER)
         launcher = get_launcher(launcher_name)
+        parallel = parse_parallel(meta)
         if launcher_name != "slurm" and "--dry-run" not in flags:
             check_local_cuda(grid, launcher_name)
         if launcher_name == "slurm":                 # a bad cluster profile fails before anything is written
@@ -154,13 +159,70 @@ def main(argv: list[str] | None = None) -> int:
     todo = pending(grid, results)
     log.info("grid %s: %d runs, %d to do (prepare took %.0fs)", grid.name, len(grid.runs), len(todo), time.time() - t0)
     board_runs = [(d, r.cfg["train"]["steps"]) for r, d in run_dirs(grid, results)]
-    with StatusBoard(board_runs, f"grid {grid.name}"):
-        launcher(todo, folder=results / grid.name / ".submitit", parallel=int(meta.get("parallel", 0)),
-                 slurm=meta.get("slurm", "local-ci"), wait="--no-wait" not in flags)
+    try:
+        with StatusBoard(board_runs, f"grid {grid.name}"), sigterm_as_interrupt():
+            launcher(todo, folder=results / grid.name / ".submitit", parallel=parallel,
+                     slurm=meta.get("slurm", "local-ci"), wait="--no-wait" not in flags)
+    except KeyboardInterrupt:                        # the launcher has cancelled its jobs (benchmarks/launch.py)
+        print(f"interrupted: the grid's running jobs were stopped; rerun to resume ({time.time() - t0:.0f}s)",
+              file=sys.stderr)
+        return 130
     out = write_report(grid.name, results)
-    failed = [d.name for _, d in run_dirs(grid, results) if RunDir(d).failed_file.exists()]
-    print(f"report: {out}  ({time.time() - t0:.0f}s){'  FAILED: ' + ', '.join(failed) if failed else ''}")
-    return 1 if failed else 0
+    if "--no-wait" in flags:                         # submitted, not finished: nothing to judge yet
+        print(f"report: {out}  ({time.time() - t0:.0f}s)")
+        return 0
+    unfinished = unfinished_runs(grid, results)
+    print(f"report: {out}  ({time.time() - t0:.0f}s)"
+          + (f"  NOT DONE: {'; '.join(f'{k} ({v})' for k, v in unfinished.items())}" if unfinished else ""))
+    return 1 if unfinished else 0
+
+
+def parse_parallel(meta: dict[str, str]) -> int | None:
+    """parallel=N: a positive integer, or absent (the launcher's automatic default: one job per core on a CPU)."""
+    if "parallel" not in meta:
+        return None
+    value = meta["parallel"].strip()
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"parallel must be a positive integer (jobs at once), got {meta['parallel']!r}; "
+                          "leave it out for one job per core")
+    return int(value)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (kill, a scheduler) stops the launcher like Ctrl-C: KeyboardInterrupt, so the launcher cancels
+    its local jobs and the inline job's finally blocks release its run lock. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def unfinished_runs(grid: Grid, results: Path) -> dict[str, str]:
+    """Every run without done.json, and why: failed (its reason), held by another process, or not finished."""
+    out = {}
+    for _, d in run_dirs(grid, results):
+        rd = RunDir(d)
+        if rd.is_done():
+            continue
+        if rd.failed_file.exists():
+            try:
+                out[d.name] = f"failed: {json.loads(rd.failed_file.read_text()).get('reason', '?')}"
+            except ValueError:
+                out[d.name] = "failed"
+        elif (who := runlock.holder(d)) is not None:
+            out[d.name] = f"held by another process ({runlock.describe(who)})"
+        else:
+            out[d.name] = "not finished"
+    return out
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -29,6 +30,7 @@ from core.errors import NonFiniteError
 from core.ema import ema_decay, make_ema, update_ema
 from core.graphs import GraphedGrads, check_device
 from core.rundir import RunDir
+from core.runlock import RunHeld, RunLock, heartbeat_period, stale_after
 from core.seed import seed_everything
 from core.types import Batch
 
@@ -263,11 +265,52 @@ def make_scorer(cfg: dict, prepared, parts: RunParts, device: torch.device):
 
 
 def run_job(cfg: dict, run_dir: str) -> dict:
-    """Train one run to cfg.train.steps with periodic evaluation; resumes when rerun."""
+    """Train one run to cfg.train.steps with periodic evaluation; resumes when rerun.
+    Holds the run folder's lock for the whole job (core/runlock.py); raises RunHeld when another live
+    process holds it, before anything in the folder changes."""
     load_all()
     d = setup()                          # one process, or a rank of torchrun / a multi-task SLURM job
+    with _run_lock(d, run_dir):
+        return _run_job(cfg, run_dir, d)
+
+
+def lock_wait_s() -> float:
+    """A SLURM job waits for a held lock to go stale (a requeue may start on another node while the dead
+    node's heartbeat is still fresh, or while the cancelled process is still ending); a local or inline
+    job skips a held run at once (a second launcher of the same grid)."""
+    return stale_after() + 2 * heartbeat_period() if "SLURM_JOB_ID" in os.environ else 0.0
+
+
+@contextlib.contextmanager
+def _run_lock(d: Dist, run_dir: str):
+    """Rank 0 holds the lock for the whole job: the ranks of one job are one writer (only rank 0 writes
+    the folder) and cannot outlive each other, so per-rank locks would add files and no safety. Rank 0
+    tells the other ranks whether it got the lock, so a held run stops on every rank, not in a barrier."""
+    lock, held = RunLock(run_dir, wait_s=lock_wait_s()), None
+    if d.main:
+        try:
+            lock.acquire()
+        except RunHeld as e:
+            held = e
+    if d.world > 1:
+        import torch.distributed as tdist
+
+        box = [None if held is None else held.holder]
+        tdist.broadcast_object_list(box, src=0)
+        if box[0] is not None and held is None:
+            held = RunHeld(Path(run_dir), box[0])
+    if held is not None:
+        raise held
+    try:
+        yield
+    finally:
+        if d.main:
+            lock.release()
+
+
+def _run_job(cfg: dict, run_dir: str, d: Dist) -> dict:
     rd = RunDir(run_dir)
-    if rd.is_done():
+    if rd.is_done():                     # checked under the lock: a launcher that waited sees the finished run
         return rd.read_done()
     if d.main:
         rd.write_config(cfg)
