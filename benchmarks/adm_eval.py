@@ -21,6 +21,7 @@ from scipy import linalg
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.utils import create_feature_extractor
 
+from benchmarks.cli import command
 from benchmarks.adm_npz import _check_images, _read_npz, load_samples   # the sample side (npz, shards, labels)
 from core.errors import NonFiniteError
 from core.rundir import atomic_write_text
@@ -341,18 +342,30 @@ USAGE = ("usage: python -m benchmarks.adm_eval samples=<npz | image dir | shard 
 KEYS = ("samples", "ref", "inception", "out", "device", "batch_size", "fd")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv) if "=" in a)
+def _cli_args(argv: list[str]) -> dict[str, str]:
+    """key=value arguments, checked before anything loads."""
+    from core.config import ConfigError
+
+    for a in argv:
+        if "=" not in a:
+            raise ConfigError(f"argument {a!r} is not key=value; {USAGE}")
+    args = dict(a.split("=", 1) for a in argv)
     unknown = sorted(set(args) - set(KEYS))
-    if unknown or not {"samples", "ref"} <= set(args):
-        print(f"error: unknown keys {unknown}; valid: {', '.join(KEYS)}" if unknown else USAGE, file=sys.stderr)
-        return 2
-    try:
-        result = evaluate(args["samples"], args["ref"], args.get("inception"), device=args.get("device"),
-                          batch_size=int(args.get("batch_size", 100)), fd=args.get("fd", "scipy"))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if unknown:
+        raise ConfigError(f"unknown keys {unknown}; valid: {', '.join(KEYS)}")
+    if not {"samples", "ref"} <= set(args):
+        raise ConfigError(f"missing {sorted({'samples', 'ref'} - set(args))}; {USAGE}")
+    if not args.get("batch_size", "100").isdigit() or int(args.get("batch_size", "100")) < 1:
+        raise ConfigError(f"batch_size={args['batch_size']}: not an integer ≥ 1")
+    return args
+
+
+# ValueError: the evaluator's checks of its inputs (image shapes, fd method, reference contents) raise it
+@command(known=(ValueError,))
+def main(argv: list[str]) -> int:
+    args = _cli_args(argv)
+    result = evaluate(args["samples"], args["ref"], args.get("inception"), device=args.get("device"),
+                      batch_size=int(args.get("batch_size", 100)), fd=args.get("fd", "scipy"))
     print("  ".join(f"{k}={result[k]:.4f}" for k in ("fid", "sfid", "is", "precision", "recall")))
     if "out" in args:
         atomic_write_text(Path(args["out"]), json.dumps(result, indent=2))

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from benchmarks.cli import command
 from core.cache import cached_dir
 from core.dist import Dist, gather_to_main, mean_over_ranks
 from core.errors import NonFiniteError
@@ -228,34 +229,42 @@ CLI_KEYS = ("checkpoint", "kind", "ref", "inception", "tokenizer", "stats", "num
             "guidance", "guide", "out", "device", "fd", "num_classes")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command line of the module docstring; errors are one `error:` line and exit status 2."""
-    import sys
+def _cli_args(argv: list[str]) -> dict[str, str]:
+    """key=value arguments, checked before anything loads (ConfigError names the valid keys)."""
+    from core.config import ConfigError
 
-    from benchmarks.paper_eval import evaluate_checkpoint
-    from benchmarks.importers import CheckpointError
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv) if "=" in a)
-    sampler = {k.split(".", 1)[1]: _scalar(v) for k, v in args.items() if k.startswith("sampler.")}
-    overrides = [f"{k}={v}" for k, v in args.items() if k.startswith("method.")]
+    valid = f"valid: {', '.join(CLI_KEYS)}, sampler.<key>, method.<key>"
+    for a in argv:
+        if "=" not in a:
+            raise ConfigError(f"argument {a!r} is not key=value; {valid}")
+    args = dict(a.split("=", 1) for a in argv)
     unknown = sorted(k for k in args if k not in CLI_KEYS and not k.startswith(("sampler.", "method.")))
     missing = sorted({"checkpoint", "kind", "ref"} - set(args))
     if unknown or missing:
-        print(f"error: {f'unknown keys {unknown}' if unknown else f'missing {missing}'}; valid: "
-              f"{', '.join(CLI_KEYS)}, sampler.<key>, method.<key>", file=sys.stderr)
-        return 2
-    try:
-        result = evaluate_checkpoint(
-            args["checkpoint"], args["kind"], ref=args["ref"], inception=args.get("inception"),
-            tokenizer=args.get("tokenizer"), stats=args.get("stats"), out=args.get("out", "results/fid50k"),
-            num_samples=int(args.get("num_samples", 50_000)), batch_size=int(args.get("batch_size", 125)),
-            seed=int(args.get("seed", 0)), guidance=args.get("guidance", "method"), guide=args.get("guide"),
-            sampler=sampler or None, device=args.get("device"), fd=args.get("fd", "scipy"),
-            num_classes=int(args["num_classes"]) if "num_classes" in args else None, overrides=overrides)
-    except (FileNotFoundError, ValueError, CheckpointError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"{f'unknown keys {unknown}' if unknown else f'missing {missing}'}; {valid}")
+    for k in ("num_samples", "batch_size", "seed", "num_classes"):
+        if k in args and not args[k].lstrip("-").isdigit():
+            raise ConfigError(f"{k}={args[k]}: not an integer")
+    return args
+
+
+# ValueError: the evaluator's own checks of its inputs (sample/reference shapes, guidance names) raise it
+@command(known=(ValueError,))
+def main(argv: list[str]) -> int:
+    """The command line of the module docstring; errors are one `error:` line and exit status 2."""
+    from benchmarks.paper_eval import evaluate_checkpoint
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = _cli_args(argv)
+    sampler = {k.split(".", 1)[1]: _scalar(v) for k, v in args.items() if k.startswith("sampler.")}
+    overrides = [f"{k}={v}" for k, v in args.items() if k.startswith("method.")]
+    result = evaluate_checkpoint(
+        args["checkpoint"], args["kind"], ref=args["ref"], inception=args.get("inception"),
+        tokenizer=args.get("tokenizer"), stats=args.get("stats"), out=args.get("out", "results/fid50k"),
+        num_samples=int(args.get("num_samples", 50_000)), batch_size=int(args.get("batch_size", 125)),
+        seed=int(args.get("seed", 0)), guidance=args.get("guidance", "method"), guide=args.get("guide"),
+        sampler=sampler or None, device=args.get("device"), fd=args.get("fd", "scipy"),
+        num_classes=int(args["num_classes"]) if "num_classes" in args else None, overrides=overrides)
     if result is None:              # not rank 0
         return 0
     out = Path(args.get("out", "results/fid50k")) / "metrics.json"

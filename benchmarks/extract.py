@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
+from benchmarks.cli import command
 from benchmarks.datasets import READ_WORKERS, ImageFolderDataset
 from benchmarks.prepare import (ENCODER, FD_NET, STATS_SAMPLES, artifact_plan, build_latent, build_node,
                                 encodings_key, latent_key, load_artifacts, load_data, stream_cache_dirs, streamed)
@@ -326,16 +327,23 @@ def parse(argv: list[str]) -> tuple[dict[str, str], list[dict]]:
     return opts, list(unique.values())
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+def _int(opts: dict[str, str], key: str, default: int | None = None) -> int | None:
+    """An integer option (rank=, world=, batch_size=, ...), or ConfigError naming it."""
+    if key not in opts:
+        return default
     try:
-        opts, cfgs = parse(list(sys.argv[1:] if argv is None else argv))
-        rank, world, local = rank_world(*(int(opts[k]) if k in opts else None for k in ("rank", "world")))
-        sizes = {k: int(opts.get(k, v)) for k, v in (("batch_size", 64), ("workers", READ_WORKERS),
-                                                     ("shard_images", SHARD_IMAGES))}
-    except (ConfigError, ValueError) as e:              # ValueError: a number that is not one
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return int(opts[key])
+    except ValueError:
+        raise ConfigError(f"{key}={opts[key]}: not an integer") from None
+
+
+@command
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    opts, cfgs = parse(argv)
+    rank, world, local = rank_world(_int(opts, "rank"), _int(opts, "world"))
+    sizes = {k: _int(opts, k, v) for k, v in (("batch_size", 64), ("workers", READ_WORKERS),
+                                              ("shard_images", SHARD_IMAGES))}
     device = pick_device(opts.get("device", "auto"), local)
     for cfg in cfgs:
         out = extract_run(cfg, rank, world, device, **sizes)

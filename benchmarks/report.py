@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import plots
+from benchmarks.cli import command
 from benchmarks.collect import constant_axes, group_name, load_curves, load_runs
 from benchmarks.grid import find_yaml, load_yaml
 from core.config import ConfigError
@@ -118,6 +119,27 @@ def _prepare_section(grid_root: Path) -> list[str]:
     return lines
 
 
+def _unreadable_section(bad: pd.DataFrame) -> list[str]:
+    """The runs left out because a file of theirs cannot be read, each with the file and the problem."""
+    if bad.empty:
+        return []
+    return ["## Unreadable runs", "", "Left out of every table below; fix or delete the file named, then run "
+            "`python -m benchmarks.report` again.", "",
+            *[f"- `{r}`: {why}" for r, why in zip(bad["run_id"], bad["unreadable"])], ""]
+
+
+def unreadable_runs(grid_root: Path) -> dict[str, str]:
+    """run_id -> reason for the runs the last report listed as unreadable (from its runs.csv)."""
+    path = Path(grid_root) / "runs.csv"
+    if not path.exists():
+        return {}
+    runs = pd.read_csv(path)
+    if "unreadable" not in runs:
+        return {}
+    bad = runs[runs["status"] == "unreadable"]
+    return dict(zip(bad["run_id"], bad["unreadable"]))
+
+
 def write_report(grid_name: str, results_root: Path = Path("results")) -> Path:
     grid_root = Path(results_root) / grid_name
     if not grid_root.exists():
@@ -126,11 +148,17 @@ def write_report(grid_name: str, results_root: Path = Path("results")) -> Path:
     runs, curves = load_runs(grid_root), load_curves(grid_root)
     if runs.empty:
         raise ConfigError(f"no run folders under {grid_root}")
+    bad = runs[runs["status"] == "unreadable"]
+    runs = runs[runs["status"] != "unreadable"]           # the tables below are about readable runs
+    if runs.empty:
+        raise ConfigError(f"no readable run under {grid_root}: " + "; ".join(
+            f"{r}: {why}" for r, why in zip(bad["run_id"], bad["unreadable"])))
     fd_name, second, paragraph = metric_text(runs)
     if not curves.empty:
         curves.to_csv(grid_root / "curves.csv", index=False)
         plots.convergence(curves, grid_root / "convergence.png", fd_name, second)
-    runs.drop(columns=[c for c in runs.columns if c.startswith("cfg.")]).to_csv(grid_root / "runs.csv", index=False)
+    listed = pd.concat([runs, bad]) if not bad.empty else runs
+    listed.drop(columns=[c for c in listed.columns if c.startswith("cfg.")]).to_csv(grid_root / "runs.csv", index=False)
     samples = grid_root / "samples"
     samples.mkdir(exist_ok=True)
     for run in runs["path"]:
@@ -140,10 +168,11 @@ def write_report(grid_name: str, results_root: Path = Path("results")) -> Path:
         if (Path(run) / "samples" / "phases.png").exists():
             shutil.copyfile(Path(run) / "samples" / "phases.png", samples / f"{Path(run).name}_phases.png")
     md = [f"# Grid `{grid_name}`", "", f"{meta.get('description', '')}", "",
-          f"Profile `{runs['cfg.profile'].iloc[0]}`, {len(runs)} runs "
-          f"({(runs['status'] == 'done').sum()} done, {(runs['status'] == 'failed').sum()} failed), "
+          f"Profile `{runs['cfg.profile'].iloc[0]}`, {len(runs) + len(bad)} runs "
+          f"({(runs['status'] == 'done').sum()} done, {(runs['status'] == 'failed').sum()} failed"
+          f"{f', {len(bad)} unreadable' if len(bad) else ''}), "
           f"written {time.strftime('%Y-%m-%d %H:%M')} at git {_git_sha()}.", "",
-          paragraph, "", "## Prepared artifacts", "", *_prepare_section(grid_root), ""]
+          *_unreadable_section(bad), paragraph, "", "## Prepared artifacts", "", *_prepare_section(grid_root), ""]
     ft = final_table(runs)
     md += ["## Final metrics (mean over seeds)", "", ft.to_markdown(index=False) if not ft.empty else "(no finished runs)", ""]
     if meta.get("baseline") and not curves.empty:
@@ -173,18 +202,31 @@ def write_report(grid_name: str, results_root: Path = Path("results")) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = dict(a.split("=", 1) for a in (argv if argv is not None else sys.argv[1:]) if "=" in a)
-    if "grid" not in args:
-        print("usage: python -m benchmarks.report grid=NAME [results=DIR]", file=sys.stderr)
-        return 2
-    try:
-        out = write_report(args["grid"], Path(args.get("results", "results")))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+USAGE = "python -m benchmarks.report grid=NAME [results=DIR]"
+
+
+def parse(argv: list[str]) -> dict[str, str]:
+    bad = [a for a in argv if "=" not in a or a.split("=", 1)[0] not in ("grid", "results")]
+    if bad:
+        raise ConfigError(f"unknown argument {bad[0]!r}; usage: {USAGE}")
+    args = dict(a.split("=", 1) for a in argv)
+    if not args.get("grid", "").strip():
+        raise ConfigError(f"missing grid=NAME; usage: {USAGE}")
+    if not args.get("results", "results").strip():
+        raise ConfigError("results= is empty; give the results folder, e.g. results=results")
+    return args
+
+
+@command
+def main(argv: list[str]) -> int:
+    """Exit status 1 when a run folder could not be read (the report of the others is written)."""
+    args = parse(argv)
+    out = write_report(args["grid"], Path(args.get("results", "results")))
     print(f"wrote {out}")
-    return 0
+    bad = unreadable_runs(out.parent)
+    for run_id, why in bad.items():
+        print(f"unreadable run {run_id}: {why}", file=sys.stderr)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -17,9 +18,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.cli import command
 from benchmarks.grid import Grid, expand
 from benchmarks.launch import check_partition, get_launcher, load_slurm_profile, pending, run_dirs
-from benchmarks.report import write_report
+from benchmarks.report import unreadable_runs, write_report
 from benchmarks.status import StatusBoard
 from core import runlock
 from core.config import ConfigError
@@ -130,25 +132,52 @@ def check_local_cuda(grid, launcher: str) -> None:
                               "runs jobs here (use launcher=slurm for a GPU cluster)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def results_folder(meta: dict[str, str]) -> Path:
+    """results=DIR; an empty value would put the grid's folder into the current directory."""
+    value = meta.get("results", "results")
+    if not value.strip():
+        raise ConfigError("results= is empty; give the results folder, e.g. results=results")
+    return Path(value)
+
+
+def check_writable(folder: Path, key: str, fix: str) -> None:
+    """Fail before anything is written when `folder` cannot be created or written: a probe file is created
+    and removed in it, or in its nearest existing parent when it does not exist yet (which is left as it was)."""
+    probe_dir = folder
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise ConfigError(f"{key} folder {folder} cannot be created: {probe_dir} is a file; set {fix}")
+    probe = probe_dir / f".write-probe-{os.getpid()}"
+    try:
+        probe.open("x").close()
+        probe.unlink()
+    except OSError as e:
+        why = os.strerror(e.errno) if e.errno else type(e).__name__
+        raise ConfigError(f"{key} folder {folder} is not writable ({probe_dir}: {why}); set {fix} "
+                          "to a writable folder") from None
+
+
+@command
+def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    try:
-        meta, dotlist, flags = parse(list(sys.argv[1:] if argv is None else argv))
-        grid = expand(meta["grid"], dotlist, profile=meta.get("profile"), check_files="--dry-run" not in flags)
-        launcher_name = meta.get("launcher", DEFAULT_LAUNCHER)
-        launcher = get_launcher(launcher_name)
-        parallel = parse_parallel(meta)
-        if launcher_name != "slurm" and "--dry-run" not in flags:
-            check_local_cuda(grid, launcher_name)
-        if launcher_name == "slurm":                 # a bad cluster profile fails before anything is written
-            prof = load_slurm_profile(meta.get("slurm", "local-ci"))
-            if "--dry-run" not in flags:             # a dry run may plan from a machine outside the cluster
-                check_partition(prof.get("partition"))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    results = Path(meta.get("results", "results"))
+    meta, dotlist, flags = parse(argv)
+    grid = expand(meta["grid"], dotlist, profile=meta.get("profile"), check_files="--dry-run" not in flags)
+    launcher_name = meta.get("launcher", DEFAULT_LAUNCHER)
+    launcher = get_launcher(launcher_name)
+    if launcher_name != "slurm" and "--dry-run" not in flags:
+        check_local_cuda(grid, launcher_name)
+    if launcher_name == "slurm":                     # a bad cluster profile fails before anything is written
+        prof = load_slurm_profile(meta.get("slurm", "local-ci"))
+        if "--dry-run" not in flags:                 # a dry run may plan from a machine outside the cluster
+            check_partition(prof.get("partition"))
+    results = results_folder(meta)
+    parallel = parse_parallel(meta)
+    if "--dry-run" not in flags:                     # a dry run writes nothing
+        check_writable(results, "results", "results=DIR")
+        for cache in sorted({str(r.cfg["cache_dir"]) for r in grid.runs}):
+            check_writable(Path(cache), "cache_dir", "cache_dir=DIR")
     if "--dry-run" in flags:
         dry_run(grid, meta, results)
         return 0
@@ -172,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"report: {out}  ({time.time() - t0:.0f}s)")
         return 0
     unfinished = unfinished_runs(grid, results)
+    unfinished.update({k: f"unreadable: {v}" for k, v in unreadable_runs(out.parent).items()})  # listed in report.md
     print(f"report: {out}  ({time.time() - t0:.0f}s)"
           + (f"  NOT DONE: {'; '.join(f'{k} ({v})' for k, v in unfinished.items())}" if unfinished else ""))
     return 1 if unfinished else 0

@@ -40,7 +40,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import api
-from core.config import TrainCfg
+from benchmarks.cli import command
+from core.config import ConfigError, TrainCfg
 from core.types import Batch
 
 # Extra (semantic) channels and aux tokens per method at 256 px (spec §0.3); the texture latent follows
@@ -269,8 +270,80 @@ def bench(backbone: str, method_name: str, batch: int, precision: str, compile_m
             "torch": torch.__version__, "date": dt.date.today().isoformat()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv))
+def _choices() -> dict[str, tuple[str, ...]]:
+    """The valid values of each option that names a mode (comma lists: each item is checked)."""
+    from backbones.layers import ATTN_LAYOUTS, KERNELS
+    from core.compile import MODES, PRECISIONS, SDPA_BACKENDS
+
+    return {"precision": PRECISIONS, "compile": MODES, "sdpa": SDPA_BACKENDS, "layout": ATTN_LAYOUTS,
+            "kernels": KERNELS, "graph": ("0", "1"), "timing": ("stream", "sync"), "tune": ("cd", "autotune"),
+            "profile": ("0", "1"), "sample": ("0", "1")}
+
+
+# option -> smallest valid integer (batch takes a comma list)
+INTS = {"batch": 1, "steps": 1, "warmup": 0, "threads": 1}
+KEYS = ("backbones", "methods", *INTS, "precision", "compile", "sdpa", "layout", "kernels", "small",
+        "peak_tflops", "tune", "profile", "sample", "timing", "graph", "out", "device")
+
+
+def parse(argv: list[str]) -> dict[str, str]:
+    """key=value arguments, every value checked before anything runs or is written (ConfigError)."""
+    args = {}
+    for a in argv:
+        if "=" not in a:
+            raise ConfigError(f"argument {a!r} is not key=value (e.g. methods=sit,sfd batch=64)")
+        k, v = a.split("=", 1)
+        if k not in KEYS:
+            raise ConfigError(f"unknown option {k!r}; valid: {', '.join(KEYS)}")
+        args[k] = v
+    for k, valid in _choices().items():
+        for item in args[k].split(",") if k in args else ():
+            if item not in valid:
+                raise ConfigError(f"{k}={args[k]}: {item!r} is not one of {', '.join(valid)}")
+    for k, low in INTS.items():
+        for item in args[k].split(",") if k in args else ():
+            if not item.strip().isdigit() or int(item) < low:
+                raise ConfigError(f"{k}={args[k]}: {item!r} is not an integer ≥ {low}")
+    if "small" in args and not (len(args["small"].split(",")) == 4 and
+                                all(x.isdigit() and int(x) > 0 for x in args["small"].split(","))):
+        raise ConfigError(f"small={args['small']}: give four positive integers texture,semantic,grid,token_dim "
+                          "(the tiny profile: small=4,2,8,64)")
+    peak = args.get("peak_tflops", "measure")
+    if peak != "measure" and not _positive_float(peak):
+        raise ConfigError(f"peak_tflops={peak}: give measure or a number of TFLOP/s > 0")
+    if "device" in args:
+        try:
+            torch.device(args["device"])
+        except RuntimeError:
+            raise ConfigError(f"device={args['device']}: not a device (e.g. cuda, cuda:1, cpu)") from None
+        if torch.device(args["device"]).type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device={args['device']}: this machine has no CUDA device (device=cpu runs here)")
+    _check_names(args)
+    return args
+
+
+def _positive_float(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
+
+def _check_names(args: dict[str, str]) -> None:
+    """backbones= and methods= name registered backbones and method presets."""
+    from benchmarks.plugins import load_all
+    from core.registry import BACKBONES
+
+    load_all()
+    for key, valid in (("backbones", BACKBONES.names()), ("methods", api.presets())):
+        for name in args[key].split(",") if key in args else ():
+            if name not in valid:
+                raise ConfigError(f"{key}: unknown {key[:-1]} {name!r}; valid: {', '.join(sorted(valid))}")
+
+
+@command
+def main(argv: list[str]) -> int:
+    args = parse(argv)
     device = torch.device(args.get("device", "cuda" if torch.cuda.is_available() else "cpu"))
     backbones = args.get("backbones", "lightningdit-xl-1,lightningdit-b-1" if device.type == "cuda"
                          else "lightningdit-tiny-1").split(",")
@@ -282,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     small = dict(zip(("texture", "semantic", "grid", "token_dim"), map(int, args["small"].split(",")))) \
         if "small" in args else None
     peak = args.get("peak_tflops", "measure" if device.type == "cuda" else "nan")
+    if peak == "measure" and device.type != "cuda":
+        raise ConfigError("peak_tflops=measure needs a CUDA device (it times a bf16 product); give a number")
     peak_tflops = round(matmul_ceiling(device), 1) if peak == "measure" else float(peak)
     print(f"bf16 matrix ceiling: {peak_tflops} TFLOP/s ({'measured' if peak == 'measure' else 'given'})", flush=True)
     out = Path(args.get("out", "results/speed"))
@@ -290,8 +365,6 @@ def main(argv: list[str] | None = None) -> int:
     if tune:
         import torch._inductor.config as inductor
 
-        if tune not in ("cd", "autotune"):
-            raise SystemExit(f"tune={tune!r}: valid: cd, autotune")
         inductor.coordinate_descent_tuning = True
         if tune == "autotune":
             inductor.max_autotune = inductor.max_autotune_gemm = True

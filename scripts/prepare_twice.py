@@ -4,6 +4,8 @@ twice from empty caches, in two processes at the same time, and compare every sa
     python scripts/prepare_twice.py [grid=sfd_vs_redi] [keep=1]
 
 Prints one line per file and exits 1 if any differs (docs/results.md). ≈ 8½ min for sfd_vs_redi on 2 cores.
+A bad argument or grid, or a prepare that fails for a known reason (data, files, disk), is one `error:` line
+and exit status 2 (benchmarks/cli.py).
 """
 from __future__ import annotations
 
@@ -14,16 +16,42 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.cli import command, is_known, message
+from core.config import ConfigError
+
+KEYS = ("grid", "keep")
+
 
 def _prepare(grid: str, cache_dir: str) -> None:
     from benchmarks.grid import expand
     from benchmarks.prepare import prepare_grid
 
-    prepare_grid([r.cfg for r in expand(grid, [f"cache_dir={cache_dir}"]).runs])
+    try:
+        prepare_grid([r.cfg for r in expand(grid, [f"cache_dir={cache_dir}"]).runs])
+    except Exception as e:  # noqa: BLE001 - a known failure is one line; a bug keeps its traceback
+        if not is_known(e):
+            raise
+        print(f"error: {message(e)}", file=sys.stderr)
+        sys.exit(2)
 
 
-def main(argv: list[str]) -> int:
+def parse(argv: list[str]) -> dict[str, str]:
+    """grid=NAME keep=0|1; the grid is expanded here once, so a bad one fails before any process starts."""
+    from benchmarks.grid import expand
+
+    for a in argv:
+        if "=" not in a or a.split("=", 1)[0] not in KEYS:
+            raise ConfigError(f"unknown argument {a!r}; usage: python scripts/prepare_twice.py [grid=NAME] [keep=1]")
     args = dict(a.split("=", 1) for a in argv)
+    if args.get("keep", "0") not in ("0", "1"):
+        raise ConfigError(f"keep={args['keep']}: valid: 0, 1")
+    expand(args.get("grid", "sfd_vs_redi"), [])
+    return args
+
+
+@command
+def main(argv: list[str]) -> int:
+    args = parse(argv)
     root = Path(tempfile.mkdtemp(prefix="prepare_twice-"))
     dirs = [str(root / "a"), str(root / "b")]
     procs = [mp.get_context("spawn").Process(target=_prepare, args=(args.get("grid", "sfd_vs_redi"), d)) for d in dirs]
@@ -32,7 +60,7 @@ def main(argv: list[str]) -> int:
     for p in procs:
         p.join()
     if any(p.exitcode for p in procs):
-        print("a prepare failed", file=sys.stderr)
+        print("error: a prepare failed (its message is above)", file=sys.stderr)
         return 2
     a, b = (Path(d) for d in dirs)
     files = sorted(f.relative_to(a) for f in a.rglob("*.safetensors"))
@@ -48,4 +76,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())
