@@ -6,12 +6,15 @@ from __future__ import annotations
 import os
 import random
 import re
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from benchmarks.datasets import IMAGE_EXTENSIONS
+from core.errors import CorruptFileError
 
 SHARD = re.compile(r"^samples_rank(\d+)\.npz$")
 
@@ -46,8 +49,16 @@ def _check_images(images: np.ndarray, where: str) -> None:  # what ADM's evaluat
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path) as z:
-        return dict(z)
+    """Every array of an npz; a truncated, garbled or pickled file is one CorruptFileError naming it."""
+    try:
+        with np.load(path) as z:
+            return dict(z)
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, KeyError) as e:
+        # what np.load and reading a member raise on a cut-short zip, a bad CRC, or an object (pickled) array
+        raise CorruptFileError(f"{path} is not a readable npz ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
+                               "re-download it, or write it again (benchmarks.adm_npz.pack_npz)") from None
 
 
 def _savez(path: Path, **arrays: np.ndarray) -> Path:

@@ -252,6 +252,21 @@ def test_precision_recall_as_adm_blocks_and_overflow():
     assert on_grid(small) > on_grid(one) + 8
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbled", "pickled"])
+def test_damaged_npz_is_one_corrupt_file_error(tmp_path, net, data, damage):
+    path = tmp_path / "batch.npz"
+    if damage == "pickled":
+        np.savez(path, arr_0=np.array([{"not": "images"}], dtype=object))
+    else:
+        np.savez(path, arr_0=data[2])
+        raw = path.read_bytes()
+        path.write_bytes(raw[:len(raw) // 2] if damage == "truncated" else raw[:200] + b"\xff" * 64 + raw[264:])
+    with pytest.raises(CorruptFileError, match=r"batch\.npz is not a readable npz .*re-download it"):
+        load_samples(path)
+    with pytest.raises(CorruptFileError, match=r"batch\.npz is not a readable npz"):
+        load_reference(path, net)
+
+
 def test_nonfinite_activations_refused(acts):
     train, val = acts
     bad = adm_eval.Activations(train.pool.copy(), train.spatial, train.logits)
