@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from core.cache import cached_dir, read_safetensors
+from core.errors import CorruptFileError
 from core.types import ImageData
 
 # ---------------------------------------------------------------------------------------------------
@@ -40,26 +42,62 @@ FASHION_HINT = ("apt-get install dataset-fashion-mnist, or pass data.root=DIR ho
                 "(from https://github.com/zalandoresearch/fashion-mnist)")
 
 
+def _corrupt(path: Path, problem: str) -> CorruptFileError:
+    return CorruptFileError(f"{path}: {problem}; the Fashion-MNIST file is damaged: reinstall it "
+                            f"(apt-get install --reinstall dataset-fashion-mnist) or point data.root at a good copy")
+
+
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file of unsigned bytes (gzip-compressed or raw): images (N, H, W) or labels (N,), uint8.
 
-    Raises ValueError on an unknown magic number or a size that does not match the header.
+    Raises core.errors.CorruptFileError (one line: the file, the problem, the fix) on a truncated or
+    garbled gzip stream, an unknown magic number or a size that does not match the header.
     """
     path = Path(path)
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":  # gzip magic: decide by content, not by the file name
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:    # BadGzipFile is an OSError; a cut stream an EOFError
+            raise _corrupt(path, f"gzip stream unreadable ({str(e).splitlines()[0] or type(e).__name__})") from None
+    elif path.suffix == ".gz":
+        raise _corrupt(path, "named .gz but not gzip data")
+    if len(raw) < 8:
+        raise _corrupt(path, f"{len(raw)} bytes, shorter than an IDX header")
     magic = int.from_bytes(raw[0:4], "big")
     if magic not in (IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC):
-        raise ValueError(f"{path}: magic number {magic} is not an IDX ubyte file "
-                         f"(expected {IDX_IMAGES_MAGIC} for images or {IDX_LABELS_MAGIC} for labels)")
+        raise _corrupt(path, f"magic number {magic} is not an IDX ubyte file "
+                             f"(expected {IDX_IMAGES_MAGIC} for images or {IDX_LABELS_MAGIC} for labels)")
     ndim = magic & 0xFF  # the low byte of the magic number is the number of dimensions
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim  # 16 for images, 8 for labels
+    if len(raw) < offset:
+        raise _corrupt(path, f"{len(raw)} bytes, shorter than its {offset}-byte IDX header")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     expected = int(np.prod(dims))
     if len(raw) - offset != expected:
-        raise ValueError(f"{path}: header says {dims} ({expected} bytes) but the file holds {len(raw) - offset}")
+        raise _corrupt(path, f"header says {dims} ({expected} bytes) but the file holds {len(raw) - offset}")
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+FASHION_SHAPE = (28, 28)
+FASHION_CLASSES = 10
+
+
+def _check_fashion(paths: dict[str, Path], arrays: dict[str, np.ndarray]) -> None:
+    """What the loader assumes of the four files beyond each being a valid IDX file: images are (N, 28, 28),
+    labels (N,), the two counts of a split agree, labels lie in [0, 10)."""
+    for split in ("train", "test"):
+        x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
+        if x.ndim != 3 or tuple(x.shape[1:]) != FASHION_SHAPE:
+            raise _corrupt(paths[f"{split}_x"], f"images of shape {list(x.shape)}, expected [N, 28, 28]")
+        if y.ndim != 1:
+            raise _corrupt(paths[f"{split}_y"], f"labels of shape {list(y.shape)}, expected [N]")
+        if x.shape[0] != y.shape[0]:
+            raise _corrupt(paths[f"{split}_y"], f"{y.shape[0]} labels for the {x.shape[0]} images of "
+                                                f"{paths[f'{split}_x'].name}")
+        if y.size and int(y.max()) >= FASHION_CLASSES:
+            bad = int((y >= FASHION_CLASSES).sum())
+            raise _corrupt(paths[f"{split}_y"], f"{bad} labels outside [0, {FASHION_CLASSES}) (max {int(y.max())})")
 
 
 def _fashion_candidates(root: str | None) -> list[Path]:
@@ -101,7 +139,9 @@ def load_fashion_mnist(root: str | None = None, pad_to: int = 32) -> ImageData:
     """
     if pad_to < 28 or (pad_to - 28) % 2:
         raise ValueError(f"pad_to must be 28 + an even number of pixels, got {pad_to}")
-    arrays = {k: read_idx(p) for k, p in fashion_paths(root).items()}
+    paths = fashion_paths(root)
+    arrays = {k: read_idx(p) for k, p in paths.items()}
+    _check_fashion(paths, arrays)
     pad = (pad_to - 28) // 2
 
     def images(a: np.ndarray) -> torch.Tensor:
@@ -177,11 +217,21 @@ def scan_image_folder(root: str | Path, split_dirs: tuple[str, str] = ("train", 
     return classes, splits
 
 
+def read_cropped(path: Path, size: int) -> np.ndarray:
+    """One image file, ADM-center-cropped to (size, size, 3) uint8; an unreadable or truncated image is a
+    one-line CorruptFileError naming it (PIL's own error would come from deep inside a DataLoader)."""
+    try:
+        with Image.open(path) as im:
+            return center_crop_adm(im, size)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:   # PIL's decode failures
+        raise CorruptFileError(f"{path}: not a readable image ({str(e).splitlines()[0] or type(e).__name__}); "
+                               "replace or delete it, or point data.root at a good copy") from None
+
+
 def _read_all(items: list[tuple[Path, int]], size: int) -> tuple[torch.Tensor, torch.Tensor]:
     x = np.zeros((len(items), 3, size, size), dtype=np.uint8)  # (N, 3, S, S)
     for i, (path, _) in enumerate(items):
-        with Image.open(path) as im:
-            x[i] = center_crop_adm(im, size).transpose(2, 0, 1)  # (S, S, 3) -> (3, S, S)
+        x[i] = read_cropped(path, size).transpose(2, 0, 1)  # (S, S, 3) -> (3, S, S)
     y = torch.tensor([label for _, label in items], dtype=torch.int64)
     return torch.from_numpy(x), y
 
@@ -224,8 +274,7 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.items[index]
-        with Image.open(path) as im:
-            arr = center_crop_adm(im, self.image_size)  # (S, S, 3)
+        arr = read_cropped(path, self.image_size)  # (S, S, 3)
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), label  # (3, S, S)
 
 
@@ -343,11 +392,33 @@ def check_streamable(name: str, root: str | None) -> None:
     _folder_root(root)
 
 
-def check_dataset(name: str, root: str | None, image_size: int, stream: bool = False) -> None:
+def check_dataset(name: str, root: str | None, image_size: int, stream: bool = False) -> tuple[int, int]:
     """Fail early with where it looked: load the dataset, or for a streamed one only scan the folder
-    (a streamed ImageNet is never read whole)."""
+    (a streamed ImageNet is never read whole). Returns the (train, test) image counts."""
     if not stream:
-        load_dataset(name, root, image_size)
-        return
+        data = load_dataset(name, root, image_size)
+        return int(data.train_x.shape[0]), int(data.test_x.shape[0])
     check_streamable(name, root)
-    scan_image_folder(root)
+    _, splits = scan_image_folder(root)
+    return len(splits["train"]), len(splits["test"])
+
+
+# The largest data.image_size each dataset takes, with the reason (benchmarks/grid.py refuses larger ones
+# before anything is built). Fashion-MNIST is held in memory padded: 70,000 × S² bytes, 1.1 GB at 128 px
+# and 4.6 GB at 256 for a 28-px image in a border. Folders are ADM-centre-cropped (upsampled when smaller);
+# the papers stop at 512, and 1024² RGB is 3 MiB per image before the tokenizer.
+MAX_IMAGE_SIZE = {"fashion-mnist": 128, "image-folder": 1024}
+
+
+def image_size_rule(name: str, size: int) -> str | None:
+    """Why `size` cannot be this dataset's data.image_size, or None when it can."""
+    if name == "fashion-mnist" and (size < 28 or (size - 28) % 2):
+        return "Fashion-MNIST's 28-px images are zero-padded symmetrically: use 28 + an even number (e.g. 32)"
+    if size < 8:
+        return "must be ≥ 8"
+    top = MAX_IMAGE_SIZE.get(name)
+    if top is not None and size > top:
+        why = ("70,000 images held in memory padded to S×S bytes" if name == "fashion-mnist" else
+               "ADM-centre-cropped images, upsampled when smaller; the papers stop at 512")
+        return f"at most {top} for {name} ({why})"
+    return None

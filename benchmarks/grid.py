@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import OmegaConf
 
 from core.compile import MODES, PRECISIONS, SDPA_BACKENDS
-from core.config import ConfigError, check_keys, run_hash, structured, to_dict
+from core.config import ConfigError, check_keys, load_config_yaml, run_hash, structured, to_dict
 from core.registry import ENCODERS
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
@@ -57,11 +57,25 @@ def load_yaml(kind: str, name: str) -> dict:
     path = find_yaml(kind, name)
     if path is None:
         raise ConfigError(f"unknown {kind} {name!r}; valid: {', '.join(available(kind))}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    data = load_config_yaml(path, f"{kind} file")   # one line for syntax errors, duplicate keys, binary files
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+        raise ConfigError(f"{path}: expected a mapping (key: value lines) at the top level, got a "
+                          f"{type(data).__name__}")
     return data
+
+
+def _dotlist(where: str, items: Any) -> list[str]:
+    """A list of "key=value" strings (grid overrides, a preset's per-profile values), checked so that a
+    string or a mapping in its place fails here in one line rather than inside OmegaConf."""
+    if items is None:
+        return []
+    if not isinstance(items, list) or not all(isinstance(x, str) and "=" in x and x.split("=", 1)[0].strip()
+                                              for x in items):
+        raise ConfigError(f"{where} must be a list of \"key=value\" strings (e.g. [\"train.steps=2000\"]), "
+                          f"got {items!r}")
+    return list(items)
 
 
 @dataclass
@@ -100,11 +114,18 @@ def _axis_layer(key: str, value: Any, profile: str) -> list:
     depth on a 4-block backbone), each with its reason next to it in the YAML."""
     if key == "method":
         preset = load_yaml("method", str(value))
+        where = f"method preset {value!r} ({find_yaml('method', str(value))})"
         unknown = set(preset) - {"method", "profiles"}
         if unknown:
-            raise ConfigError(f"method preset {value!r}: unknown keys {sorted(unknown)}; valid: method, profiles")
-        scaled = (preset.get("profiles") or {}).get(profile) or []
-        return [{"method": preset["method"]}, OmegaConf.from_dotlist(list(scaled))]
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; valid: method, profiles")
+        if not isinstance(preset.get("method"), dict):
+            raise ConfigError(f"{where}: needs `method:` as a mapping (name, latent, schedule, loss, sampler, ...), "
+                              f"got {preset.get('method')!r}")
+        profiles = preset.get("profiles") or {}
+        if not isinstance(profiles, dict):
+            raise ConfigError(f"{where}: `profiles:` must map a profile name to a list of key=value strings")
+        scaled = _dotlist(f"{where}: profiles.{profile}", profiles.get(profile))
+        return [{"method": preset["method"]}, OmegaConf.from_dotlist(scaled)]
     if key == "backbone":
         return [{"backbone": {"name": str(value)}}]
     return [_dot(key, value)]
@@ -142,8 +163,10 @@ def validate(cfg: dict, check_files: bool = True) -> None:
         raise ConfigError(f"method.latent: {e.args[0]}") from None
     _check_ranges(cfg)
     _check_components(cfg)
+    sizes = None
     if check_files:
-        _check_dataset(cfg["data"]["name"], cfg["data"]["root"], cfg["data"]["image_size"], cfg["data"]["stream"])
+        sizes = _check_dataset(cfg["data"]["name"], cfg["data"]["root"], cfg["data"]["image_size"],
+                               cfg["data"]["stream"])
         e = cfg["eval"]
         if e["metric"] == "adm" and not (e["adm_ref"] and Path(e["adm_ref"]).expanduser().is_file()):
             raise ConfigError(f"eval.adm_ref: ADM reference batch {e['adm_ref']} not found; pass "
@@ -161,9 +184,10 @@ def validate(cfg: dict, check_files: bool = True) -> None:
                                   "pass its path (which files and where: docs/paper_scale.md)")
         check_keys(f"prepare.{kind}", ENCODERS.get(use).fit, fit_cfg, deps=("data", "deps", "device"))
     try:      # after the slots' `use` names are known to exist: the dependency order (and cycles) of what is used
-        artifact_order(needed, cfg["prepare"])
+        order = artifact_order(needed, cfg["prepare"])
     except KeyError as e:
         raise ConfigError(f"method.latent: {e.args[0]}") from None
+    _check_limits(cfg, order, sizes)
 
 
 def resolve(profile: str, label: dict[str, Any], overrides: list[str] | None = None,
@@ -179,21 +203,97 @@ def resolve(profile: str, label: dict[str, Any], overrides: list[str] | None = N
 
 
 @functools.lru_cache(maxsize=8)
-def _check_dataset(name: str, root: str | None, image_size: int, stream: bool = False) -> None:
+def _check_dataset(name: str, root: str | None, image_size: int, stream: bool = False) -> tuple[int, int] | None:
     """Load the dataset once per process (a streamed one: scan its folder) so a missing one fails at load
-    with where it looked."""
+    with where it looked, and a damaged one (core.errors.CorruptFileError) names its file. Returns the
+    (train, test) image counts where the loader knows them."""
     from benchmarks.datasets import check_dataset
+    from core.errors import CorruptFileError
 
     try:
-        check_dataset(name, root, image_size, stream)
+        return check_dataset(name, root, image_size, stream)
+    except CorruptFileError:
+        raise
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e).splitlines()[0]) from None
 
 
-def _check_ranges(cfg: dict) -> None:
-    t, e = cfg["train"], cfg["eval"]
-    checks = [
+def _non_finite(node: Any, key: str = "") -> tuple[str, Any] | None:
+    """The first (dotted key, value) of the resolved config that is NaN or ±inf: a float, or a string a
+    component would turn into one with float() ("nan", "inf": how a command-line value reaches a dict
+    field). No setting of the suite means anything at infinity, so none is exempt."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = ((f"[{i}]", v) for i, v in enumerate(node))
+    else:
+        if isinstance(node, str):
+            try:
+                node_f = float(node)
+            except ValueError:
+                return None
+        elif isinstance(node, (int, float)) and not isinstance(node, bool):
+            node_f = float(node)
+        else:
+            return None
+        return None if math.isfinite(node_f) else (key, node)
+    for k, v in items:
+        sub = f"{key}{k}" if str(k).startswith("[") else (f"{key}.{k}" if key else str(k))
+        found = _non_finite(v, sub)
+        if found:
+            return found
+    return None
+
+
+MAX_SEED = 2**31 - 2            # core/seed.py folds seeds modulo 2**31 - 1: larger ones would repeat smaller ones
+
+
+def _check_train(t: dict) -> list[tuple[bool, str]]:
+    """Optimizer and batch settings (each rule with the reason the trainer needs it)."""
+    betas = t["betas"]
+    betas_ok = isinstance(betas, list) and len(betas) == 2 and all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)
+    mb, bs = t["micro_batches"], t["batch_size"]
+    return [
         (t["lr"] > 0, f"train.lr must be > 0, got {t['lr']}"),
+        (betas_ok, f"train.betas must be two numbers in [0, 1) (AdamW's beta1, beta2), got {betas!r}"),
+        (t["weight_decay"] >= 0, f"train.weight_decay must be ≥ 0, got {t['weight_decay']}"),
+        (mb >= 0, f"train.micro_batches must be ≥ 0 (0 = one per process), got {mb}"),
+        (mb <= 0 or bs % mb == 0, f"train.micro_batches={mb} must divide train.batch_size={bs} (the global "
+                                  f"batch is split into equal shards; benchmarks/train.py shard)"),
+        (t["threads"] >= 0, f"train.threads must be ≥ 0 (0 = torch's default), got {t['threads']}"),
+    ]
+
+
+def _check_eval(cfg: dict) -> list[tuple[bool, str]]:
+    """Evaluation points, seeds and sampler step counts."""
+    e, steps = cfg["eval"], cfg["train"]["steps"]
+    bad_at = [a for a in e["at"] if not isinstance(a, int) or isinstance(a, bool) or not 0 <= a <= steps]
+    checks = [
+        (0 <= cfg["seed"] <= MAX_SEED, f"seed must be in [0, {MAX_SEED}], got {cfg['seed']}"),
+        (0 <= e["sample_seed"] <= MAX_SEED, f"eval.sample_seed must be in [0, {MAX_SEED}], got {e['sample_seed']}"),
+        (e["every"] <= steps, f"eval.every={e['every']} is more than train.steps={steps}: no periodic evaluation "
+                              f"would run (use 0 for only eval.at and the last step, or a value ≤ {steps})"),
+        (not bad_at, f"eval.at holds {bad_at}, outside [0, train.steps={steps}]: those evaluations would never run "
+                     f"(e.g. eval.at=[0])"),
+        (e["grid_images"] >= 0, f"eval.grid_images must be ≥ 0, got {e['grid_images']}"),
+    ]
+    for where in ("method.sampler", "eval.sampler"):
+        sampler = cfg[where.split(".")[0]]["sampler"] or {}
+        n = sampler.get("steps")
+        if n is not None:   # every sampler's time grid has `steps` points, both ends included (methods/samplers.py)
+            checks.append((isinstance(n, int) and not isinstance(n, bool) and n >= 2,
+                           f"{where}.steps must be an integer ≥ 2 (points of the sampler's time grid, both ends "
+                           f"included), got {n!r}"))
+    return checks
+
+
+def _check_ranges(cfg: dict) -> None:
+    found = _non_finite(cfg)
+    if found:
+        raise ConfigError(f"{found[0]}={found[1]}: must be a finite number (NaN and ±inf are never valid settings)")
+    t, e = cfg["train"], cfg["eval"]
+    checks = _check_train(t) + _check_eval(cfg) + [
         (0 <= t["ema_decay"] < 1, f"train.ema_decay must be in [0, 1), got {t['ema_decay']}"),
         (t["precision"] in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {t['precision']!r}"),
         (t["sdpa"] in SDPA_BACKENDS, f"train.sdpa must be one of {', '.join(SDPA_BACKENDS)}, got {t['sdpa']!r}"),
@@ -245,10 +345,122 @@ def _check_components(cfg: dict) -> None:
     except (ValueError, TypeError, KeyError) as e:
         msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e).splitlines()[0]
         raise ConfigError(f"{where}: {msg}") from None
+    build_method(cfg["method"], groups=groups, hidden_size=model.hidden_size, encoder_dim=8, null_label=10,
+                 schedule=schedule, sampler_overrides=None, guidance=None)  # the paper sampler alone (evaluate.py)
+    _check_image_size(cfg, getattr(model, "patch_size", None))
     too_deep = [d for d in method.loss.hidden_at if not 1 <= d <= model.depth]
     if too_deep:
         raise ConfigError(f"method.loss: hidden states requested after block(s) {too_deep} but backbone "
                           f"{cfg['backbone']['name']!r} has {model.depth} blocks (set e.g. method.loss.repa.depth)")
+
+
+def _resolved(cfg: dict, axis: str) -> Any:
+    """The resolved value of an axis key: `backbone` is the backbone's name, any other key a dotted path."""
+    node: Any = cfg
+    for part in ("backbone.name" if axis == "backbone" else axis).split("."):
+        node = node[part]
+    return node
+
+
+# Downsampling factors of the pretrained tokenizers (their weights are not read at validation time): the
+# SD-VAEs are f8, the LDM-format checkpoints f16 (encoders/pretrained.py). Trained tokenizers give theirs
+# from `block_out_channels` (2^(levels - 1), encoders/texture_vae.py autoencoder_config).
+PRETRAINED_DOWNSAMPLE = {"sd-vae-ft-ema": 8, "sd-vae-ft-mse": 8, "ldm-f16d32": 16, "vavae-f16d32": 16}
+
+
+def _fit_args(cfg: dict, kind: str) -> tuple[str, dict]:
+    """(class name filling the slot, its fit() keywords: defaults overridden by prepare.<kind>)."""
+    import inspect
+
+    slot = dict(cfg["prepare"].get(kind) or {})
+    use = slot.pop("use", kind)
+    params = inspect.signature(ENCODERS.get(use).fit).parameters
+    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    return use, {**defaults, **slot}
+
+
+def _tokenizer_factor(cfg: dict) -> tuple[str, int] | None:
+    """(tokenizer slot, its downsampling factor) of the run's latent, or None where it cannot be known
+    before the artifact exists (a plugin latent or tokenizer)."""
+    import inspect
+
+    from core.registry import LATENTS
+
+    lat = cfg["method"]["latent"]
+    param = inspect.signature(LATENTS.get(lat["name"]).__init__).parameters.get("tokenizer")
+    kind = lat.get("tokenizer", param.default if param is not None else None)
+    if not isinstance(kind, str) or kind not in ENCODERS or \
+            (cfg["prepare"].get(kind) or {}).get("use", kind) not in ENCODERS:   # validate() names the bad slot
+        return None
+    use, args = _fit_args(cfg, kind)
+    if "block_out_channels" in args:
+        return kind, 2 ** (len(args["block_out_channels"]) - 1)
+    return (kind, PRETRAINED_DOWNSAMPLE[use]) if use in PRETRAINED_DOWNSAMPLE else None
+
+
+def _check_image_size(cfg: dict, patch: int | None) -> None:
+    """data.image_size against the dataset (datasets.image_size_rule: padding, a memory-safe maximum),
+    the texture tokenizer's downsampling factor f (the latent grid is image_size / f) and the backbone's
+    patch size p (the token grid is image_size / f / p): a size that breaks any of them fails here."""
+    from benchmarks.datasets import image_size_rule
+
+    size, d = cfg["data"]["image_size"], cfg["data"]
+    rule = image_size_rule(d["name"], size)
+    if rule:
+        raise ConfigError(f"data.image_size={size}: {rule}")
+    tok = _tokenizer_factor(cfg)
+    if tok is None:
+        return
+    kind, f = tok
+    if size % f:
+        raise ConfigError(f"data.image_size={size} must be a multiple of {f}, the downsampling factor of the texture "
+                          f"tokenizer prepare.{kind} (latent grid = image_size / {f})")
+    if patch and (size // f) % patch:
+        raise ConfigError(f"data.image_size={size} gives a {size // f}×{size // f} latent grid (÷{f} by prepare.{kind}), "
+                          f"not divisible by the patch size {patch} of backbone {cfg['backbone']['name']!r}: use a "
+                          f"multiple of {f * patch}")
+
+
+EPOCH_TRAINED = ("texture-vae", "vavae", "fd-net")     # fit() draws batches with shuffled_batches (no replacement)
+
+
+def _check_limits(cfg: dict, kinds: list[str], sizes: tuple[int, int] | None) -> None:
+    """data.limit_train / limit_test against what prepare and evaluation need, and (with the dataset
+    loaded: `sizes` = its train and test counts) against what exists, since a limit past the end would
+    be silently shortened.
+
+    The artifacts trained in epochs of distinct images (EPOCH_TRAINED) need one full batch of them at
+    least (encoders/texture_vae.py shuffled_batches refuses fewer), from the half they train on when
+    train_half is set (the others draw with replacement); the FD reference's real-data floor draws eval.num_samples training images and compares
+    them with the test split, so both splits need eval.num_samples images for the floor to be at the N
+    the curves are scored at."""
+    d, e = cfg["data"], cfg["eval"]
+    lt, ls = d["limit_train"], d["limit_test"]
+    if sizes is not None:
+        for split, limit, n in (("train", lt, sizes[0]), ("test", ls, sizes[1])):
+            if limit is not None and limit > n:
+                raise ConfigError(f"data.limit_{split}={limit} is more than the {n} {split} images of "
+                                  f"{d['name']!r} (use ≤ {n}, or null for all)")
+    n_train = lt if lt is not None else (sizes[0] if sizes else None)
+    n_test = ls if ls is not None else (sizes[1] if sizes else None)
+    for kind in kinds:
+        use, args = _fit_args(cfg, kind)
+        bs = args.get("batch_size")
+        if use not in EPOCH_TRAINED or not isinstance(bs, int) or n_train is None:
+            continue
+        half = args.get("train_half") in (0, 1)
+        need = 2 * bs if half else bs
+        if n_train < need:
+            raise ConfigError(f"data.limit_train={n_train} is fewer than prepare.{kind} needs: one batch of "
+                              f"prepare.{kind}.batch_size={bs} distinct training images"
+                              f"{' from the half it trains on (train_half), so 2 × ' + str(bs) if half else ''}"
+                              f"; use data.limit_train ≥ {need} or a smaller batch_size")
+    if e["metric"] == "fd-net":
+        for split, n in (("train", n_train), ("test", n_test)):
+            if n is not None and n < e["num_samples"]:
+                raise ConfigError(f"data.limit_{split}={n} is fewer than eval.num_samples={e['num_samples']}: the FD "
+                                  f"reference's real-data floor compares eval.num_samples training images with the "
+                                  f"test split (use data.limit_{split} ≥ {e['num_samples']} or fewer eval samples)")
 
 
 def expand(grid_name: str, cli: list[str] | None = None, profile: str | None = None,
@@ -261,12 +473,21 @@ def expand(grid_name: str, cli: list[str] | None = None, profile: str | None = N
     prof_name = profile or g.get("profile", "tiny")
     # by_profile: {<profile>: {axes: {...}, overrides: [...]}} replaces those axes / adds those overrides when
     # the grid runs at that profile (e.g. the XL/1 backbone at imagenet256 instead of the tiny one).
+    where = f"grid {grid_name!r} ({find_yaml('grid', grid_name)})"
+    if not isinstance(g.get("by_profile") or {}, dict):
+        raise ConfigError(f"{where}: by_profile must map a profile name to {{axes: ..., overrides: [...]}}")
     by_profile = (g.get("by_profile") or {}).get(prof_name) or {}
+    if not isinstance(by_profile, dict):
+        raise ConfigError(f"{where}: by_profile.{prof_name} must be a mapping with axes and/or overrides")
     if set(by_profile) - {"axes", "overrides"}:
         raise ConfigError(f"grid {grid_name!r}: by_profile.{prof_name} has unknown keys "
                           f"{sorted(set(by_profile) - {'axes', 'overrides'})}; valid: axes, overrides")
+    for name, part in (("axes", g.get("axes")), (f"by_profile.{prof_name}.axes", by_profile.get("axes"))):
+        if part is not None and not isinstance(part, dict):
+            raise ConfigError(f"{where}: {name} must be a mapping of key: [values], got {part!r}")
     axes: dict[str, list] = {**(g.get("axes") or {}), **(by_profile.get("axes") or {})}
-    overrides = list(g.get("overrides") or []) + list(by_profile.get("overrides") or [])
+    overrides = _dotlist(f"{where}: overrides", g.get("overrides")) + \
+        _dotlist(f"{where}: by_profile.{prof_name}.overrides", by_profile.get("overrides"))
     if not axes or any(not isinstance(v, list) or not v for v in axes.values()):
         raise ConfigError(f"grid {grid_name!r} has no runs: every axis needs a non-empty list (axes: {axes})")
     runs = []
@@ -275,9 +496,10 @@ def expand(grid_name: str, cli: list[str] | None = None, profile: str | None = N
         cfg = resolve(prof_name, label, overrides, cli, check_files)
         method, backbone = cfg["method"]["name"], cfg["backbone"]["name"]
         run_id = f"{label.get('method', method)}-{backbone}-s{cfg['seed']}-{run_hash(cfg)[:8]}"
-        label = {"method": label.get("method", method), **{k: v for k, v in label.items() if k != "method"}}
-        if "backbone" in label:
-            label["backbone"] = backbone          # the command line may have replaced the axis value
+        # The label says what the run IS: an axis value the command line replaced (backbone.name=..., seed=...,
+        # any dotted key) is read back from the resolved config, so label.json agrees with the run id.
+        label = {"method": label.get("method", method),
+                 **{k: _resolved(cfg, k) for k in label if k != "method"}}
         runs.append(RunSpec(run_id=run_id, label=label, cfg=cfg))
     ids = [r.run_id for r in runs]
     if len(set(ids)) != len(ids):

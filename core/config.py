@@ -144,3 +144,62 @@ def check_keys(kind: str, ctor: Any, keys: dict, *, deps: tuple[str, ...] = ()) 
     for k in keys:
         if k != "name" and k not in valid:
             raise ConfigError(f"{kind}: unknown key {k!r}; valid keys: {', '.join(valid)}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config files: one-line errors, duplicate keys refused
+# ---------------------------------------------------------------------------------------------------
+
+def _strict_loader():
+    """A yaml.SafeLoader whose mappings refuse a key given twice: plain safe_load keeps the last value
+    silently, so a grid with `axes:` twice would drop half of its runs without a word."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:       # the keys as written: a `<<:` merge may be overridden on purpose
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = loader.construct_object(key_node, deep=True)
+            try:
+                dup = key in seen
+            except TypeError:                # unhashable: construct_mapping below reports it
+                continue
+            if dup:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return loader.construct_mapping(node, deep=deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return StrictLoader
+
+
+def load_config_yaml(path: Any, what: str = "config file") -> Any:
+    """A config YAML (grid, method preset, profile, slurm profile) with the safe loader and one-line errors:
+    "<path>:<line>: <problem>" for a syntax error or a duplicate key, and the file named for an unreadable,
+    binary or non-UTF-8 file. An empty file gives None."""
+    import yaml
+
+    try:
+        raw = open(path, "rb").read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    if b"\x00" in raw:
+        raise ConfigError(f"{path}: not a text file (binary content); a {what} is YAML text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the {what} as UTF-8 YAML") from None
+    try:
+        return yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context = getattr(e, "context", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        detail = f"{problem}" + (f" ({context})" if context and "duplicate" not in problem else "")
+        raise ConfigError(f"{where}: {detail} in {what}".replace("\n", " ")) from None
