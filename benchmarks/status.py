@@ -13,11 +13,16 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from core.errors import CorruptFileError
 from core.rundir import read_jsonl
 
 
 def _row(run: Path, steps: int) -> dict:
-    train, evals = read_jsonl(run / "metrics.jsonl"), read_jsonl(run / "eval.jsonl")
+    try:
+        train, evals = read_jsonl(run / "metrics.jsonl"), read_jsonl(run / "eval.jsonl")
+    except CorruptFileError:             # a damaged log row: that run stops with the error; the board goes on
+        return {"run": run.name, "status": "unreadable", "step": 0, "steps": steps, "loss": None, "fd": None,
+                "acc": None, "eta": None}
     status = "done" if (run / "done.json").exists() else "failed" if (run / "failed.json").exists() \
         else "running" if (train or evals) else "pending"
     step = train[-1]["step"] if train else 0

@@ -202,6 +202,18 @@ def test_truncate_after_drops_later_rows_and_the_torn_line_only(tmp_path):
     assert rd.rows("eval.jsonl") == ROWS[:2]
 
 
+def test_status_board_lists_a_damaged_run_and_goes_on(tmp_path):
+    from benchmarks.status import snapshot
+
+    bad, good = tmp_path / "bad", tmp_path / "good"
+    for d in (bad, good):
+        d.mkdir()
+        _write_rows(d / "eval.jsonl")
+    (bad / "eval.jsonl").write_bytes((bad / "eval.jsonl").read_bytes().replace(b'"fd": 5.0', b'"fd": 5.'))
+    rows = snapshot([(bad, 8), (good, 8)])
+    assert [r["status"] for r in rows] == ["unreadable", "running"] and rows[1]["fd"] == 3.0
+
+
 # ------------------------------------------------------------------------------------------ stale temp files
 def _dead_pid():
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
