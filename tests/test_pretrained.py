@@ -163,8 +163,11 @@ def test_per_image_generators_follow_their_image_through_the_chunks(tmp_path):
     model.chunk = 2
     chunked = model.encode(x, generator=gens())
     model.chunk = 32
-    assert torch.allclose(chunked, model.encode(x, generator=gens()), atol=1e-6)
-    assert torch.allclose(chunked[3:4], model.encode(x[3:4], generator=gens()[3:4]), atol=1e-6)
+    # Batches of 2 and of 5 (and of 1) run other convolution kernels, whose blocking also differs between
+    # CPU models: float32 rounding through the encoder's layers (a few 1e-7 per layer on O(1) latents;
+    # 1e-6 measured here) is allowed, a wrong generator (an O(1) change of the noise) is not.
+    assert torch.allclose(chunked, model.encode(x, generator=gens()), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(chunked[3:4], model.encode(x[3:4], generator=gens()[3:4]), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="2 generators for 5 images"):
         model.encode(x, generator=gens()[:2])
 
