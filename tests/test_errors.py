@@ -17,7 +17,7 @@ import torch
 
 from benchmarks import adm_eval, cli, evaluate, extract, report, speed
 from benchmarks import run as run_cmd
-from core.config import ConfigError, structured, to_dict
+from core.config import structured, to_dict
 from core.errors import CorruptFileError
 from core.rundir import RunDir
 from core.torchfile import UntrustedFileError, load_weights_file
@@ -158,9 +158,15 @@ def test_file_system_failures_are_known_and_named():
 
 @pytest.fixture
 def immutable_dir(tmp_path):
-    """A folder nobody can write, root included (chattr +i); skipped where the file system refuses."""
+    """A folder this process cannot write: mode 555 for a normal user; as root (which ignores modes)
+    chattr +i, skipped where the file system refuses it."""
     d = tmp_path / "frozen"
     d.mkdir()
+    if os.geteuid() != 0:
+        d.chmod(0o555)
+        yield d
+        d.chmod(0o755)
+        return
     if subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode != 0:
         pytest.skip("chattr +i is not available here")
     yield d
@@ -185,7 +191,7 @@ def test_results_and_cache_under_a_file_are_refused_up_front(tmp_path, capsys, c
 
 def test_read_only_results_and_cache_are_refused_up_front(tmp_path, immutable_dir, capsys, cpu_only):
     assert run_cmd.main(["grid=smoke", f"results={immutable_dir}"]) == 2
-    _one_error_line(capsys, r"results folder .*frozen is not writable \(.*frozen: Operation not permitted\)")
+    _one_error_line(capsys, r"results folder .*frozen is not writable \(.*frozen: (Operation not permitted|Permission denied)\)")
     assert run_cmd.main(["grid=smoke", f"results={tmp_path / 'results'}",
                          f"cache_dir={immutable_dir / 'cache'}"]) == 2
     _one_error_line(capsys, r"cache_dir folder .*frozen/cache is not writable.*set cache_dir=DIR")
