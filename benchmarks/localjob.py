@@ -18,7 +18,6 @@ import ctypes
 import json
 import logging
 import os
-import shlex
 import signal
 import subprocess
 import sys
