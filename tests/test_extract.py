@@ -109,7 +109,10 @@ def test_shards_equal_the_in_memory_encodings_of_the_same_images(ref, tmp_path):
         imgs = x.flip(-1) if split else x
         want = torch.cat([arts["texture-vae"].encode(imgs[i:i + 1], generator=generator(extract.image_seed(split, i)))
                           for i in range(22)])
-        torch.testing.assert_close(tex[f"texture{sfx}"], want, rtol=1e-5, atol=1e-5)
+        # One image at a time here, batches of 3 in the extractor: other convolution kernels (per shape and
+        # per CPU model), so float32 rounding through the encoder on latents up to ~10: 2.4e-6 measured on
+        # AVX2 and on scalar/SSE kernels; a wrong seed moves a sample by O(1).
+        torch.testing.assert_close(tex[f"texture{sfx}"], want, rtol=1e-4, atol=1e-4)
         assert not torch.allclose(tex[f"texture{sfx}"], arts["texture-vae"].encode_mean(imgs), atol=1e-3)   # a sample
     # latents: texture channels copied, SemVAE channels from the same shard's tokens and compose seed
     latent = build_latent(cfg, arts)
