@@ -431,9 +431,11 @@ def _check_limits(cfg: dict, kinds: list[str], sizes: tuple[int, int] | None) ->
 
     The artifacts trained in epochs of distinct images (EPOCH_TRAINED) need one full batch of them at
     least (encoders/texture_vae.py shuffled_batches refuses fewer), from the half they train on when
-    train_half is set (the others draw with replacement); the FD reference's real-data floor draws eval.num_samples training images and compares
-    them with the test split, so both splits need eval.num_samples images for the floor to be at the N
-    the curves are scored at."""
+    train_half is set (the others draw with replacement). The FD reference's real-data floor draws
+    eval.num_samples training images and compares them with the test split, so a limit below
+    eval.num_samples would put the floor at another N than the curves. These rules concern the limits
+    the user chose; a dataset that is itself small (a test folder) is used as it is, and prepare's own
+    message names an artifact whose batch it cannot fill."""
     d, e = cfg["data"], cfg["eval"]
     lt, ls = d["limit_train"], d["limit_test"]
     if sizes is not None:
@@ -441,22 +443,20 @@ def _check_limits(cfg: dict, kinds: list[str], sizes: tuple[int, int] | None) ->
             if limit is not None and limit > n:
                 raise ConfigError(f"data.limit_{split}={limit} is more than the {n} {split} images of "
                                   f"{d['name']!r} (use ≤ {n}, or null for all)")
-    n_train = lt if lt is not None else (sizes[0] if sizes else None)
-    n_test = ls if ls is not None else (sizes[1] if sizes else None)
-    for kind in kinds:
+    for kind in kinds if lt is not None else ():
         use, args = _fit_args(cfg, kind)
         bs = args.get("batch_size")
-        if use not in EPOCH_TRAINED or not isinstance(bs, int) or n_train is None:
+        if use not in EPOCH_TRAINED or not isinstance(bs, int):
             continue
         half = args.get("train_half") in (0, 1)
         need = 2 * bs if half else bs
-        if n_train < need:
-            raise ConfigError(f"data.limit_train={n_train} is fewer than prepare.{kind} needs: one batch of "
+        if lt < need:
+            raise ConfigError(f"data.limit_train={lt} is fewer than prepare.{kind} needs: one batch of "
                               f"prepare.{kind}.batch_size={bs} distinct training images"
                               f"{' from the half it trains on (train_half), so 2 × ' + str(bs) if half else ''}"
                               f"; use data.limit_train ≥ {need} or a smaller batch_size")
     if e["metric"] == "fd-net":
-        for split, n in (("train", n_train), ("test", n_test)):
+        for split, n in (("train", lt), ("test", ls)):
             if n is not None and n < e["num_samples"]:
                 raise ConfigError(f"data.limit_{split}={n} is fewer than eval.num_samples={e['num_samples']}: the FD "
                                   f"reference's real-data floor compares eval.num_samples training images with the "
