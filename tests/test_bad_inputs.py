@@ -226,7 +226,7 @@ def test_user_grid_and_preset_are_accepted(tmp_path, monkeypatch):
     assert load_config_yaml(tmp_path / "merge.yaml") == {"a": {"x": 1, "y": 2}, "b": {"x": 3, "y": 2}}
 
 
-def test_label_agrees_with_the_run_id(capsys):
+def test_label_agrees_with_the_run_id():
     """An axis value replaced on the command line (seed=3 on a grid whose seed axis is [0]) is what the label
     records, as the run id does."""
     from benchmarks.grid import expand
