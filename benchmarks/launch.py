@@ -155,15 +155,20 @@ def local_parallel(parallel: int | None) -> int:
 
 
 def launch_local(todo: list[tuple[RunSpec, Path]], *, folder: Path, parallel: int | None = None,
-                 timeout_min: int = 120, poll: Callable[[], None] | None = None, **_: Any) -> list[dict]:
+                 timeout_min: int = 7 * 24 * 60, poll: Callable[[], None] | None = None, **_: Any) -> list[dict]:
     """submitit LocalExecutor; at most `parallel` jobs at once, each with torch threads = cores / parallel,
     because LocalExecutor ignores cpus_per_task (notes/stack.md). Default: one single-threaded job per
     core on a CPU machine (tiny models: 2 jobs × 1 thread trained 1.4× faster than 1 job × 2 threads on
-    2 cores, docs/results.md), one job at a time on a GPU machine. An exception here (KeyboardInterrupt,
-    run.py's SIGTERM) cancels the running jobs before it propagates."""
+    2 cores, docs/results.md), one job at a time on a GPU machine, which sees all of the machine's GPUs.
+    The time limit is a week: a local job has no queue to return to, and a rerun resumes it anyway. An
+    exception here (KeyboardInterrupt, run.py's SIGTERM) cancels the running jobs before it propagates."""
+    import torch
+
     parallel = local_parallel(parallel)
     ex = localjob.LocalExecutor(folder=str(folder / "%j"))
-    ex.update_parameters(timeout_min=timeout_min)
+    # submitit's local jobs see only `gpus_per_node` GPUs (CUDA_VISIBLE_DEVICES), 0 by default: without this a
+    # GPU machine's jobs would train on the CPU under train.device=auto, without a word.
+    ex.update_parameters(timeout_min=timeout_min, gpus_per_node=torch.cuda.device_count())
     queue, running, results = list(todo), [], []
     threads = _threads_per_job(parallel)
     try:

@@ -161,6 +161,18 @@ def test_parallel_must_be_a_positive_integer(tmp_path, capsys, value):
     assert not (tmp_path / "r").exists()                    # refused before anything is written
 
 
+def test_local_jobs_see_the_machines_gpus(tmp_path, monkeypatch):
+    """submitit's local jobs see `gpus_per_node` GPUs, 0 unless set: the launcher must pass the machine's
+    count, or a GPU machine's jobs train on the CPU under train.device=auto without a word."""
+    from benchmarks import launch, localjob
+
+    seen = {}
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    monkeypatch.setattr(localjob.LocalExecutor, "update_parameters", lambda self, **kw: seen.update(kw))
+    launch.launch_local([], folder=tmp_path, parallel=1)
+    assert seen["gpus_per_node"] == 2 and seen["timeout_min"] >= 24 * 60
+
+
 # ---------------------------------------------------------------- core/runlock.py
 
 
