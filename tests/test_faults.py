@@ -74,9 +74,31 @@ def warm(tmp_path_factory, smoke_cache):
 
 @pytest.fixture(scope="module")
 def two_launchers(tmp_path_factory, warm):
+    """Two launchers of one grid whose jobs overlap: the first job is paused (SIGSTOP) from the moment it
+    holds the run until the second launcher has ended, so the overlap does not depend on this machine's
+    speed (unpaused, a fast machine finishes the first run before the second launcher's job starts, and
+    the second then finds it done). It is paused only outside the lock's guard (held for milliseconds by
+    each heartbeat), so the second launcher's check never waits on a stopped process."""
+    from filelock import FileLock, Timeout
+
     results = tmp_path_factory.mktemp("twice")
-    a, b = _start(results, warm), _start(results, warm)
-    return results, [_finish(a), _finish(b)]
+    a = _start(results, warm)
+    lock = _wait_for(lambda: runlock.read(d) if (d := _first_run(results)) else None)
+    job, guard = int(lock["pid"]), FileLock(str(_first_run(results) / f"{runlock.LOCK_NAME}.guard"))
+    while True:
+        os.kill(job, signal.SIGSTOP)
+        try:
+            guard.acquire(timeout=0)
+            guard.release()
+            break
+        except Timeout:                        # stopped inside a heartbeat: let it finish and try again
+            os.kill(job, signal.SIGCONT)
+            time.sleep(0.05)
+    try:
+        second = _finish(_start(results, warm))
+    finally:
+        os.kill(job, signal.SIGCONT)
+    return results, [_finish(a), second]
 
 
 @pytest.mark.slow
