@@ -2,7 +2,7 @@
 
 Constructor flags switch the block to LightningDiT's (https://arxiv.org/abs/2501.01423; RMSNorm, SwiGLU,
 2-D RoPE, qk-norm), so every method trains the same class; presets for the DiT family are at the bottom,
-LightningDiT presets in lightningdit.py. Spec: METHODS.md §0.2, §5.3, §6.4, §7.
+LightningDiT presets in lightningdit.py. Spec: docs/methods.md §0.2, §5.3, §6.4, §7.
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ class DiT(nn.Module):
         in_channels/out_channels: latent channels in and out; input_size: latent side H = W.
         num_classes: labels 0..num_classes-1; `num_classes` itself is the null label.
         time_inputs: K embedders, widths summing to hidden_size; time_embed_order: the order in which their
-            outputs are concatenated into t_emb (SFD passes (1, 0): semantic half first, spec §6.4).
+            outputs are concatenated into t_emb (SFD passes (1, 0): semantic half first, docs/methods.md §6.4).
         norm: "layernorm" | "rmsnorm"; ffn: "gelu" | "swiglu"; rope: 2-D RoPE on q, k; qk_norm: RMSNorm on q, k.
         attn_layout: "bhsd" | "bshd", where q, k are normalised and rotated (same result; layers.Attention).
         kernels: "torch" | "triton", the suite's Triton kernels for q/k norm + RoPE, SwiGLU and adaLN's
@@ -154,7 +154,7 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """DiT init (spec §0.2): xavier Linear, patch embed as a Linear, N(0, .02) embedders, zero adaLN/final."""
+        """DiT init (docs/methods.md §0.2): xavier Linear, patch embed as a Linear, N(0, .02) embedders, zero adaLN/final."""
 
         def _linear_init(m: nn.Module) -> None:
             if isinstance(m, nn.Linear):
@@ -219,7 +219,7 @@ class DiT(nn.Module):
 #                                   Presets                                     #
 #################################################################################
 
-# size -> (depth, hidden size, heads), spec §7. "tiny" is calibrated for a 2-core CPU test/profile run.
+# size -> (depth, hidden size, heads), docs/methods.md §7. "tiny" is calibrated for a 2-core CPU test/profile run.
 DIT_SIZES: dict[str, tuple[int, int, int]] = {
     "tiny": (4, 128, 4),
     "s": (12, 384, 6),

@@ -1,4 +1,4 @@
-"""ImageNet-256 evaluation with the ADM protocol (spec/METHODS.md §9): FID, sFID, IS, precision/recall of a
+"""ImageNet-256 evaluation with the ADM protocol (docs/methods.md §9): FID, sFID, IS, precision/recall of a
 sample batch against guided-diffusion's reference batch `VIRTUAL_imagenet256_labeled.npz`. The sample side
 (balanced labels, seed-42 shuffle, the `arr_0` npz the ADM evaluator reads, per-rank shards) is adm_npz.py.
 CLI: USAGE.
@@ -129,7 +129,7 @@ class Reference:
 
 
 def load_reference(path: str | Path, inception: ADMInception, batch_size: int = 100) -> Reference:
-    """Read an ADM reference batch: statistics from the npz when present (spec §9), else from arr_0."""
+    """Read an ADM reference batch: statistics from the npz when present (docs/methods.md §9), else from arr_0."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"ADM reference batch {path} not found; {REF_HINT}")
@@ -307,7 +307,7 @@ def _check_finite(acts: Activations, whose: str) -> None:
 
 def score(acts: Activations, ref: Reference, fd: str = "scipy", device: str | torch.device = "cpu",
           is_split_size: int = IS_SPLIT) -> dict[str, float]:
-    """FID, sFID, IS, precision, recall of sample activations against a reference (ADM's main, spec §9)."""
+    """FID, sFID, IS, precision, recall of sample activations against a reference (ADM's main, docs/methods.md §9)."""
     _check_finite(acts, "samples'")
     _check_finite(ref.acts, "reference batch's")
     precision, recall = precision_recall(ref.acts.pool, acts.pool, device=device)

@@ -1,4 +1,4 @@
-"""The sample side of the ADM protocol (spec/METHODS.md §9): balanced labels, the seed-42 shuffle, the `arr_0`
+"""The sample side of the ADM protocol (docs/methods.md §9): balanced labels, the seed-42 shuffle, the `arr_0`
 npz guided-diffusion's evaluator reads, per-rank shards and their merge, PNG folders. Scoring: adm_eval.py.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ SHARD = re.compile(r"^samples_rank(\d+)\.npz$")
 
 def balanced_labels(n: int, num_classes: int = 1000) -> np.ndarray:
     """Exactly n / num_classes labels per class (SFD: 50 per class for 50k), int64 (n,), class-ordered on
-    purpose: a sampler draws them in this order and `pack_npz` shuffles the images afterwards (spec §9)."""
+    purpose: a sampler draws them in this order and `pack_npz` shuffles the images afterwards (docs/methods.md §9)."""
     if n <= 0 or n % num_classes:
         raise ValueError(f"balanced labels need n to be a positive multiple of num_classes={num_classes}, got n={n}")
     return np.repeat(np.arange(num_classes, dtype=np.int64), n // num_classes)
@@ -30,7 +30,7 @@ def balanced_labels(n: int, num_classes: int = 1000) -> np.ndarray:
 
 def shuffle_order(n: int, seed: int = 42) -> np.ndarray:
     """The permutation SFD's shuffle script applies (`random.seed(seed); random.shuffle(files)`), as indices:
-    class-ordered files would put whole classes into one IS split and bias IS (spec §9)."""
+    class-ordered files would put whole classes into one IS split and bias IS (docs/methods.md §9)."""
     order = list(range(n))
     random.Random(seed).shuffle(order)
     return np.asarray(order, dtype=np.int64)

@@ -23,7 +23,7 @@ from methods.compose import Method, build_method, build_schedule
 class LatentFeed:
     """Batches drawn from the in-memory latent cache; batch k depends only on (seed, k), so a resumed
     run sees exactly the batches an uninterrupted one would. Flips (when cached) are chosen per sample
-    with p = 0.5, the same choice for every key of a sample (spec §6.1).
+    with p = 0.5, the same choice for every key of a sample (docs/methods.md §6.1).
 
     On CUDA the cache lives on the GPU when it fits in `gpu_fraction` of the free memory (one gather
     kernel per key per step, nothing crosses PCIe but the indices); otherwise it stays in host memory,

@@ -1,7 +1,7 @@
 """Image datasets for the profiles: Fashion-MNIST from IDX files (tiny), ImageFolder trees (small, imagenet256).
 
 Images are kept as uint8 (N, C, H, W); the VAEs map them to [-1, 1] with `core.types.to_unit`.
-The folder readers use the ADM center crop of guided-diffusion / DiT (spec/METHODS.md §0.2).
+The folder readers use the ADM center crop of guided-diffusion / DiT (docs/methods.md §0.2).
 """
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ TEST_FRACTION = 0.1  # held-out share when the folder has no train/val split
 
 
 def center_crop_adm(image: Image.Image, size: int) -> np.ndarray:
-    """ADM center crop (spec §0.2): box-halve while short side ≥ 2·size, bicubic short side → size, center crop.
+    """ADM center crop (docs/methods.md §0.2): box-halve while short side ≥ 2·size, bicubic short side → size, center crop.
 
     Returns an RGB uint8 array (size, size, 3).
     """

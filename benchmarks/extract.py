@@ -11,7 +11,7 @@ the tokenizer's posterior sample with one seeded generator per image, and the se
 patch tokens when the latent needs them, each for the image and its horizontal flip; then it composes
 the run's latents from its shards. Batches never cross a shard, so a shard's bytes do not depend on W.
 A shard already on disk is skipped (a killed job resumes); whichever rank finds every shard written
-after its own work merges: index.json, per-channel stats (10k random latents, spec §5.2), info.json,
+after its own work merges: index.json, per-channel stats (10k random latents, docs/methods.md §5.2), info.json,
 key.json and the COMPLETE marker, into the cache folders prepare would use (same names and keys).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Stage 1 (DESIGN.md §4): expand a grid YAML (axes × overrides) into fully resolved run configs.
+"""Stage 1 (docs/architecture.md, "The stages of a grid"): expand a grid YAML (axes × overrides) into fully resolved run configs.
 
 Grid file (benchmarks/configs/grid/<name>.yaml):
     profile: tiny                  # benchmarks/configs/profile/<profile>.yaml

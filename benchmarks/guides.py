@@ -1,4 +1,4 @@
-"""AutoGuidance guides: another run's EMA weights (SFD's headline sampling, spec §6.6).
+"""AutoGuidance guides: another run's EMA weights (SFD's headline sampling, docs/methods.md §6.6).
 
 `guide_from` in a guidance config names a run folder (results/<grid>/<run_id>) or a checkpoint file
 inside one; the guide's backbone is rebuilt from that run's own config.yaml, so it may be a smaller

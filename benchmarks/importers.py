@@ -1,5 +1,5 @@
 """Official checkpoint import: the released DiT, REPA (SiT), LightningDiT and SFD weights loaded into the
-suite's own DiT class, and the REPA projector into the method's loss (spec/CHECKPOINTS.md, METHODS.md §0.2,
+suite's own DiT class, and the REPA projector into the method's loss (docs/checkpoints.md, docs/methods.md §0.2,
 §5.3, §6.4, §7). Names are mapped, never guessed: an unknown, missing or mis-shaped tensor is an error.
 
     imp = load_official("SFD-XL.pt", "sfd-xl-1", device="cuda")
@@ -37,7 +37,7 @@ class OfficialKind:
         official model concatenates them into t_emb (SFD: semantic first, §6.4). projector: key prefix of the
         REPA projector. repa_time: REPA's convention (t = 0 data, v = ε − x, §0.1), converted at import.
     tensors/values: the full-size official state dict (projector and stored tables included); `published`:
-        stated by CHECKPOINTS.md (else derived from the layout, tests/test_importers.py)."""
+        stated by docs/checkpoints.md (else derived from the layout, tests/test_importers.py)."""
 
     name: str
     source: str
@@ -92,7 +92,7 @@ def get_kind(kind: str | OfficialKind) -> OfficialKind:
     return KINDS[kind]
 
 
-# ---------------------------------------------------------------------------- containers (CHECKPOINTS.md)
+# ---------------------------------------------------------------------------- containers (docs/checkpoints.md)
 
 def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, Tensor) for v in obj.values())
@@ -100,7 +100,7 @@ def _is_state_dict(obj: Any) -> bool:
 
 def unwrap_container(obj: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The weights to import from a loaded file: a bare state dict as is, else `ema` when present (every
-    official sampler uses EMA weights, spec §0.2), else `model`. A DDP `module.` or torch.compile
+    official sampler uses EMA weights, docs/methods.md §0.2), else `model`. A DDP `module.` or torch.compile
     `_orig_mod.` prefix on every key is removed. Returns (state, info)."""
     info: dict[str, Any] = {}
     if _is_state_dict(obj):
@@ -132,7 +132,7 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> tuple[di
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"official checkpoint {path} does not exist; CHECKPOINTS.md lists where each "
+        raise FileNotFoundError(f"official checkpoint {path} does not exist; docs/checkpoints.md lists where each "
                                 f"kind is published ({', '.join(KINDS)})")
     try:
         obj = load_weights_file(path, trust_pickle=trust_pickle)
@@ -159,7 +159,7 @@ def _time_embedder_map(kind: OfficialKind, backbone: nn.Module) -> dict[str, int
         raise CheckpointError(
             f"{kind.name}: the model concatenates its time embedders in order {tuple(backbone.time_embed_order)} "
             f"but the official conditioning is concat({', '.join(n for n, _ in kind.time_embedders)}), i.e. "
-            f"order {official_order} (spec §6.4); build it with time_embed_order={list(official_order)}")
+            f"order {official_order} (docs/methods.md §6.4); build it with time_embed_order={list(official_order)}")
     return index
 
 
@@ -205,7 +205,7 @@ def official_layout(kind: str | OfficialKind, backbone: nn.Module,
 # ---------------------------------------------------------------------------- checks and the two conversions
 
 def check_tables(state: Mapping[str, Tensor], backbone: nn.Module, kind_name: str) -> list[str]:
-    """Stored position/RoPE tables must equal the suite's own (spec §0.2, §5.3): they are not loaded, so a
+    """Stored position/RoPE tables must equal the suite's own (docs/methods.md §0.2, §5.3): they are not loaded, so a
     difference would silently change which token sits where. Returns the names checked."""
     checked = []
     for name, own in stored_tables(backbone).items():
@@ -234,7 +234,7 @@ def remap_legacy_repa(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], int]
 
 
 def fold_repa_time(state: dict[str, Tensor], freq_dim: int, max_period: float = 10000.0) -> None:
-    """Make a REPA model speak the project convention with no wrapper (spec §0.1, §11.2), in place on a
+    """Make a REPA model speak the project convention with no wrapper (docs/methods.md §0.1, §11.2), in place on a
     suite-named state: model'(x, t) = −model(x, 1 − t). The sinusoid of 1 − t is a fixed rotation of that of
     t (cos ω(1−t) = cos ω·cos ωt + sin ω·sin ωt, sin ω(1−t) = sin ω·cos ωt − cos ω·sin ωt), so it folds into
     the first timestep Linear, the velocity sign into the final Linear; exact up to rounding (float64)."""
@@ -384,7 +384,7 @@ def load_official(path: str | Path, kind: str | OfficialKind, *, device: str | t
 
 
 def attach_guide(method: Any, guide: ImportedModel) -> None:
-    """Use an imported model as the AutoGuidance guide of `method` (SFD: the B/1 guide, spec §6.6)."""
+    """Use an imported model as the AutoGuidance guide of `method` (SFD: the B/1 guide, docs/methods.md §6.6)."""
     if getattr(method, "guidance", None) is None or not hasattr(method.guidance, "guide"):
         raise CheckpointError("attach_guide needs a method built with autoguidance, e.g. build_method(guidance="
                               "{'name': 'autoguidance', 'scale': 1.5})")

@@ -157,7 +157,7 @@ def local_parallel(parallel: int | None) -> int:
 def launch_local(todo: list[tuple[RunSpec, Path]], *, folder: Path, parallel: int | None = None,
                  timeout_min: int = 7 * 24 * 60, poll: Callable[[], None] | None = None, **_: Any) -> list[dict]:
     """submitit LocalExecutor; at most `parallel` jobs at once, each with torch threads = cores / parallel,
-    because LocalExecutor ignores cpus_per_task (notes/stack.md). Default: one single-threaded job per
+    because LocalExecutor ignores cpus_per_task (submitit 1.5: N torch jobs would oversubscribe the cores). Default: one single-threaded job per
     core on a CPU machine (tiny models: 2 jobs × 1 thread trained 1.4× faster than 1 job × 2 threads on
     2 cores, docs/results.md), one job at a time on a GPU machine, which sees all of the machine's GPUs.
     The time limit is a week: a local job has no queue to return to, and a rerun resumes it anyway. An

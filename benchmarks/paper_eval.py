@@ -1,4 +1,4 @@
-"""FID-50K of a model at paper scale: sample with the method's own sampler and settings (spec §9), decode with
+"""FID-50K of a model at paper scale: sample with the method's own sampler and settings (docs/methods.md §9), decode with
 the model's tokenizer, pack the ADM npz (balanced labels, shuffled with seed 42) and score it with the ADM
 protocol (benchmarks/adm_eval.py). The entry point is `python -m benchmarks.evaluate checkpoint=...`.
 
@@ -26,7 +26,7 @@ from core.types import check_finite, to_uint8
 
 log = logging.getLogger(__name__)
 
-# Each official model's tokenizer (spec §1-§6): the one whose latents it was trained on.
+# Each official model's tokenizer (docs/methods.md §1-§6): the one whose latents it was trained on.
 TOKENIZER = {"dit": "sd-vae-ft-ema", "repa": "sd-vae-ft-ema", "vavae": "vavae-f16d32", "sfd": "ldm-f16d32"}
 SD_VAE_SCALE = 0.18215      # DiT/SiT/REPA scale SD-VAE latents by one global factor, not per-channel stats
 

@@ -1,6 +1,6 @@
 """The per-phase picture of sampling: the state at a few global times τ, texture decoded to pixels and
 every other channel group shown as a heat map. For SFD's asynchronous schedule it shows phase I (only
-the semantics move), phase II (both) and phase III (only the texture), spec §6.6; for a synchronous
+the semantics move), phase II (both) and phase III (only the texture), docs/methods.md §6.6; for a synchronous
 schedule the same figure is the ordinary denoising trajectory. Written at a run's last eval."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage 2 of a grid (DESIGN.md §4): train or load every frozen artifact a run needs, then encode the
+"""Stage 2 of a grid (docs/architecture.md, "The stages of a grid"): train or load every frozen artifact a run needs, then encode the
 training set (and its horizontal flips) into a latent cache with per-channel statistics.
 
 Everything is cached under `<cache_dir>/<kind>-<hash of what made it>/`, built once under a file lock
@@ -33,7 +33,7 @@ from encoders.base import read_json, write_json
 log = logging.getLogger(__name__)
 
 FD_NET = "fd-net"          # the profile's FD feature network (never the semantic encoder)
-STATS_SAMPLES = 10_000     # per-channel stats from 10k random latents (spec §5.2)
+STATS_SAMPLES = 10_000     # per-channel stats from 10k random latents (docs/methods.md §5.2)
 STREAM_SAMPLE = 10_000     # training images a streamed dataset keeps in memory for artifact fits (PCA and
                            # SemVAE fit on 10k images by default)
 

@@ -44,11 +44,11 @@ from benchmarks.cli import command
 from core.config import ConfigError, TrainCfg
 from core.types import Batch
 
-# Extra (semantic) channels and aux tokens per method at 256 px (spec §0.3); the texture latent follows
+# Extra (semantic) channels and aux tokens per method at 256 px (docs/methods.md §0.3); the texture latent follows
 # the backbone's patch size: /1 models run on f16d32 latents (16×16×32), /2 models on SD-VAE (32×32×4).
 SEMANTIC = {"sfd": 16, "redi": 8, "sfd_redi": 8, "sfd_vavae": 16}
 FLOP_SLICE = 8               # samples in the FLOP-counting step
-GRAD_CLIP = {"repa": 1.0}    # spec §8: REPA clips the global grad norm at 1.0, the others do not clip
+GRAD_CLIP = {"repa": 1.0}    # docs/methods.md §8: REPA clips the global grad norm at 1.0, the others do not clip
 TOKENS = {"repa": (256, 768), "sfd": (256, 768), "sfd_vavae": (256, 768)}
 
 

@@ -1,4 +1,4 @@
-"""Stage 3 (DESIGN.md §4): the one training job, for every method.
+"""Stage 3 (docs/architecture.md, "The stages of a grid"): the one training job, for every method.
 
 `run_job(cfg, run_dir)` is a pure, picklable function of its arguments. Rerunning it resumes from the
 newest valid checkpoint (or returns done.json); every step reseeds from (seed, step), so a resumed run

@@ -24,7 +24,7 @@ class DataCfg:
     name: str = "fashion-mnist"        # benchmarks.datasets.DATASETS
     root: Optional[str] = None         # None: search the default places (see benchmarks/datasets.py)
     image_size: int = 32               # Fashion-MNIST 28 px is zero-padded to 32
-    flips: bool = True                 # cache horizontal flips and pick one with p = 0.5 (LightningDiT/SFD, spec §5.2)
+    flips: bool = True                 # cache horizontal flips and pick one with p = 0.5 (LightningDiT/SFD, docs/methods.md §5.2)
     limit_train: Optional[int] = None  # use only the first N training images (smoke tests); None = all
     limit_test: Optional[int] = None   # use only the first N test images for the FD reference; None = all
     stream: bool = False               # image-folder too large for memory: the train split is read from disk by

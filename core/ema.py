@@ -1,4 +1,4 @@
-"""Exponential moving average of weights (every paper: decay 0.9999, exact copy at init, spec §0.2/§11.17)."""
+"""Exponential moving average of weights (every paper: decay 0.9999, exact copy at init, docs/methods.md §0.2/§11.17)."""
 from __future__ import annotations
 
 import copy

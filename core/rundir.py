@@ -1,4 +1,4 @@
-"""The run folder: resolved config, metrics/eval JSONL, checkpoints, done marker (STYLE.md §6).
+"""The run folder: resolved config, metrics/eval JSONL, checkpoints, done marker (docs/architecture.md, "Code style").
 
 results/<grid>/<run_id>/
   config.yaml  metrics.jsonl  eval.jsonl  checkpoints/step_0000500.pt (+ .sha256)  samples/  done.json  failed.json

@@ -1,4 +1,4 @@
-"""Small data types shared by every component (DESIGN.md §2, STYLE.md §3)."""
+"""Small data types shared by every component (docs/architecture.md, "The method interface")."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -139,7 +139,7 @@ def check_finite(x: Tensor | np.ndarray, what: str, hint: str = "") -> None:
 
 
 def to_uint8(images: Tensor) -> Tensor:
-    """float [-1, 1] -> uint8 [0, 255], clamped (spec §5.2: clamp(127.5·x + 128)).
+    """float [-1, 1] -> uint8 [0, 255], clamped (docs/methods.md §5.2: clamp(127.5·x + 128)).
 
     NaN/inf raise NonFiniteError: clamp would silently turn NaN into 0 (a black pixel that gets scored).
     Callers that know more (which step, which chunk) check first with check_finite and a better message."""

@@ -127,7 +127,7 @@ class FDNet(nn.Module):
 
         Args:
             train_half: None uses every training image; 0 / 1 only the even / odd indices, so the FD net
-                and the semantic encoder can learn from disjoint halves (DESIGN.md §5).
+                and the semantic encoder can learn from disjoint halves (docs/architecture.md, "Profiles").
             bf16: autocast the training forward passes (weights stay fp32); evaluation runs in fp32.
         """
         fit_args = dict(width=width, feature_dim=feature_dim, steps=steps, batch_size=batch_size, lr=lr,

@@ -1,6 +1,6 @@
 """LDM-format KL-autoencoders (latent-diffusion `AutoencoderKL` naming, https://arxiv.org/abs/2112.10752) ->
-diffusers `AutoencoderKL`: SFD's texture tokenizer `ldm-imagenet256-f16d32-50ep.ckpt` (spec §6.1) and
-LightningDiT's VA-VAE `vavae-imagenet256-f16d32-dinov2.pt` (spec §5.1; layouts: spec/CHECKPOINTS.md).
+diffusers `AutoencoderKL`: SFD's texture tokenizer `ldm-imagenet256-f16d32-50ep.ckpt` (docs/methods.md §6.1) and
+LightningDiT's VA-VAE `vavae-imagenet256-f16d32-dinov2.pt` (docs/methods.md §5.1; layouts: docs/checkpoints.md).
 
 The architecture is read off the state dict (widths per level, res blocks, which levels have attention,
 latent width), so the released f16d32 files (ch 128, ch_mult 1,1,2,2,4, double_z, attention at the 16×16
@@ -86,7 +86,7 @@ def ldm_config(state: dict[str, Tensor]) -> dict:
     if z != embed:
         raise ValueError(f"embed_dim {embed} != z_channels {z}: diffusers' AutoencoderKL has one latent width")
     if int(state["encoder.conv_out.weight"].shape[0]) != 2 * z:
-        raise ValueError("encoder.conv_out must output mean and log-variance (double_z: true, spec §5.1)")
+        raise ValueError("encoder.conv_out must output mean and log-variance (double_z: true, docs/methods.md §5.1)")
     return dict(
         in_channels=int(state["encoder.conv_in.weight"].shape[1]),
         out_channels=int(state["decoder.conv_out.weight"].shape[0]),
@@ -96,7 +96,7 @@ def ldm_config(state: dict[str, Tensor]) -> dict:
         block_out_channels=widths, layers_per_block=n_blocks, latent_channels=z, norm_num_groups=LDM_GROUPS,
         mid_block_add_attention="encoder.mid.attn_1.q.weight" in state,
         sample_size=256,        # read only by diffusers' tiled decoding, which the suite does not use
-        scaling_factor=1.0)     # raw latents: the latent builders normalise per channel (spec §5.2)
+        scaling_factor=1.0)     # raw latents: the latent builders normalise per channel (docs/methods.md §5.2)
 
 
 def _leaf(table: dict[str, str], leaf: str, key: str) -> str:

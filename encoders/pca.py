@@ -1,4 +1,4 @@
-"""Artifact "pca": ReDi's PCA of semantic-encoder patch tokens (https://arxiv.org/abs/2504.16064, spec §4).
+"""Artifact "pca": ReDi's PCA of semantic-encoder patch tokens (https://arxiv.org/abs/2504.16064, docs/methods.md §4).
 
 Each token feature is standardised with its own mean/std, then a full-rank PCA without whitening is fitted;
 a latent keeps the first r coefficients per token, reshaped to the token grid and not rescaled.

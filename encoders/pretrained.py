@@ -1,11 +1,11 @@
-"""Pretrained tokenizers and encoders for paper scale (DESIGN.md §5): SD-VAE ft-ema / ft-mse (diffusers), the
+"""Pretrained tokenizers and encoders for paper scale (docs/architecture.md, "Profiles"): SD-VAE ft-ema / ft-mse (diffusers), the
 LDM-format f16d32 autoencoders of SFD and LightningDiT (converted by encoders/ldm_vae.py), the two DINOv2
 models the papers use (timm, through encoders/semantic.py's "dinov2"), and SFD's latent stats files.
 
 Each entry fills a slot through `prepare.<slot>.use=<entry>` and behaves like the stand-in it replaces. It loads
 real weights or fails with one line saying where it looked and how to get the file: there is no fallback
 to an untrained model. Latents stay raw (SD-VAE's 0.18215 is not applied): the latent builders normalise
-every channel with its own stats (spec §5.2, §6.1). Which files, from where: docs/paper_scale.md.
+every channel with its own stats (docs/methods.md §5.2, §6.1). Which files, from where: docs/paper_scale.md.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Where the weights come from (one-line errors, DESIGN.md §7)
+# Where the weights come from (one-line errors, docs/architecture.md, "Failure rules")
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -180,7 +180,7 @@ class PretrainedVAE(TextureVAE):
 
 
 # ---------------------------------------------------------------------------------------------------
-# SD-VAE (diffusers folders): f8, 4 latent channels (spec §0.3)
+# SD-VAE (diffusers folders): f8, 4 latent channels (docs/methods.md §0.3)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -232,7 +232,7 @@ class SDVAEftMSE(DiffusersVAE):
 
 
 # ---------------------------------------------------------------------------------------------------
-# LDM-format f16d32 checkpoints: f16, 32 latent channels (spec §5.1, §6.1)
+# LDM-format f16d32 checkpoints: f16, 32 latent channels (docs/methods.md §5.1, §6.1)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -261,7 +261,7 @@ class LDMVAE(PretrainedVAE):
 
 @ENCODERS.register("ldm-f16d32")
 class LDMf16d32(LDMVAE):
-    """The plain LDM KL-VAE f16d32 (no VF loss): SFD's texture tokenizer and decoder (spec §6.1)."""
+    """The plain LDM KL-VAE f16d32 (no VF loss): SFD's texture tokenizer and decoder (docs/methods.md §6.1)."""
 
     kind = "ldm-f16d32"
     hub_repo, hub_file_name = "hustvl/va-vae-imagenet256-experimental-variants", "ldm-imagenet256-f16d32-50ep.ckpt"
@@ -295,14 +295,14 @@ class NamedDinoV2(DinoV2Encoder):
 @ENCODERS.register("dinov2-b14-reg")
 class DinoV2B14Reg(NamedDinoV2):
     """ViT-B/14 with 4 registers, 768-d tokens: ReDi's PCA input, SFD's SemVAE input and REPA target
-    (spec §4, §6.1)."""
+    (docs/methods.md §4, §6.1)."""
 
     kind, timm_name = "dinov2-b14-reg", "vit_base_patch14_reg4_dinov2.lvd142m"
 
 
 @ENCODERS.register("dinov2-l14")
 class DinoV2L14(NamedDinoV2):
-    """ViT-L/14 without registers, 1024-d tokens: VA-VAE's VF-loss target (spec §5.1)."""
+    """ViT-L/14 without registers, 1024-d tokens: VA-VAE's VF-loss target (docs/methods.md §5.1)."""
 
     kind, timm_name = "dinov2-l14", "vit_large_patch14_dinov2.lvd142m"
 
@@ -316,7 +316,7 @@ def load_latent_stats(path: str | Path, channels: int | None = None) -> tuple[Te
     """A released per-channel stats file -> (mean, std), each float32 (1, C, 1, 1): the suite's format
     (prepare's stats.safetensors, `LatentBuilder.set_stats`).
 
-    The files are `torch.save({"mean": (1, C, 1, 1), "std": (1, C, 1, 1)})` of 10k latents (spec §5.2,
+    The files are `torch.save({"mean": (1, C, 1, 1), "std": (1, C, 1, 1)})` of 10k latents (docs/methods.md §5.2,
     LightningDiT's dataset code; SFD keeps that format for latents_sv_stats.pt). A dict with other keys,
     a shape that is not C values, or a std ≤ 0 is an error.
     """
@@ -341,6 +341,6 @@ def load_latent_stats(path: str | Path, channels: int | None = None) -> tuple[Te
 
 def sfd_latent_stats(texture: str | Path, semantic: str | Path) -> tuple[Tensor, Tensor]:
     """SFD's composite-latent stats (1, 32 + 16, 1, 1): latents_stats.pt then latents_sv_stats.pt, in the
-    latent's channel order (texture first, semantic last, spec §6.1)."""
+    latent's channel order (texture first, semantic last, docs/methods.md §6.1)."""
     (m_tex, s_tex), (m_sem, s_sem) = load_latent_stats(texture), load_latent_stats(semantic)
     return torch.cat([m_tex, m_sem], dim=1), torch.cat([s_tex, s_sem], dim=1)

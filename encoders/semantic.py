@@ -258,7 +258,7 @@ class SemanticEncoder(ModuleArtifact):
         """Train on data.train_x without labels; `patch` must equal the texture VAE's downsample factor.
 
         train_half: None uses every training image; 0 / 1 only the even / odd indices, so that the
-        profile can train this encoder and the FD network on disjoint halves (DESIGN.md §5).
+        profile can train this encoder and the FD network on disjoint halves (docs/architecture.md, "Profiles").
         """
         if train_half not in (None, 0, 1):
             raise ValueError(f"train_half must be None, 0 or 1, got {train_half!r}")

@@ -19,7 +19,7 @@ from encoders.base import ModuleArtifact, batched
 
 log = logging.getLogger(__name__)
 
-LOGVAR_RANGE = (-30.0, 20.0)   # spec §6.2, as LDM's DiagonalGaussianDistribution
+LOGVAR_RANGE = (-30.0, 20.0)   # docs/methods.md §6.2, as LDM's DiagonalGaussianDistribution
 
 
 def _blocks(width: int, depth: int, heads: int) -> nn.Module:
@@ -79,7 +79,7 @@ def semvae_loss(recon: Tensor, target: Tensor, mean: Tensor, logvar: Tensor, *, 
     cos_axis="feature" (default): cosine between the D-dim recon and target of each token, averaged over
     tokens: "preserve the semantics of every patch", which is what a per-token feature vector encodes.
     cos_axis="token": the fork's cosine along dim 1 of (N, T, D), i.e. between T-long columns per feature
-    (spec §6.2 [AMBIGUOUS]); kept to reproduce it.
+    (docs/methods.md §6.2 [AMBIGUOUS]); kept to reproduce it.
     """
     if cos_axis not in ("feature", "token"):
         raise ValueError(f"cos_axis must be 'feature' or 'token', got {cos_axis!r}")

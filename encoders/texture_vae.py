@@ -123,7 +123,7 @@ class TextureVAE(nn.Module):
     # ------------------------------------------------------------------ inference (no gradients)
     @torch.no_grad()
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Posterior sample z (N, c, h, w) of images in [-1, 1] (N, C, H, W) (spec §5.1: a sample, not the mean)."""
+        """Posterior sample z (N, c, h, w) of images in [-1, 1] (N, C, H, W) (docs/methods.md §5.1: a sample, not the mean)."""
         x = match_channels(images, self.image_channels).float()
         return self.vae.encode(x).latent_dist.sample(generator=generator)
 

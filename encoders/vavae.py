@@ -1,5 +1,5 @@
 """VA-VAE: the texture VAE's KL-autoencoder trained with the vision-foundation (VF) alignment loss of
-LightningDiT (Yao et al., arXiv 2501.01423; spec/METHODS.md §5.1) against the semantic encoder's patch tokens.
+LightningDiT (Yao et al., arXiv 2501.01423; docs/methods.md §5.1) against the semantic encoder's patch tokens.
 
 The latent z is mapped by a bias-free 1×1 conv ("reverse_proj") to the encoder's width and pulled towards
 its tokens with two margin losses; their sum is weighted adaptively by the ratio of gradient norms at the
@@ -19,7 +19,7 @@ from core.types import ImageData, to_unit
 from encoders.texture_vae import TextureVAE
 
 # ---------------------------------------------------------------------------------------------------
-# Pure loss functions (spec §5.1)
+# Pure loss functions (docs/methods.md §5.1)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -99,7 +99,7 @@ class VAVAE(TextureVAE):
         """Train like texture-vae (same architecture knobs and defaults) plus the VF loss against
         deps["semantic-encoder"].tokens(images in [-1, 1]) -> (N, T, D), T row-major on the latent grid.
 
-        Args: vf_weight 0.1 and margins 0.5 / 0.25 are the released model's final stage (spec §5.1).
+        Args: vf_weight 0.1 and margins 0.5 / 0.25 are the released model's final stage (docs/methods.md §5.1).
         """
         encoder = deps["semantic-encoder"]
         probe = to_unit(data.train_x[:2].to(device))  # (2, C, H, W)

@@ -1,4 +1,4 @@
-"""Method components: latent builders, schedules, losses, samplers, guidance (DESIGN.md §2)."""
+"""Method components: latent builders, schedules, losses, samplers, guidance (docs/architecture.md, "The method interface")."""
 from methods import latents  # noqa: F401
 from methods import schedules  # noqa: F401
 from methods import losses  # noqa: F401

@@ -1,4 +1,4 @@
-"""The method interface: a latent builder, a noise schedule, a loss and a sampler (DESIGN.md §2).
+"""The method interface: a latent builder, a noise schedule, a loss and a sampler (docs/architecture.md, "The method interface").
 
 Project-wide time convention (SiT/SFD): x_t = t·x1 + (1 − t)·x0 with t = 0 noise and t = 1 data.
 Every schedule maps a *global* time τ ∈ [0, tau_max] to one time per channel group (clamped to

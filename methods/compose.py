@@ -20,7 +20,7 @@ from methods.guidance import build_guidance
 
 @dataclass
 class Method:
-    """The three components plus the sampler the schedule implies (DESIGN.md §2)."""
+    """The three components plus the sampler the schedule implies (docs/architecture.md, "The method interface")."""
 
     name: str
     schedule: Any

@@ -1,4 +1,4 @@
-"""Discrete DDPM as DiT uses it (spec §1): linear β schedule, ε-prediction with learned-range variance
+"""Discrete DDPM as DiT uses it (docs/methods.md §1): linear β schedule, ε-prediction with learned-range variance
 (Nichol & Dhariwal, arXiv 2102.09672), the VLB term, and ancestral sampling on a respaced subset.
 
 Time-convention boundary (the only place it is crossed): DiT's integer index i ∈ {0..T−1} has
@@ -75,7 +75,7 @@ def _at(arr: Tensor, idx: Tensor, like: Tensor) -> Tensor:
 def p_mean_logvar(c: DiffusionConsts, eps: Tensor, v: Tensor, xt: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
     """Model mean and log-variance of p(x_{i−1} | x_i) from ε̂ and the learned-range output v.
 
-    log σ² = f·log β_i + (1 − f)·log β̃_i with f = (v + 1)/2 (spec §1); clip_denoised is off.
+    log σ² = f·log β_i + (1 − f)·log β̃_i with f = (v + 1)/2 (docs/methods.md §1); clip_denoised is off.
     Args: eps, v, xt (N, C, H, W); idx (N,) long indices into c.
     """
     min_log = _at(c.posterior_log_variance_clipped, idx, xt)
@@ -144,7 +144,7 @@ class DDPM:
 
     Args:
         groups: channel groups of the latent (dependency; every group shares the one time)
-        num_timesteps, beta_start, beta_end: DiT's values 1000, 1e-4, 0.02 (spec §1)
+        num_timesteps, beta_start, beta_end: DiT's values 1000, 1e-4, 0.02 (docs/methods.md §1)
     """
 
     family = "ddpm"     # samplers declare the families they integrate (methods/compose.py)
@@ -188,7 +188,7 @@ class DDPM:
 
     def sample_t(self, n: int, *, device: torch.device | str,
                  generator: torch.Generator | None = None) -> Tensor:
-        """Index i ~ Uniform{0..T−1} (spec §1), returned as project time (n,)."""
+        """Index i ~ Uniform{0..T−1} (docs/methods.md §1), returned as project time (n,)."""
         idx = torch.randint(0, self.num_timesteps, (n,), device=device, generator=generator)
         return self.index_to_t(idx)
 
@@ -202,7 +202,7 @@ class DDPM:
         return xt, x0
 
     def model_time(self, t_groups: Tensor) -> Tensor:
-        """(N, G) -> (N, 1): the integer index as float (DiT embeds 0..999, spec §0.2)."""
+        """(N, G) -> (N, 1): the integer index as float (DiT embeds 0..999, docs/methods.md §0.2)."""
         return self.t_to_index(t_groups[:, 0]).to(t_groups.dtype)[:, None]
 
     def drift_mask(self, tau: Tensor) -> Tensor:
@@ -215,7 +215,7 @@ class DDPM:
 
 @LOSSES.register("ddpm")
 class DDPMLoss(Loss):
-    """ε-MSE + VLB (DiT `training_losses` with learned-range σ, spec §1).
+    """ε-MSE + VLB (DiT `training_losses` with learned-range σ, docs/methods.md §1).
 
     The VLB sees ε̂ detached, so it trains only the variance output v. Terms: "mse", "vlb";
     total = mse + vlb. Needs ctx.schedule to be a `DDPM`.
@@ -262,7 +262,7 @@ def respace(c: DiffusionConsts, kept: Tensor) -> DiffusionConsts:
 @SAMPLERS.register("ddpm")
 class DDPMSampler:
     """Ancestral DDPM sampling (`p_sample_loop`) on `steps` respaced indices; the model still receives
-    the ORIGINAL indices (spec §1). Needs a `DDPM` schedule and a 2C-channel model output.
+    the ORIGINAL indices (docs/methods.md §1). Needs a `DDPM` schedule and a 2C-channel model output.
 
     Args:
         steps: number of respaced steps (DiT: 250)

@@ -1,7 +1,7 @@
 """Guidance at sampling time, one call signature for all kinds: classifier-free guidance (Ho & Salimans,
 arXiv 2207.12598) with a guidance interval (Kynkäänniemi et al., arXiv 2404.07724) and a channel subset,
 AutoGuidance (Karras et al., arXiv 2406.02507; SFD's headline, arXiv 2512.04926) and ReDi's
-representation guidance (arXiv 2504.16064). Formulas: spec/METHODS.md §1, §3, §4, §5.4, §6.6, §11.11.
+representation guidance (arXiv 2504.16064). Formulas: docs/methods.md §1, §3, §4, §5.4, §6.6, §11.11.
 
 Every guidance object is called as `guidance(model_fn, x, t_model, t_groups, y, groups) -> out` with
 model_fn(x (N,C,H,W), t_model (N,K), y (N,)) -> out (N,C_out,H,W). Times are in PROJECT time
@@ -87,7 +87,7 @@ class ClassifierFreeGuidance:
 
     Conditional and unconditional branches run as ONE forward on [x; x] with labels [y; null].
     With scale 1, or when no group of any sample is inside the interval, only the conditional
-    forward runs (so scale 1 equals the conditional output exactly, spec §11.11).
+    forward runs (so scale 1 equals the conditional output exactly, docs/methods.md §11.11).
 
     Args:
         scale: guidance scale s (DiT/SiT 1.5, REPA 1.8, ReDi 2.4, LightningDiT 6.7 / 10.0)
@@ -129,7 +129,7 @@ class ClassifierFreeGuidance:
 @GUIDANCE.register("autoguidance")
 class AutoGuidance:
     """out = g + w·(f − g): f the main model, g a weaker guide model (SFD: a LightningDiT-B/1 SFD run's
-    EMA weights at 70K-120K steps), both with the SAME conditional label; all channels (spec §6.6).
+    EMA weights at 70K-120K steps), both with the SAME conditional label; all channels (docs/methods.md §6.6).
 
     The caller sets `.guide` to the guide's model_fn before sampling (`guide_from` only records
     where the guide comes from, e.g. a run folder or checkpoint path, for the caller to load).
@@ -176,7 +176,7 @@ class AutoGuidance:
 
 @GUIDANCE.register("representation")
 class RepresentationGuidance:
-    """ReDi's representation guidance (spec §4): the second branch sees the same x_t with the channels of
+    """ReDi's representation guidance (docs/methods.md §4): the second branch sees the same x_t with the channels of
     `group` ZEROED in the noisy input and the same label; out = out_zeroed + w·(out_full − out_zeroed)
     on all channels. Both branches run as one forward on [x; x_zeroed].
 

@@ -1,7 +1,7 @@
 """Latent builders: image -> clean latent x1 (channel groups, texture first) -> image (docs/architecture.md).
 
 "vae" (DiT/SiT, REPA with aux tokens, VA-VAE with tokenizer="vavae"), "vae-pca" (ReDi,
-https://arxiv.org/abs/2504.16064, spec §4) and "vae-semvae" (SFD, https://arxiv.org/abs/2512.04926, spec §6.1).
+https://arxiv.org/abs/2504.16064, docs/methods.md §4) and "vae-semvae" (SFD, https://arxiv.org/abs/2512.04926, docs/methods.md §6.1).
 Built as `LATENTS.build(cfg, artifacts={kind: loaded artifact})`; `requires_for(**cfg)` lists the kinds.
 """
 from __future__ import annotations
@@ -140,7 +140,7 @@ class LatentBuilder:
     def decode(self, x1: Tensor) -> Tensor:
         """Normalised latent (N, C, h, w) -> images (N, C_img, H, W) in [-1, 1], from the texture group only.
 
-        As SFD's inference (spec §11.15): drop the other groups, then undo the texture channels' stats.
+        As SFD's inference (docs/methods.md §11.15): drop the other groups, then undo the texture channels' stats.
         """
         tex = self.groups.slice_of("texture")
         mean, std = self._stats(x1, tex)
@@ -174,7 +174,7 @@ class VAEPCALatent(LatentBuilder):
     """ReDi: texture ⊕ PCA(tokens)[:rank], VAE channels first; groups ("texture", "semantic").
 
     rank 8: the paper's r with a 4-channel VAE latent, so the tiny profile keeps ReDi's 4 + 8 channel layout.
-    normalize_semantic: ReDi feeds the PCA coefficients un-normalised (spec §4), so False (stats 0/1) is the
+    normalize_semantic: ReDi feeds the PCA coefficients un-normalised (docs/methods.md §4), so False (stats 0/1) is the
     faithful default; True gives them their own per-channel stats like every other group.
     """
 

@@ -41,7 +41,7 @@ class DropCfg:
 
 
 def mean_flat(x: Tensor) -> Tensor:
-    """Mean over every non-batch dim: (N, ...) -> (N,) (spec §0.2)."""
+    """Mean over every non-batch dim: (N, ...) -> (N,) (docs/methods.md §0.2)."""
     return x.flatten(1).mean(1)
 
 
@@ -51,7 +51,7 @@ def _wide(a: Tensor, b: Tensor) -> torch.dtype:
 
 
 def cosine_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """Mean over positions of 1 − cos along the channel dim (LightningDiT/SFD, spec §5.4, §11.8).
+    """Mean over positions of 1 − cos along the channel dim (LightningDiT/SFD, docs/methods.md §5.4, §11.8).
 
     Args: pred, target (N, C, H, W), all C channels taken jointly. Returns a scalar.
     """
@@ -60,7 +60,7 @@ def cosine_loss(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def repa_alignment(z: Tensor, target: Tensor, mode: str) -> Tensor:
-    """Token-wise alignment loss between projected hidden states and encoder tokens (spec §3, §6.5).
+    """Token-wise alignment loss between projected hidden states and encoder tokens (docs/methods.md §3, §6.5).
 
     "neg-cos" (REPA/ReDi): −mean cos, range [−1, 1]; "cos" (SFD): 1 − mean cos. Same gradient.
     Args: z, target (N, T, D). Returns a scalar (mean over batch and tokens).
@@ -110,9 +110,9 @@ class FlowLoss(Loss):
 
     Args:
         groups: latent channel groups (dependency)
-        group_weights: {group: weight}, unnamed groups 1. Without per_group_mean (SFD, spec §6.5):
+        group_weights: {group: weight}, unnamed groups 1. Without per_group_mean (SFD, docs/methods.md §6.5):
             per-element error × its group's weight, then the mean over ALL elements (SFD semantic 2.0).
-        per_group_mean: ReDi (spec §4): L = Σ_g w_g · mean over group g's own elements.
+        per_group_mean: ReDi (docs/methods.md §4): L = Σ_g w_g · mean over group g's own elements.
         cosine_weight: weight of mean(1 − cos_c(v̂, u)) (LightningDiT/SFD 1.0), 0 = off.
         repa: None = off, or {depth (1-based block), weight, mode "cos" | "neg-cos", projector_dim
             (2048), target_key ("tokens")}; REPA: depth 8, 0.5, neg-cos; SFD: depth 2, 1.0, cos.
@@ -166,7 +166,7 @@ class FlowLoss(Loss):
 
     # -- ReDi DINO-drop ---------------------------------------------------------------------------
     def pre_path(self, batch: Batch, generator: torch.Generator | None = None) -> tuple[Batch, dict[str, Any]]:
-        """One coin per batch (ReDi `--dino-drop-prob`, spec §4): zero the group's clean channels.
+        """One coin per batch (ReDi `--dino-drop-prob`, docs/methods.md §4): zero the group's clean channels.
 
         No coin is drawn when prob is 0, so the random stream (x0, t) equals the run without drop.
         The coin stays a tensor so that no device sync is needed.
@@ -215,14 +215,14 @@ class FlowLoss(Loss):
         return repa_alignment(z, y, self.repa_mode)
 
     def forward(self, out: BackboneOut, target: Tensor, ctx: LossCtx) -> LossOut:
-        # SiT keeps learn_sigma outputs and discards the second half (spec §2): use the first C.
+        # SiT keeps learn_sigma outputs and discards the second half (docs/methods.md §2): use the first C.
         pred = out.out[:, :target.shape[1]]                                 # (N, C, H, W)
         terms = {"mse": self._mse(pred, target, ctx)}
         if self.cosine_weight:
             terms["cos"] = self.cosine_weight * cosine_loss(pred, target)
         if self.projector is not None:
             # SFD's train.py adds REPA only in the branch where the cosine term exists, so REPA on
-            # with cosine off is computed and silently dropped (spec §6.5 AMBIGUOUS). We do not
+            # with cosine off is computed and silently dropped (docs/methods.md §6.5 AMBIGUOUS). We do not
             # reproduce that: a configured REPA term is always part of the total.
             terms["repa"] = self.repa_weight * self._repa(out, ctx)
         total = terms["mse"]

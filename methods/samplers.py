@@ -1,8 +1,8 @@
 """ODE and SDE samplers over the global time τ ∈ [0, schedule.tau_max] (t = 0 noise, t = 1 data).
 
-SiT's transport samplers (arXiv 2401.08740, spec §2) written once for per-group times, so that SFD's
-three-phase sampler (arXiv 2512.04926, spec §6.6), LightningDiT's shifted Euler (arXiv 2501.01423,
-spec §5.4) and the plain flow (the Δt = 0 case) are the same code.
+SiT's transport samplers (arXiv 2401.08740, docs/methods.md §2) written once for per-group times, so that SFD's
+three-phase sampler (arXiv 2512.04926, docs/methods.md §6.6), LightningDiT's shifted Euler (arXiv 2501.01423,
+docs/methods.md §5.4) and the plain flow (the Δt = 0 case) are the same code.
 
 Phases: a schedule's `drift_mask(τ)` is piecewise constant (SFD: texture moves from τ = Δt, semantics
 until τ = 1). The samplers split [0, tau_max] where it changes and integrate each phase with the mask
@@ -33,7 +33,7 @@ _PROBES = 1024     # drift-mask probes over [0, tau_max]; phases shorter than ta
 
 def time_grid(end: float, steps: int, shift: float = 0.0) -> list[float]:
     """`steps` points from 0 to `end`; with shift s > 0 each τ is moved to end·f_s(τ/end)
-    (LightningDiT s = 0.3 crowds the noisy end; spec §5.4, §11.12). Endpoints stay exactly 0 and end."""
+    (LightningDiT s = 0.3 crowds the noisy end; docs/methods.md §5.4, §11.12). Endpoints stay exactly 0 and end."""
     if steps < 2:
         raise ValueError(f"a time grid needs steps >= 2 points, got {steps}")
     taus = torch.linspace(0.0, end, steps, dtype=torch.float64)
@@ -240,7 +240,7 @@ class ODESampler(_PhasedSampler):
 
 @SAMPLERS.register("sde")
 class SDESampler(_PhasedSampler):
-    """Euler–Maruyama on the reverse SDE with SiT's "sigma" diffusion (SiT / REPA / ReDi headline, spec §2-§4).
+    """Euler–Maruyama on the reverse SDE with SiT's "sigma" diffusion (SiT / REPA / ReDi headline, docs/methods.md §2-§4).
 
     Per group g with time t_g: w = 1 − t_g, score s = (t_g·v − x)/(1 − t_g) (linear path), drift
     v + w·s = v + t_g·v − x (the product needs no division, so t_g = 1 is safe), noise √(2w)·√Δτ·ξ.

@@ -1,7 +1,7 @@
 """Linear-flow noise schedules: the synchronous flow (SiT, arXiv 2401.08740) and SFD's asynchronous
 flow (arXiv 2512.04926), plus the time helpers every sampler shares (timestep shift, REPA conversion).
 
-Project convention (spec/METHODS.md §0.1): x_t = t·x1 + (1 − t)·x0, t = 0 noise, t = 1 data, target
+Project convention (docs/methods.md §0.1): x_t = t·x1 + (1 − t)·x0, t = 0 noise, t = 1 data, target
 u = x1 − x0. REPA's convention (t = 0 data, v = ε − x) is converted here and nowhere else.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ def sample_time(n: int, dist: str, mean: float, std: float, *, device: torch.dev
     """Draw n training times in [0, 1].
 
     uniform: U[0, 1) (SiT, REPA, ReDi); logit-normal: sigmoid(N(mean, std)) (LightningDiT, SFD;
-    `use_lognorm`, spec §5.4 / §6.3). `generator=None` uses the global torch RNG.
+    `use_lognorm`, docs/methods.md §5.4 / §6.3). `generator=None` uses the global torch RNG.
 
     Returns: (n,) float32
     """
@@ -38,7 +38,7 @@ def sample_time(n: int, dist: str, mean: float, std: float, *, device: torch.dev
 
 
 def shift_time(t: Tensor, s: float) -> Tensor:
-    """Timestep shift f_s(t) = s·t / (1 + (s − 1)·t) on t ∈ [0, 1] (LightningDiT, spec §5.4 / §11.12).
+    """Timestep shift f_s(t) = s·t / (1 + (s − 1)·t) on t ∈ [0, 1] (LightningDiT, docs/methods.md §5.4 / §11.12).
 
     f_s(0) = 0, f_s(1) = 1, monotone for s > 0, f_1 = identity; s < 1 puts more grid points near
     t = 0 (noise), e.g. f_0.3(0.5) ≈ 0.2308.
@@ -53,14 +53,14 @@ def shift_time(t: Tensor, s: float) -> Tensor:
 
 def shift_tau(tau: Tensor, s: float, tau_max: float) -> Tensor:
     """SFD's shift on the global time τ ∈ [0, tau_max]: divide by tau_max, shift, multiply back
-    (spec §6.6), so the endpoints stay 0 and tau_max."""
+    (docs/methods.md §6.6), so the endpoints stay 0 and tau_max."""
     return shift_time(tau / tau_max, s) * tau_max
 
 
 def repa_to_project(t_repa: Tensor, v_repa: Tensor) -> tuple[Tensor, Tensor]:
     """REPA (t = 0 data, x_t = (1−t)x + tε, v = ε − x) -> project (t = 1 data, u = x1 − x0).
 
-    The time axis is reversed and the velocity flips sign (spec §0.1, §11.2):
+    The time axis is reversed and the velocity flips sign (docs/methods.md §0.1, §11.2):
     t = 1 − t_REPA, v = −v_REPA. Shapes are unchanged.
     """
     return 1 - t_repa, -v_repa
@@ -76,7 +76,7 @@ def project_to_repa(t: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
 # ----------------------------------------------------------------------------------------------
 
 def linear_path(x0: Tensor, x1: Tensor, t_groups: Tensor, groups: Groups) -> tuple[Tensor, Tensor]:
-    """Per-group linear path x_t = t_g·x1 + (1 − t_g)·x0 with target u = x1 − x0 (ICPlan, spec §2, §6.3).
+    """Per-group linear path x_t = t_g·x1 + (1 − t_g)·x0 with target u = x1 − x0 (ICPlan, docs/methods.md §2, §6.3).
 
     Args:
         x0: (N, C, H, W) noise; x1: (N, C, H, W) clean latent
@@ -127,7 +127,7 @@ class Flow(_LinearFlow):
         time_dist: "uniform" (SiT) | "logit-normal" (LightningDiT `use_lognorm`)
         time_mean, time_std: logit-normal parameters (ignored for uniform)
         model_time_scale: factor on the time the backbone embeds; 1.0 because flow models feed
-            t ∈ [0, 1] unscaled (spec §0.2)
+            t ∈ [0, 1] unscaled (docs/methods.md §0.2)
     """
 
     tau_max = 1.0
@@ -154,7 +154,7 @@ class Flow(_LinearFlow):
 
 @SCHEDULES.register("async-flow")
 class AsyncFlow(_LinearFlow):
-    """SFD's asynchronous linear flow, generalised to one lag per channel group (spec §6.3, §6.6).
+    """SFD's asynchronous linear flow, generalised to one lag per channel group (docs/methods.md §6.3, §6.6).
 
     Group g's time at global time τ ∈ [0, tau_max] is clamp(τ − lag_g, 0, 1), tau_max = 1 + max lag.
     SFD is delta_t = {"texture": 0.3}: t_sem = min(τ, 1), t_tex = max(τ − 0.3, 0). With every lag 0
@@ -191,11 +191,11 @@ class AsyncFlow(_LinearFlow):
 
     def model_time(self, t_groups: Tensor) -> Tensor:
         """(N, G) -> (N, G): one time per group, in group order (the backbone's
-        `time_embed_order` puts SFD's semantic embedding first, spec §6.4)."""
+        `time_embed_order` puts SFD's semantic embedding first, docs/methods.md §6.4)."""
         return t_groups
 
     def drift_mask(self, tau: Tensor) -> Tensor:
-        """(N,) -> (N, G) bool: group g moves only while 0 ≤ τ − lag_g ≤ 1 (spec §6.6: texture from
+        """(N,) -> (N, G) bool: group g moves only while 0 ≤ τ − lag_g ≤ 1 (docs/methods.md §6.6: texture from
         τ ≥ Δt, semantics until τ ≤ 1), so a clamped group keeps its value exactly."""
         s = tau[:, None] - self._lags(tau)                          # (N, G)
         return (s >= 0) & (s <= 1)
@@ -204,7 +204,7 @@ class AsyncFlow(_LinearFlow):
 def clamp_probability(delta_t: float, mean: float = 0.0, std: float = 1.0) -> float:
     """P(t_tex = 0) under logit-normal(mean, std) for SFD lag Δt: Φ((logit(Δt/(1+Δt)) − mean)/std).
 
-    With mean 0, std 1 this is Φ(ln Δt) (spec §6.3, §11.4); by symmetry it is also P(t_sem = 1).
+    With mean 0, std 1 this is Φ(ln Δt) (docs/methods.md §6.3, §11.4); by symmetry it is also P(t_sem = 1).
     """
     z = (math.log(delta_t) - mean) / std                       # logit(Δt/(1+Δt)) = ln Δt
     return 0.5 * (1 + math.erf(z / math.sqrt(2)))

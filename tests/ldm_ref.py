@@ -1,5 +1,5 @@
 """A reference LDM KL-autoencoder written from the latent-diffusion layout (encoder.down.{i}.block.{j}, mid,
-quant_conv, ...; CHECKPOINTS.md), independently of diffusers, and writers of random-weight files in SFD's and
+quant_conv, ...; docs/checkpoints.md), independently of diffusers, and writers of random-weight files in SFD's and
 LightningDiT's containers. Used by tests/test_pretrained.py and tests/test_paper_eval.py.
 """
 import torch

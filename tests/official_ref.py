@@ -1,4 +1,4 @@
-"""Official checkpoint layouts written from CHECKPOINTS.md and METHODS.md (§0.2, §5.3, §6.4, §7),
+"""Official checkpoint layouts written from docs/checkpoints.md and docs/methods.md §0.2, §5.3, §6.4, §7,
 independently of the suite: architectures, the published tables, reference position/RoPE tables, a reference
 forward, and random-weight files in the official containers. Used by tests/test_importers.py and
 tests/test_paper_eval.py. The last section restates ADM's evaluator arithmetic for tests/test_adm_eval.py.
@@ -25,7 +25,7 @@ from methods.losses import build_projector
 
 @dataclass(frozen=True)
 class Arch:
-    """An official model's shape (test side, written from CHECKPOINTS.md and METHODS.md §7)."""
+    """An official model's shape (test side, written from docs/checkpoints.md and docs/methods.md §7)."""
 
     lightning: bool                 # RMSNorm + SwiGLU + 2-D RoPE (LightningDiT, SFD); else LayerNorm + GELU
     depth: int
@@ -63,7 +63,7 @@ def small(kind: str) -> Arch:
 
 
 def ref_layout(a: Arch) -> dict[str, tuple[int, ...]]:
-    """Official key -> shape: CHECKPOINTS.md's tables, with every block and the given sizes."""
+    """Official key -> shape: docs/checkpoints.md's tables, with every block and the given sizes."""
     d, hd, t = a.width, a.width // a.heads, a.grid ** 2
     ffn = int(2 / 3 * (4 * d))                       # LightningDiT SwiGLU hidden: int(2/3 · mlp_hidden)
     lay = {"pos_embed": (1, t, d), "x_embedder.proj.weight": (d, a.c_in, a.patch, a.patch),
@@ -104,7 +104,7 @@ def ref_layout(a: Arch) -> dict[str, tuple[int, ...]]:
 
 
 #################################################################################
-#          CHECKPOINTS.md, transcribed (blocks.0 and the non-block keys)         #
+#          docs/checkpoints.md, transcribed (blocks.0 and the non-block keys)         #
 #################################################################################
 
 _DIT = ("pos_embed:1,256,1152 x_embedder.proj.weight:1152,4,2,2 x_embedder.proj.bias:1152 "
@@ -145,7 +145,7 @@ def parse_table(text: str) -> dict[str, tuple[int, ...]]:
 
 
 def shown_part(layout: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """What CHECKPOINTS.md's tables list: the non-block keys and blocks.0."""
+    """What docs/checkpoints.md's tables list: the non-block keys and blocks.0."""
     return {k: v for k, v in layout.items() if not k.startswith("blocks.") or k.startswith("blocks.0.")}
 
 
@@ -170,7 +170,7 @@ def ref_pos_embed(dim: int, grid: int, *, column_first: bool = True) -> torch.Te
 
 def ref_rope(head_dim: int, grid: int, *, interleaved: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """EVA-02 axial RoPE tables (T, head_dim): channels [0, hd/2) turn with the row, [hd/2, hd) with the
-    column; pair i of an axis = channels (2i, 2i+1) at θ^(−2i/(hd/2)), θ = 10000 (CHECKPOINTS.md: interleaved
+    column; pair i of an axis = channels (2i, 2i+1) at θ^(−2i/(hd/2)), θ = 10000 (docs/checkpoints.md: interleaved
     pairs). interleaved=False gives the half-split layout, which must be rejected."""
     half, ang = head_dim // 2, np.zeros((grid * grid, head_dim))
     for n in range(grid * grid):

@@ -1,4 +1,4 @@
-"""The ADM ImageNet-256 evaluation path (benchmarks/adm_eval.py, spec §9) on a tiny ImageFolder tree with a
+"""The ADM ImageNet-256 evaluation path (benchmarks/adm_eval.py, docs/methods.md §9) on a tiny ImageFolder tree with a
 random-weight Inception in torch-fidelity's weights format: npz layout and shuffle, shard merging, the sFID
 hook, metric plumbing (FID/sFID/IS/precision/recall), precomputed reference statistics, and clear errors."""
 import json

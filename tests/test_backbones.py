@@ -1,4 +1,4 @@
-"""Contract and numerical tests for the backbones (spec METHODS.md §0.2, §5.3, §6.4, §7, §11.10/16/18)."""
+"""Contract and numerical tests for the backbones (docs/methods.md §0.2, §5.3, §6.4, §7, §11.10, §11.16, §11.18)."""
 from __future__ import annotations
 
 import pytest

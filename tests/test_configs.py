@@ -38,7 +38,7 @@ def test_presets_resolve(name, profile):
 
 
 def test_sfd_preset_matches_spec():
-    m = preset("sfd")                       # spec §6.3-6.6
+    m = preset("sfd")                       # docs/methods.md §6.3-6.6
     assert m["schedule"] == {"name": "async-flow", "delta_t": {"texture": 0.3}, "time_dist": "logit-normal"}
     assert m["loss"]["group_weights"] == {"semantic": 2.0} and m["loss"]["cosine_weight"] == 1.0
     assert m["loss"]["repa"] == {"depth": 2, "weight": 1.0, "mode": "cos"}
@@ -48,7 +48,7 @@ def test_sfd_preset_matches_spec():
 
 def test_repa_and_redi_presets_match_spec():
     repa, redi = preset("repa"), preset("redi")
-    assert repa["loss"]["repa"] == {"depth": 8, "weight": 0.5, "mode": "neg-cos"}       # spec §3
+    assert repa["loss"]["repa"] == {"depth": 8, "weight": 0.5, "mode": "neg-cos"}       # docs/methods.md §3
     assert repa["guidance"]["interval"] == [0.3, 1.0]                                  # t_REPA <= 0.7
     assert redi["latent"]["rank"] == 8 and redi["loss"]["drop"] == {"group": "semantic", "prob": 0.2}
     assert redi["guidance"]["channels"] == "0:4"                                       # cfg-vae

@@ -106,7 +106,7 @@ def test_ema_init_exact_and_update():
     m = torch.nn.Linear(3, 2)
     ema = make_ema(m)
     for a, b in zip(ema.parameters(), m.parameters()):
-        assert torch.equal(a, b)      # spec §11.17
+        assert torch.equal(a, b)      # docs/methods.md §11.17
     with torch.no_grad():
         m.weight.add_(1.0)
     before = ema.weight.clone()

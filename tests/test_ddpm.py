@@ -1,4 +1,4 @@
-"""DDPM schedule, VLB and respaced ancestral sampler (spec/METHODS.md §1, §11.13)."""
+"""DDPM schedule, VLB and respaced ancestral sampler (docs/methods.md §1, §11.13)."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""Guidance kinds (spec/METHODS.md §1, §3, §4, §5.4, §6.6, §11.11): formulas, channel subsets,
+"""Guidance kinds (docs/methods.md §1, §3, §4, §5.4, §6.6, §11.11): formulas, channel subsets,
 per-group intervals, one batched forward, and "scale 1 equals the unguided model" exactly."""
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ def cond_of(x, t_model, y):
 
 
 def test_repa_interval_conversion_is_inclusive():
-    """REPA guides t_REPA ∈ [0, 0.7]; in project time that is t ∈ [0.3, 1] (spec §3)."""
+    """REPA guides t_REPA ∈ [0, 0.7]; in project time that is t ∈ [0.3, 1] (docs/methods.md §3)."""
     low = float(repa_to_project(torch.tensor(0.7, dtype=torch.float64), torch.tensor(0.0))[0])
     g = cfg(scale=2.0, interval=[low, 1.0])
     x, y = inputs()

@@ -1,4 +1,4 @@
-"""AutoGuidance with a guide loaded from another run's folder (SFD's headline sampling, spec §6.6)."""
+"""AutoGuidance with a guide loaded from another run's folder (SFD's headline sampling, docs/methods.md §6.6)."""
 import pytest
 import torch
 

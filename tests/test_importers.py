@@ -1,8 +1,8 @@
-"""Official checkpoint import (benchmarks/importers.py; spec CHECKPOINTS.md, METHODS.md §0.2, §5.3, §6.4, §7).
+"""Official checkpoint import (benchmarks/importers.py; docs/checkpoints.md, docs/methods.md §0.2, §5.3, §6.4, §7).
 
 The released files are 0.5-4 GB, so the tests write random-weight files in the official layouts at a reduced
 size (depth 2, width 64, 4 heads), with the stored position/RoPE tables computed here independently of the
-suite, and check the full-size layouts on the meta device against the tables CHECKPOINTS.md publishes.
+suite, and check the full-size layouts on the meta device against the tables docs/checkpoints.md publishes.
 Outputs are compared with a reference forward written here from the spec, on the file's own tensors.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from official_ref import (CONTAINER, FULL, PUBLISHED, official_name, parse_table
                           ref_layout, ref_pos_embed, ref_rope, ref_time, shown_part, small, suite_backbone,
                           suite_projector, write_official)
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec" / "CHECKPOINTS.md"
+SPEC = Path(__file__).resolve().parents[1] / "docs" / "checkpoints.md"
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +37,9 @@ def imported(tmp_path_factory):
 
 
 #################################################################################
-#               (b) full-size layouts against CHECKPOINTS.md                     #
+#            (b) full-size layouts against docs/checkpoints.md                   #
 #################################################################################
 
-@pytest.mark.skipif(not SPEC.exists(), reason="CHECKPOINTS.md is not beside this checkout")
 def test_transcribed_tables_match_checkpoints_md():
     text = SPEC.read_text()
     for kind, (tensors, mvalues, table) in PUBLISHED.items():
@@ -55,7 +54,7 @@ def test_transcribed_tables_match_checkpoints_md():
 
 @pytest.mark.parametrize("kind", list(PUBLISHED))
 def test_reference_layout_is_the_published_one(kind):
-    """The test's own layout writer reproduces CHECKPOINTS.md: names, shapes, tensor and value counts."""
+    """The test's own layout writer reproduces docs/checkpoints.md: names, shapes, tensor and value counts."""
     tensors, mvalues, table = PUBLISHED[kind]
     layout = ref_layout(FULL[kind])
     assert shown_part(layout) == parse_table(table)

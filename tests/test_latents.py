@@ -169,7 +169,7 @@ def test_decode_uses_only_the_texture_channels(name):
     tex = b.groups.slice_of("texture")
     decoded = b.decode(xn)
     assert decoded.shape == (5, 1, 32, 32)
-    # Texture stats applied to the texture channels after dropping the others (spec §11.15).
+    # Texture stats applied to the texture channels after dropping the others (docs/methods.md §11.15).
     assert torch.allclose(decoded, FakeTokenizer().decode(x[:, tex]), atol=1e-12)
     changed = xn.clone()
     changed[:, b.groups.slice_of("semantic")] = torch.randn_like(changed[:, b.groups.slice_of("semantic")]) * 100

@@ -1,4 +1,4 @@
-"""Flow-loss knobs (spec/METHODS.md §11.7-11.9, knob-off equalities) and training_losses end to end."""
+"""Flow-loss knobs (docs/methods.md §11.7-11.9, knob-off equalities) and training_losses end to end."""
 import pytest
 import torch
 from torch import nn
@@ -112,7 +112,7 @@ def test_repa_weight_zero_equals_flow_loss():
         ref = FlowLoss(SMALL, cosine_weight=cos_w)(BackboneOut(pred), target, ctx)
         res = _repa_loss(0.0, cosine_weight=cos_w)(BackboneOut(pred, {1: h}), target, ctx)
         assert torch.equal(ref.total, res.total)
-    # REPA is kept even with the cosine term off (spec §6.5: SFD's silent drop is not reproduced)
+    # REPA is kept even with the cosine term off (docs/methods.md §6.5: SFD's silent drop is not reproduced)
     res = _repa_loss(1.0, cosine_weight=0.0)(BackboneOut(pred, {1: h}), target, ctx)
     torch.testing.assert_close(res.total, res.terms["mse"] + res.terms["repa"])
 

@@ -1,4 +1,4 @@
-"""The imagenet256 profile: paper hyperparameters per method (spec §8), grids runnable at it, and the
+"""The imagenet256 profile: paper hyperparameters per method (docs/methods.md §8), grids runnable at it, and the
 dry run's GPU-hour estimate from the measured speed table (no data or weights needed to plan)."""
 import pytest
 

@@ -1,4 +1,4 @@
-"""ReDi PCA artifact (spec §4) against a float64 reference: standardise, PCA without whitening, project."""
+"""ReDi PCA artifact (docs/methods.md §4) against a float64 reference: standardise, PCA without whitening, project."""
 import pytest
 import torch
 

@@ -87,7 +87,7 @@ def test_ldm_conversion_computes_the_reference_function(entry, write, attn_level
     assert rel_err(model.encode_mean(x), moments[:, :Z]) < 1e-5
     assert rel_err(model.vae.encode(x).latent_dist.logvar, moments[:, Z:].clamp(-30, 20)) < 1e-5
     assert rel_err(model.decode(z), ref_img) < 1e-5
-    # The posterior sample is mean + std·ε with ε from the caller's generator (spec §5.1: a sample).
+    # The posterior sample is mean + std·ε with ε from the caller's generator (docs/methods.md §5.1: a sample).
     eps = torch.randn(3, Z, 2, 2, generator=torch.Generator().manual_seed(5))
     sample = model.encode(x, generator=torch.Generator().manual_seed(5))
     assert rel_err(sample, moments[:, :Z] + (0.5 * moments[:, Z:].clamp(-30, 20)).exp() * eps) < 1e-5
@@ -147,7 +147,7 @@ def test_sd_vae_local_folder_raw_latents_and_round_trip(tmp_path):
     assert model.downsample == 8 and model.latent_channels == 4 and "test_psnr_db" in model.summary()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     expect = vae.encode(x).latent_dist.mean.detach()
-    assert torch.equal(model.encode_mean(x), expect)         # raw: no 0.18215 applied (spec §5.2)
+    assert torch.equal(model.encode_mean(x), expect)         # raw: no 0.18215 applied (docs/methods.md §5.2)
     assert model.encode_mean(x.mean(1, keepdim=True)).shape == (2, 4, 4, 4)    # grey input: repeated to RGB
     model.save(tmp_path / "art")
     assert not list((tmp_path / "art").glob("*.safetensors"))
@@ -224,7 +224,7 @@ def test_latent_stats_files(tmp_path):
     mean, std = load_latent_stats(tex)
     assert torch.equal(mean, m_tex) and torch.equal(std, s_tex) and mean.dtype == torch.float32
     mean, std = sfd_latent_stats(tex, sem)
-    assert mean.shape == std.shape == (1, 48, 1, 1)                  # texture first, semantic last (spec §6.1)
+    assert mean.shape == std.shape == (1, 48, 1, 1)                  # texture first, semantic last (docs/methods.md §6.1)
     assert torch.equal(mean[:, :32], m_tex) and torch.equal(std[:, 32:], torch.ones(1, 16, 1, 1))
     assert "SFD-Project/SFD" in fails_in_one_line(load_latent_stats, tmp_path / "none.pt")
     with pytest.raises(ValueError, match="one value per channel for 16"):

@@ -1,5 +1,5 @@
 """Samplers on an analytic Gaussian toy (the flow_matching test pattern) and SFD's phase invariants
-(spec/METHODS.md §2, §6.6, §11.5, §11.12)."""
+(docs/methods.md §2, §6.6, §11.5, §11.12)."""
 from __future__ import annotations
 
 import pytest

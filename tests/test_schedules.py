@@ -1,4 +1,4 @@
-"""Numerical invariants of the flow schedules and time helpers (spec/METHODS.md §11.1-11.4, §11.12)."""
+"""Numerical invariants of the flow schedules and time helpers (docs/methods.md §11.1-11.4, §11.12)."""
 import math
 
 import pytest

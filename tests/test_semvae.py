@@ -1,4 +1,4 @@
-"""SFD SemVAE (spec §6.2): shapes and grid layout, reparameterised sampling, the loss terms and cosine axis,
+"""SFD SemVAE (docs/methods.md §6.2): shapes and grid layout, reparameterised sampling, the loss terms and cosine axis,
 a short fit and save/load."""
 import pytest
 import torch

@@ -3,7 +3,7 @@
 # slurmctld and slurmd, all as root, without systemd or cgroups; partition `debug`, cluster `ci`.
 # Installs the Debian packages when missing. Idempotent: when the cluster is already up with this config it
 # only prints its status. State: ${SLURM_CI_DIR:-/var/tmp/semprior-slurm}. Stop: scripts/slurm/stop.sh.
-# Recipe and pitfalls: /work/shared/notes/slurm_single_node.md, summarised in slurm/README.md.
+# Recipe and pitfalls: slurm/README.md.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$HERE/common.sh"
