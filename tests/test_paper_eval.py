@@ -72,7 +72,19 @@ def test_bad_inputs_are_one_line_errors(files, capsys, change, message):
     assert err.startswith("error:") and message in err and "\n" not in err
 
 
-def test_training_job_scores_with_the_adm_protocol(tmp_path, smoke_cache, weights):  # noqa: F811
+@pytest.fixture
+def eigh_fd(monkeypatch):
+    """The training job scores with ADM's sqrtm Fréchet distance; on a 2048-dim covariance that takes ~20 s
+    on some CPUs of this kind, four times per run. These tests are about the job's wiring, not the FD
+    method: score with the eigh form of the same trace (tests/test_adm_eval.py checks the two agree)."""
+    from benchmarks import adm_eval
+
+    real = adm_eval.score
+    monkeypatch.setattr(adm_eval, "score", lambda acts, ref, fd="scipy", device="cpu", **kw:
+                        real(acts, ref, "eigh", device, **kw))
+
+
+def test_training_job_scores_with_the_adm_protocol(tmp_path, smoke_cache, weights, eigh_fd):  # noqa: F811
     """eval.metric=adm: the training job's periodic evaluation reports Inception FID/sFID/IS/PR (here on
     the smoke profile with a random-weight Inception and a reference batch made from the test split)."""
     from benchmarks import train
@@ -90,7 +102,7 @@ def test_training_job_scores_with_the_adm_protocol(tmp_path, smoke_cache, weight
     assert all(e["fd"] == e["fid"] > 0 and 0 <= e["precision"] <= 1 for e in evals)
 
 
-def test_imagenet256_profile_in_miniature(tmp_path, tree, weights):  # noqa: F811
+def test_imagenet256_profile_in_miniature(tmp_path, tree, weights, eigh_fd):  # noqa: F811
     """The paper-scale path end to end on a tiny ImageFolder: the imagenet256 profile with its data streamed
     (sharded extraction), the LDM f16d32 tokenizer from a random-weight file in the official layout, the
     memory-mapped feed, training, and the ADM-protocol evaluation with a random-weight Inception. Only the
