@@ -13,6 +13,19 @@ def _snapshot(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _refused(name, argv, pattern, results, capsys):
+    """The command exits 2 with one `error:` line matching `pattern` and leaves `results` as it was."""
+    import re
+
+    before = _snapshot(results)
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, (name, err)
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert re.search(pattern, err), (pattern, err)
+    assert _snapshot(results) == before
+
+
 @pytest.fixture
 def results(tmp_path):
     """A results folder holding an earlier run's files, which no bad command may touch."""
@@ -105,17 +118,9 @@ CASES = [
 
 @pytest.mark.parametrize("name,argv,pattern", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(name, argv, pattern, results, capsys, monkeypatch):
-    import re
-
     monkeypatch.delenv("SEMPRIOR_CONFIG_PATH", raising=False)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)    # the catalogue is about a CPU machine
-    before = _snapshot(results)
-    code = cli.main(argv + [f"results={results}"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, (name, err)
-    assert err.startswith("error: ") and "\n" not in err, err
-    assert re.search(pattern, err), (pattern, err)
-    assert _snapshot(results) == before
+    _refused(name, argv + [f"results={results}"], pattern, results, capsys)
 
 
 def _section(doc: str, title: str) -> str:
@@ -184,8 +189,6 @@ FILE_CASES = [
 def test_bad_config_file(name, files, argv, pattern, results, tmp_path, capsys, monkeypatch):
     """Grids, presets and profiles the user adds (SEMPRIOR_CONFIG_PATH; slurm profiles from the launcher's
     folder, pointed at a temporary one): one line with the file, the line where YAML gives one, the fix."""
-    import re
-
     from benchmarks import launch
 
     user = tmp_path / "configs"
@@ -196,13 +199,7 @@ def test_bad_config_file(name, files, argv, pattern, results, tmp_path, capsys, 
     monkeypatch.setenv("SEMPRIOR_CONFIG_PATH", str(user))
     monkeypatch.setattr(launch, "SLURM_DIR", user / "slurm")
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    before = _snapshot(results)
-    code = cli.main(argv + [f"results={results}"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, (name, err)
-    assert err.startswith("error: ") and "\n" not in err, err
-    assert re.search(pattern, err), (pattern, err)
-    assert _snapshot(results) == before
+    _refused(name, argv + [f"results={results}"], pattern, results, capsys)
 
 
 def test_user_grid_and_preset_are_accepted(tmp_path, monkeypatch):
@@ -288,8 +285,6 @@ def _idx_bytes(gz: bytes) -> bytes:
 def test_damaged_data_file(name, damaged, damage, pattern, results, tmp_path, capsys, monkeypatch):
     """A data.root holding the four Fashion-MNIST files, one of them damaged: one line naming that file, what
     is wrong and the fix (core.errors.CorruptFileError), before anything is written."""
-    import re
-
     root = tmp_path / "fmnist"
     root.mkdir()
     for src in FASHION.glob("*.gz"):
@@ -299,13 +294,7 @@ def test_damaged_data_file(name, damaged, damage, pattern, results, tmp_path, ca
         else:
             dst.symlink_to(src)
     monkeypatch.delenv("SEMPRIOR_CONFIG_PATH", raising=False)
-    before = _snapshot(results)
-    code = cli.main(["grid=smoke", f"data.root={root}", f"results={results}"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, (name, err)
-    assert err.startswith("error: ") and "\n" not in err, err
-    assert re.search(pattern, err), (pattern, err)
-    assert _snapshot(results) == before
+    _refused(name, ["grid=smoke", f"data.root={root}", f"results={results}"], pattern, results, capsys)
 
 
 def test_unreadable_image_in_a_folder_dataset(results, tmp_path, capsys, monkeypatch):
