@@ -156,7 +156,7 @@ def build_backbone(cfg: dict, schedule: Any, latent_shape: tuple[int, ...], num_
     except KeyError as e:
         raise ConfigError(e.args[0]) from None
     deps = ("in_channels", "out_channels", "input_size", "num_classes", "time_inputs")
-    check_keys(f"backbone {bcfg['name']!r}", ctor, bcfg, deps=deps)
+    check_keys(f"backbone {bcfg['name']!r}", ctor, bcfg, deps=deps, allow_var_keyword=True)
     c, h = latent_shape[0], latent_shape[-1]
     return BACKBONES.build(bcfg, in_channels=c, out_channels=schedule.out_channels(c), input_size=h,
                            num_classes=num_classes, time_inputs=schedule.num_time_inputs)

@@ -134,16 +134,33 @@ def stable_hash(obj: Any, n: int = 12) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
-def check_keys(kind: str, ctor: Any, keys: dict, *, deps: tuple[str, ...] = ()) -> None:
-    """Fail early (at load) when a component config names a keyword its constructor does not take."""
+def check_keys(kind: str, ctor: Any, keys: dict, *, deps: tuple[str, ...] = (),
+               allow_var_keyword: bool = False) -> None:
+    """Fail early (at load) when a component config names a keyword its constructor does not take.
+
+    A constructor taking **kwargs is refused (ConfigError): its keys cannot be checked, and an eval-time
+    override (methods/compose.py `sampler_config`) only reaches parameters declared by name, so a
+    **kwargs component could silently keep its own settings while every other run gets the override.
+    `allow_var_keyword=True` is for the suite's own forwarding presets (backbone presets pass **kw to DiT,
+    whose build raises TypeError on an unknown key at load).
+    """
     params = inspect.signature(ctor).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
+    var = [n for n, p in params.items() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    if var:
+        if allow_var_keyword:
+            return
+        raise ConfigError(f"{kind}: its constructor {_qualname(ctor)} takes **{var[0]}, so its config keys cannot "
+                          f"be checked and evaluation overrides cannot reach them; declare every parameter by "
+                          f"name (docs/adding_a_method.md, 'Fair by construction')")
     valid = [n for n, p in params.items() if n not in deps and n not in ("self", "cls")
              and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     for k in keys:
         if k != "name" and k not in valid:
             raise ConfigError(f"{kind}: unknown key {k!r}; valid keys: {', '.join(valid)}")
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ and the evaluator only call the functions in this file; they never look at a met
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol
 
 import torch
@@ -36,6 +36,8 @@ class Schedule(Protocol):
     def path(self, x0: Tensor, x1: Tensor, t_groups: Tensor) -> tuple[Tensor, Tensor]: ...  # (xt, target)
     def model_time(self, t_groups: Tensor) -> Tensor: ...                # (n, G) -> (n, K) backbone input
     def drift_mask(self, tau: Tensor) -> Tensor: ...                     # (n,) -> (n, G) bool: False = group frozen
+    # Optional (flow schedules, docs/methods.md §12): `to_velocity(out, xt, t_groups)` for samplers,
+    # `to_loss_space(out, target, xt, t_groups)` for training_losses, `singular_at` for the last-step rule.
 
 
 @dataclass
@@ -78,6 +80,11 @@ def training_losses(model: nn.Module, batch: Batch, schedule: Schedule, loss: Lo
                     generator: torch.Generator | None = None) -> LossOut:
     """One training objective evaluation, identical for every method.
 
+    The schedule's `path` gives the target in its prediction space; a schedule with `to_loss_space`
+    (the flow schedules) maps the output and the target into its loss-target space with the same map
+    (docs/methods.md §12.2), so the loss always compares like with like. For velocity/velocity the
+    tensors are handed over untouched.
+
     Args:
         model: backbone, called as model(xt (N,C,H,W), t_model (N,K), y (N,), hidden_at=...) -> BackboneOut
         batch: clean latents x1 (N,C,H,W), labels (N,), aux targets
@@ -87,7 +94,12 @@ def training_losses(model: nn.Module, batch: Batch, schedule: Schedule, loss: Lo
     x0 = torch.randn(x1.shape, device=x1.device, dtype=x1.dtype, generator=generator)
     t = schedule.sample_t(x1.shape[0], device=x1.device, generator=generator)     # (N,)
     t_groups = schedule.group_times(t * schedule.tau_max)                          # (N, G)
-    xt, target = schedule.path(x0, x1, t_groups)
+    xt, target = schedule.path(x0, x1, t_groups)                                  # target in prediction space
     out = model(xt, schedule.model_time(t_groups), batch.y, hidden_at=loss.hidden_at)
+    to_loss_space = getattr(schedule, "to_loss_space", None)                       # flow schedules (prediction types)
+    if to_loss_space is not None:
+        pred, target = to_loss_space(out.out, target, xt, t_groups)
+        if pred is not out.out:                                                    # velocity/velocity: never
+            out = replace(out, out=pred)
     return loss(out, target, LossCtx(x0=x0, x1=x1, xt=xt, t_groups=t_groups, batch=batch,
                                      schedule=schedule, state=state))

@@ -56,6 +56,32 @@ def _build(registry: Registry, cfg: dict, kind: str, deps: dict[str, Any]) -> An
     return registry.build(cfg, **given)
 
 
+def sampler_families(name: str) -> tuple[str, ...]:
+    """The schedule families the registered sampler `name` declares it integrates (its `families`)."""
+    try:
+        ctor = SAMPLERS.get(name)
+    except KeyError as e:
+        raise ConfigError(f"method.sampler: {e.args[0]}") from None
+    fams = getattr(ctor, "families", None)
+    if not fams:
+        raise ConfigError(f"method.sampler {name!r} declares no `families`; set e.g. `families = (\"flow\",)` on "
+                          f"the class to the schedule families it can integrate (docs/adding_a_method.md)")
+    return tuple(fams)
+
+
+def samplers_for(family: str) -> list[str]:
+    """Registered samplers that declare the schedule family `family`."""
+    return [n for n in SAMPLERS.names() if family in (getattr(SAMPLERS.get(n), "families", None) or ())]
+
+
+def check_pairing(schedule_name: str, family: str, sampler_name: str, where: str = "method") -> None:
+    """ConfigError unless sampler `sampler_name` can integrate a schedule of `family` (fair by construction)."""
+    if family not in sampler_families(sampler_name):
+        raise ConfigError(f"{where}.sampler {sampler_name!r} cannot integrate {where}.schedule {schedule_name!r} "
+                          f"(family {family!r}; the sampler integrates {', '.join(sampler_families(sampler_name))}); "
+                          f"valid samplers for family {family!r}: {', '.join(samplers_for(family)) or 'none'}")
+
+
 def sampler_config(sampler_cfg: dict, overrides: dict | None, family: str) -> dict:
     """The sampler a run evaluates with: the method's (paper) sampler, changed by eval-time overrides.
 
@@ -63,12 +89,15 @@ def sampler_config(sampler_cfg: dict, overrides: dict | None, family: str) -> di
     all methods are scored with the same sampler. If the named sampler integrates the method's schedule
     family (flow vs ddpm), it replaces the method's sampler; otherwise only the keys the method's own
     sampler accepts are merged (DiT's DDPM sampler takes `steps` and keeps its ancestral sampling).
+    Every sampler parameter is declared by name (check_keys refuses **kwargs), so a merged key always
+    reaches it. The flow samplers integrate `schedule.to_velocity` of the output, so a replacing sampler
+    scores a data- or noise-prediction method correctly too.
     """
     out = dict(sampler_cfg)
     if not overrides:
         return out
     name = overrides.get("name")
-    if name is not None and family in getattr(SAMPLERS.get(name), "families", ()):
+    if name is not None and family in sampler_families(name):
         return dict(overrides)
     params = inspect.signature(SAMPLERS.get(out["name"])).parameters
     out.update({k: v for k, v in overrides.items() if k in params and k != "name"})
@@ -93,7 +122,14 @@ def build_method(mcfg: dict, *, groups: Groups, hidden_size: int = 0, encoder_di
     schedule = schedule if schedule is not None else build_schedule(mcfg, groups)
     loss = _build(LOSSES, mcfg["loss"], "loss",
                   {**deps, "hidden_size": hidden_size, "encoder_dim": encoder_dim})
-    sampler = _build(SAMPLERS, sampler_config(mcfg["sampler"], sampler_overrides, schedule.family), "sampler", deps)
+    family = getattr(schedule, "family", None)
+    if family is None:
+        raise ConfigError(f"method.schedule {mcfg['schedule'].get('name')!r} declares no `family`; set e.g. "
+                          f"`family = \"flow\"` on the class (docs/adding_a_method.md, what `family` means)")
+    if "name" not in mcfg["sampler"]:
+        raise ConfigError(f"method.sampler needs a 'name'; valid: {', '.join(SAMPLERS.names())}")
+    check_pairing(mcfg["schedule"].get("name", "?"), family, mcfg["sampler"]["name"])
+    sampler = _build(SAMPLERS, sampler_config(mcfg["sampler"], sampler_overrides, family), "sampler", deps)
     gcfg = mcfg["guidance"] if guidance == "method" else guidance
     return Method(name=mcfg["name"], schedule=schedule, loss=loss, sampler=sampler,
                   guidance=build_guidance(gcfg, null_label=null_label) if gcfg else None)

@@ -148,6 +148,8 @@ class DDPM:
     """
 
     family = "ddpm"     # samplers declare the families they integrate (methods/compose.py)
+    prediction_name = "noise"   # ε with learned σ on the VP path; its own sampler, no velocity conversion
+    singular_at = None
 
     tau_max = 1.0
     num_time_inputs = 1

@@ -7,6 +7,18 @@ docs/methods.md §5.4) and the plain flow (the Δt = 0 case) are the same code.
 Phases: a schedule's `drift_mask(τ)` is piecewise constant (SFD: texture moves from τ = Δt, semantics
 until τ = 1). The samplers split [0, tau_max] where it changes and integrate each phase with the mask
 of its interior, so no solver step straddles a change and a frozen group keeps its value bit for bit.
+
+Extension points (all public; docs/adding_a_method.md):
+- `VelocityField(model_fn, y, schedule, guidance)(x, τ) -> (v, t_groups)`: the drift every sampler
+  integrates. It calls the (guided) model and converts its output with `schedule.to_velocity`
+  (methods/prediction.py), so a sampler never sees the prediction type; velocity prediction is the
+  identity. A new prediction type therefore needs no sampler change.
+- `PhasedSampler`: subclass it and implement `grid(schedule) -> [τ]` and
+  `integrate_phase(field, x, pts, mask, want, rec, generator) -> x` to add a sampler; phases, recorded
+  trajectories and NFE counting come with it. Set `families` to the schedule families it integrates
+  (methods/compose.py refuses any other pairing at build time).
+- `singular_end(schedule, a, b)`: whether a step from a to b ends where a moving group's prediction is
+  singular; the ODE sampler's `last_step="auto"` makes such a Heun step an Euler step (no model call there).
 """
 from __future__ import annotations
 
@@ -23,6 +35,7 @@ from methods.base import ModelFn
 from methods.schedules import shift_tau
 
 SOLVERS = ("euler", "heun", "dopri5")
+LAST_STEPS = ("auto", "euler", "heun")
 _SNAP = 1e-9       # grid points closer than _SNAP·tau_max are the same time
 _PROBES = 1024     # drift-mask probes over [0, tau_max]; phases shorter than tau_max/_PROBES are not resolved
 
@@ -106,41 +119,73 @@ def phases(schedule: Any, grid: Sequence[float], keep: Sequence[float]) -> tuple
 # The velocity field
 # ----------------------------------------------------------------------------------------------
 
-class _Field:
-    """The (guided) velocity at global time τ, dropping learned-σ channels; counts model calls."""
+class VelocityField:
+    """The (guided) velocity at global time τ, dropping learned-σ channels; counts model calls.
+
+    The model's output is in the schedule's prediction space; `schedule.to_velocity` converts it
+    (identity for velocity prediction and for schedules without the method).
+    """
 
     def __init__(self, model_fn: ModelFn, y: Tensor, schedule: Any, guidance: Any) -> None:
         self.model_fn, self.y, self.schedule, self.guidance = model_fn, y, schedule, guidance
         self.nfe = 0
+        self._to_velocity = getattr(schedule, "to_velocity", None)
 
-    def _model(self, x: Tensor, t_model: Tensor, y: Tensor) -> Tensor:
-        self.nfe += 1                                    # a batched CFG forward is one call
+    def model(self, x: Tensor, t_model: Tensor, y: Tensor) -> Tensor:
+        """One counted model call (a batched CFG forward is one call)."""
+        self.nfe += 1
         return self.model_fn(x, t_model, y)
 
-    def __call__(self, x: Tensor, tau: float | Tensor) -> tuple[Tensor, Tensor]:
-        """x (N, C, H, W) at τ -> velocity (N, C, H, W) and per-group times (N, G)."""
+    def output(self, x: Tensor, tau: float | Tensor) -> tuple[Tensor, Tensor]:
+        """x (N, C, H, W) at τ -> the (guided) model output in prediction space (N, C, H, W) and t_groups (N, G)."""
         tdt = torch.promote_types(x.dtype, torch.float32)
         tau_n = torch.as_tensor(tau, dtype=tdt, device=x.device).reshape(1).repeat(x.shape[0])   # (N,)
         t_groups = self.schedule.group_times(tau_n)                                          # (N, G)
         t_model = self.schedule.model_time(t_groups)                                         # (N, K)
         if self.guidance is None:
-            out = self._model(x, t_model, self.y)
+            out = self.model(x, t_model, self.y)
         else:
-            out = self.guidance(self._model, x, t_model, t_groups, self.y, self.schedule.groups)
+            out = self.guidance(self.model, x, t_model, t_groups, self.y, self.schedule.groups)
         return out[:, :x.shape[1]].to(x.dtype), t_groups
 
+    def __call__(self, x: Tensor, tau: float | Tensor) -> tuple[Tensor, Tensor]:
+        """x (N, C, H, W) at τ -> velocity (N, C, H, W) and per-group times (N, G)."""
+        out, t_groups = self.output(x, tau)
+        if self._to_velocity is None:
+            return out, t_groups
+        return self._to_velocity(out, x, t_groups), t_groups
 
-class _PhasedSampler:
-    """Shared driver: builds the grid, splits it into phases, records states at requested times."""
+
+_Field = VelocityField     # the name before it was public
+
+
+def singular_end(schedule: Any, a: float, b: float) -> bool:
+    """Whether the step a -> b ends where a group that moves during it sits at the time where the
+    schedule's prediction is singular (data prediction: a group reaching t = 1)."""
+    s = getattr(schedule, "singular_at", None)
+    if s is None:
+        return False
+    moving = schedule.drift_mask(torch.tensor([0.5 * (a + b)], dtype=torch.float64))[0]     # (G,)
+    t_end = schedule.group_times(torch.tensor([b], dtype=torch.float64))[0]                 # (G,)
+    return bool(((t_end == s) & moving).any())
+
+
+class PhasedSampler:
+    """Shared driver: builds the grid, splits it into phases, records states at requested times.
+
+    A sampler implements `grid(schedule)` (its time points on [0, tau_max]) and `integrate_phase`
+    (one phase: steps over `pts` with the drift mask `mask` (1, C, 1, 1); store x in `rec[b]` for
+    each step end b in `want`). `field(x, τ)` returns the velocity whatever the prediction type.
+    """
 
     last_nfe: int = 0
-    families = ("flow",)    # schedule families this sampler can integrate
+    families: tuple[str, ...] = ("flow",)    # schedule families this sampler can integrate
 
-    def _grid(self, schedule: Any) -> list[float]:  # pragma: no cover - abstract
+    def grid(self, schedule: Any) -> list[float]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _phase(self, field: _Field, x: Tensor, pts: list[float], mask: Tensor, want: set[float],
-               rec: dict[float, Tensor], generator: torch.Generator | None) -> Tensor:  # pragma: no cover
+    def integrate_phase(self, field: VelocityField, x: Tensor, pts: list[float], mask: Tensor, want: set[float],
+                        rec: dict[float, Tensor], generator: torch.Generator | None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
     def __call__(self, model_fn: ModelFn, noise: Tensor, y: Tensor, *, schedule: Any,
@@ -161,15 +206,18 @@ class _PhasedSampler:
     @torch.no_grad()
     def _run(self, model_fn: ModelFn, noise: Tensor, y: Tensor, schedule: Any, guidance: Any,
              generator: torch.Generator | None, taus: tuple[float, ...]) -> tuple[Tensor, list[tuple[float, Tensor]]]:
-        parts, kept = phases(schedule, self._grid(schedule), taus)
+        parts, kept = phases(schedule, self.grid(schedule), taus)
         want, rec = set(kept), {0.0: noise}
-        field, x = _Field(model_fn, y, schedule, guidance), noise
+        field, x = VelocityField(model_fn, y, schedule, guidance), noise
         for pts in parts:
             mid = 0.5 * (pts[0] + pts[-1])
             mask = schedule.groups.expand(schedule.drift_mask(torch.tensor([mid], dtype=torch.float64)))
-            x = self._phase(field, x, pts, mask.to(x.device), want, rec, generator)   # mask (1, C, 1, 1)
+            x = self.integrate_phase(field, x, pts, mask.to(x.device), want, rec, generator)   # mask (1, C, 1, 1)
         self.last_nfe = field.nfe
         return x, [(tau, rec[k]) for tau, k in zip(taus, kept)]
+
+
+_PhasedSampler = PhasedSampler
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,7 +225,7 @@ class _PhasedSampler:
 # ----------------------------------------------------------------------------------------------
 
 @SAMPLERS.register("ode")
-class ODESampler(_PhasedSampler):
+class ODESampler(PhasedSampler):
     """Probability-flow ODE dx/dτ = mask(τ)·v(x, τ) from τ = 0 to tau_max (SiT ODE, SFD 3-phase, LightningDiT).
 
     Args:
@@ -186,29 +234,47 @@ class ODESampler(_PhasedSampler):
             phase changes (SFD: τ = Δt and 1); for dopri5 only output times (unused by __call__)
         shift: timestep shift s on τ/tau_max (LightningDiT 0.3); 0 = off
         atol, rtol: dopri5 tolerances (SiT/SFD: 1e-6, 1e-3)
+        last_step: the Heun rule at the end (docs/methods.md §12.3): "auto" (default) makes every Heun step
+            that ends where a moving group's prediction is singular an Euler step (data prediction: the
+            final step; no model call at t = 1, and with an exact x̂1 it lands on x̂1 as JiT's sampler);
+            "euler": the final step (ending at tau_max) is always Euler; "heun": never switch (a model
+            call at the end point, through the t_eps floor). Velocity prediction with "auto" is plain Heun.
+            Euler and dopri5 ignore it (Euler never calls the model at a step's end; dopri5 evaluates
+            there through the floor).
     """
 
     def __init__(self, solver: str = "euler", steps: int = 250, shift: float = 0.0,
-                 atol: float = 1e-6, rtol: float = 1e-3) -> None:
+                 atol: float = 1e-6, rtol: float = 1e-3, last_step: str = "auto") -> None:
         if solver not in SOLVERS:
             raise ValueError(f"unknown ode solver {solver!r}; valid: {', '.join(SOLVERS)}")
         if shift < 0:
             raise ValueError(f"shift must be >= 0 (0 = off), got {shift}")
+        if last_step not in LAST_STEPS:
+            raise ValueError(f"unknown last_step {last_step!r}; valid: {', '.join(LAST_STEPS)}")
         self.solver, self.steps, self.shift = solver, int(steps), float(shift)
         self.atol, self.rtol = float(atol), float(rtol)
+        self.last_step = last_step
 
-    def _grid(self, schedule: Any) -> list[float]:
+    def euler_step_at(self, schedule: Any, a: float, b: float) -> bool:
+        """Whether the Heun step a -> b is taken as an Euler step under `last_step` (public rule)."""
+        if self.last_step == "heun":
+            return False
+        if self.last_step == "euler":
+            return b == float(schedule.tau_max)
+        return singular_end(schedule, a, b)
+
+    def grid(self, schedule: Any) -> list[float]:
         tau_max = float(schedule.tau_max)
         return [0.0, tau_max] if self.solver == "dopri5" else time_grid(tau_max, self.steps, self.shift)
 
-    def _phase(self, field: _Field, x: Tensor, pts: list[float], mask: Tensor, want: set[float],
+    def integrate_phase(self, field: VelocityField, x: Tensor, pts: list[float], mask: Tensor, want: set[float],
                rec: dict[float, Tensor], generator: torch.Generator | None) -> Tensor:
         if self.solver == "dopri5":
             return self._adaptive(field, x, pts, mask, want, rec)
         for a, b in zip(pts[:-1], pts[1:]):
             h = b - a
             d1 = field(x, a)[0]
-            if self.solver == "euler":
+            if self.solver == "euler" or self.euler_step_at(field.schedule, a, b):
                 x = torch.where(mask, x + h * d1, x)
             else:                                        # Heun: trapezoid on an Euler predictor
                 d2 = field(torch.where(mask, x + h * d1, x), b)[0]
@@ -217,7 +283,7 @@ class ODESampler(_PhasedSampler):
                 rec[b] = x
         return x
 
-    def _adaptive(self, field: _Field, x: Tensor, pts: list[float], mask: Tensor, want: set[float],
+    def _adaptive(self, field: VelocityField, x: Tensor, pts: list[float], mask: Tensor, want: set[float],
                   rec: dict[float, Tensor]) -> Tensor:
         """dopri5 over one phase; output only at the phase ends and the requested times."""
         out_t = [pts[0]] + [p for p in pts[1:-1] if p in want] + [pts[-1]]
@@ -239,7 +305,7 @@ class ODESampler(_PhasedSampler):
 
 
 @SAMPLERS.register("sde")
-class SDESampler(_PhasedSampler):
+class SDESampler(PhasedSampler):
     """Euler–Maruyama on the reverse SDE with SiT's "sigma" diffusion (SiT / REPA / ReDi headline, docs/methods.md §2-§4).
 
     Per group g with time t_g: w = 1 − t_g, score s = (t_g·v − x)/(1 − t_g) (linear path), drift
@@ -261,14 +327,14 @@ class SDESampler(_PhasedSampler):
             raise ValueError(f"last_step must be >= 0, got {last_step}")
         self.steps, self.last_step, self.last_step_mode = int(steps), float(last_step), last_step_mode
 
-    def _grid(self, schedule: Any) -> list[float]:
+    def grid(self, schedule: Any) -> list[float]:
         tau_max = float(schedule.tau_max)
         if not self.last_step < tau_max:
             raise ValueError(f"last_step {self.last_step} must be < tau_max {tau_max}")
         grid = time_grid(tau_max - self.last_step, self.steps)
         return grid + [tau_max] if self.last_step > 0 else grid
 
-    def _phase(self, field: _Field, x: Tensor, pts: list[float], mask: Tensor, want: set[float],
+    def integrate_phase(self, field: VelocityField, x: Tensor, pts: list[float], mask: Tensor, want: set[float],
                rec: dict[float, Tensor], generator: torch.Generator | None) -> Tensor:
         tau_max = float(field.schedule.tau_max)
         deterministic_from = tau_max - self.last_step - _SNAP * tau_max

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from core.registry import SCHEDULES
 from core.types import Groups
+from methods.prediction import DEFAULT_T_EPS, VelocityPrediction, build_prediction, convert
 
 TIME_DISTS = ("uniform", "logit-normal")
 
@@ -93,13 +94,44 @@ class _LinearFlow:
 
     family = "flow"     # samplers declare the families they integrate (methods/compose.py)
 
-    def __init__(self, groups: Groups, time_dist: str, time_mean: float, time_std: float) -> None:
+    def __init__(self, groups: Groups, time_dist: str, time_mean: float, time_std: float,
+                 prediction: str = "velocity", loss_target: str | None = None, t_eps: float = DEFAULT_T_EPS) -> None:
         if time_dist not in TIME_DISTS:
             raise ValueError(f"unknown time_dist {time_dist!r}; valid: {', '.join(TIME_DISTS)}")
         if time_std <= 0:
             raise ValueError(f"time_std must be > 0, got {time_std}")
         self.groups = groups
         self.time_dist, self.time_mean, self.time_std = time_dist, float(time_mean), float(time_std)
+        self.prediction = build_prediction(prediction, t_eps)
+        self.loss_target = build_prediction(prediction if loss_target is None else loss_target, t_eps)
+        self.t_eps = float(t_eps)
+
+    @property
+    def singular_at(self) -> float | None:
+        """Group time where the prediction's velocity conversion is singular (samplers avoid a model call there)."""
+        return self.prediction.singular_at
+
+    def _t(self, t_groups: Tensor, like: Tensor) -> Tensor:
+        return self.groups.expand(t_groups).to(like.dtype)        # (N, C, 1, 1)
+
+    def to_velocity(self, out: Tensor, xt: Tensor, t_groups: Tensor) -> Tensor:
+        """Network output (N, C, H, W) in prediction space -> velocity at (x_t, per-group times (N, G)).
+        Velocity prediction returns `out` itself (no arithmetic: bit-identical to the plain flow)."""
+        if isinstance(self.prediction, VelocityPrediction):
+            return out
+        return self.prediction.to_velocity(out, xt, self._t(t_groups, xt))
+
+    def to_loss_space(self, out: Tensor, target: Tensor, xt: Tensor, t_groups: Tensor) -> tuple[Tensor, Tensor]:
+        """(prediction, target) in prediction space -> both in loss-target space through the same map
+        (docs/methods.md §12.2). The same tensors, untouched, when loss_target == prediction."""
+        if type(self.prediction) is type(self.loss_target):
+            return out, target
+        t = self._t(t_groups, xt)
+        c = target.shape[1]
+        pred = convert(out[:, :c], xt, t, self.prediction, self.loss_target)
+        if out.shape[1] > c:                                        # extra output channels stay as they are
+            pred = torch.cat([pred, out[:, c:]], dim=1)
+        return pred, convert(target, xt, t, self.prediction, self.loss_target)
 
     def out_channels(self, in_channels: int) -> int:
         return in_channels                                  # velocity only; no learned σ
@@ -111,7 +143,11 @@ class _LinearFlow:
                            device=device, generator=generator)
 
     def path(self, x0: Tensor, x1: Tensor, t_groups: Tensor) -> tuple[Tensor, Tensor]:
-        return linear_path(x0, x1, t_groups, self.groups)
+        """x_t and the target in PREDICTION space (velocity: u = x1 − x0, as `linear_path`)."""
+        xt, u = linear_path(x0, x1, t_groups, self.groups)
+        if isinstance(self.prediction, VelocityPrediction):
+            return xt, u
+        return xt, self.prediction.from_path(x0, x1, xt, self._t(t_groups, xt))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,14 +164,19 @@ class Flow(_LinearFlow):
         time_mean, time_std: logit-normal parameters (ignored for uniform)
         model_time_scale: factor on the time the backbone embeds; 1.0 because flow models feed
             t ∈ [0, 1] unscaled (docs/methods.md §0.2)
+        prediction: what the network outputs, a PREDICTIONS name: "velocity" (default) | "data" (JiT) |
+            "noise" | a plugin's (methods/prediction.py, docs/methods.md §12)
+        loss_target: the space the MSE is taken in (default: the prediction's own space; JiT: "velocity")
+        t_eps: floor of the singular denominator of the conversion (JiT 0.05)
     """
 
     tau_max = 1.0
     num_time_inputs = 1
 
     def __init__(self, groups: Groups, time_dist: str = "uniform", time_mean: float = 0.0,
-                 time_std: float = 1.0, model_time_scale: float = 1.0) -> None:
-        super().__init__(groups, time_dist, time_mean, time_std)
+                 time_std: float = 1.0, model_time_scale: float = 1.0, prediction: str = "velocity",
+                 loss_target: str | None = None, t_eps: float = DEFAULT_T_EPS) -> None:
+        super().__init__(groups, time_dist, time_mean, time_std, prediction, loss_target, t_eps)
         self.model_time_scale = float(model_time_scale)
 
     def group_times(self, tau: Tensor) -> Tensor:
@@ -164,11 +205,13 @@ class AsyncFlow(_LinearFlow):
         groups: channel groups of the latent (dependency)
         delta_t: {group name: lag in [0, 1)}; groups not named lag 0
         time_dist, time_mean, time_std: as for "flow" (SFD: logit-normal(0, 1))
+        prediction, loss_target, t_eps: as for "flow"; times are per group
     """
 
     def __init__(self, groups: Groups, delta_t: dict[str, float], time_dist: str = "uniform",
-                 time_mean: float = 0.0, time_std: float = 1.0) -> None:
-        super().__init__(groups, time_dist, time_mean, time_std)
+                 time_mean: float = 0.0, time_std: float = 1.0, prediction: str = "velocity",
+                 loss_target: str | None = None, t_eps: float = DEFAULT_T_EPS) -> None:
+        super().__init__(groups, time_dist, time_mean, time_std, prediction, loss_target, t_eps)
         unknown = sorted(set(delta_t) - set(groups.names))
         if unknown:
             raise ValueError(f"delta_t names unknown channel group(s) {unknown}; "
