@@ -288,6 +288,12 @@ def _check_eval(cfg: dict) -> list[tuple[bool, str]]:
     return checks
 
 
+def _check_log(cfg: dict) -> list[tuple[bool, str]]:
+    from benchmarks.trackers import check_log_cfg   # the trackers' own rules (log.wandb needs wandb installed)
+
+    return check_log_cfg(cfg.get("log", {}))
+
+
 def _check_ranges(cfg: dict) -> None:
     found = _non_finite(cfg)
     if found:
@@ -309,6 +315,7 @@ def _check_ranges(cfg: dict) -> None:
         (e["num_samples"] >= 10 and e["batch_size"] >= 1, "eval.num_samples must be ≥ 10 and eval.batch_size ≥ 1"),
         (e["every"] >= 0, f"eval.every must be ≥ 0 (0 = only eval.at and the last step), got {e['every']}"),
         (e["metric"] in ("fd-net", "adm"), f"eval.metric must be fd-net or adm, got {e['metric']!r}"),
+        *_check_log(cfg),
     ]
     for ok, msg in checks:
         if not ok:

@@ -25,6 +25,7 @@ from benchmarks.shards import is_sharded, open_sharded
 from core.cache import MARKER, cache_key, cached_dir, read_safetensors, verify_dir
 from core.config import ConfigError
 from core.dag import run_dag
+from core.progress import track
 from core.registry import ENCODERS, LATENTS
 from core.seed import generator
 from core.types import ImageData, to_unit
@@ -214,10 +215,13 @@ ENCODER = "semantic-encoder"
 
 
 @torch.no_grad()
-def _batched(fn, x: torch.Tensor, device: torch.device, seed: int, batch: int = 500) -> torch.Tensor:
-    """fn(x_chunk on device, generator) over chunks of x, one generator for the whole pass, output on CPU."""
+def _batched(fn, x: torch.Tensor, device: torch.device, seed: int, batch: int = 500, stage: str = "encoding") -> torch.Tensor:
+    """fn(x_chunk on device, generator) over chunks of x, one generator for the whole pass, output on CPU.
+    Progress (core/progress.py) is reported per chunk under `stage`."""
     gen = generator(seed, device)
-    return torch.cat([fn(x[i:i + batch].to(device), gen).cpu() for i in range(0, x.shape[0], batch)])
+    starts = range(0, x.shape[0], batch)
+    return torch.cat([fn(x[i:i + batch].to(device), gen).cpu() for i in
+                      track(stage, starts, unit=f"chunks of {batch} images")])
 
 
 def _splits(cfg: dict, data: ImageData) -> dict[str, torch.Tensor]:
@@ -265,8 +269,8 @@ def build_encodings(cfg: dict, data: ImageData, kind: str, art_dir: Path, device
             fn, name = (lambda x, g: art.tokens(to_unit(x)).half()), "tokens"
         else:
             fn, name = (lambda x, g: art.encode(to_unit(x), generator=g).float()), "texture"
-        tensors = {f"{name}{sfx}": _batched(fn, imgs, device, seed=i) for i, (sfx, imgs) in
-                   enumerate(_splits(cfg, data).items())}
+        tensors = {f"{name}{sfx}": _batched(fn, imgs, device, seed=i, stage=f"{kind} encoding{sfx or ''}")
+                   for i, (sfx, imgs) in enumerate(_splits(cfg, data).items())}
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
         log.info("prepare: %s encodings %s in %.1fs", kind, list(next(iter(tensors.values())).shape), time.time() - t0)
 
@@ -294,7 +298,7 @@ def build_latent_cache(cfg: dict, data: ImageData, dirs: dict[str, Path], device
             tensors[f"x1{sfx}"] = torch.cat([
                 latent.compose(x_tex[j:j + 1000].to(device), None if tokens is None else
                                tokens[j:j + 1000].to(device).float(), gen)["x1"].cpu()
-                for j in range(0, x_tex.shape[0], 1000)])
+                for j in track(f"latent cache{sfx}", range(0, x_tex.shape[0], 1000), unit="chunks of 1000")])
         idx = torch.randperm(tensors["x1"].shape[0], generator=generator(0))[:STATS_SAMPLES]
         mean, std = latent.stats_from(tensors["x1"][idx])
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "train.safetensors"))

@@ -23,12 +23,15 @@ from benchmarks.evaluate import ADMScorer, FDNetScorer, eval_labels, generate, r
 from benchmarks.phases import phase_figure
 from benchmarks.plugins import load_all
 from benchmarks.prepare import FD_NET, prepare_run
+from benchmarks.status import PROGRESS_FILE
+from benchmarks.trackers import Trackers, current_lr, open_trackers
 from core.cache import full_verification
 from core.compile import attention_context, compile_loss, compile_model, resolve_mode
 from core.dist import Dist, all_reduce_grads, barrier, mean_over_ranks, setup
 from core.errors import NonFiniteError
 from core.ema import ema_decay, make_ema, update_ema
 from core.graphs import GraphedGrads, check_device
+from core.progress import publish
 from core.rundir import RunDir
 from core.runlock import RunHeld, RunLock, heartbeat_period, stale_after
 from core.seed import seed_everything
@@ -270,8 +273,8 @@ def run_job(cfg: dict, run_dir: str) -> dict:
     process holds it, before anything in the folder changes."""
     load_all()
     d = setup()                          # one process, or a rank of torchrun / a multi-task SLURM job
-    with _run_lock(d, run_dir):
-        return _run_job(cfg, run_dir, d)
+    with _run_lock(d, run_dir), publish(Path(run_dir) / PROGRESS_FILE if d.main else None):
+        return _run_job(cfg, run_dir, d)      # (publish: the live table shows this job's prepare stages)
 
 
 def lock_wait_s() -> float:
@@ -328,7 +331,8 @@ def _run_job(cfg: dict, run_dir: str, d: Dist) -> dict:
     trainer.restore()
     ACTIVE[:] = [trainer]
     try:
-        return _loop(trainer)
+        with open_trackers(cfg, rd.path, trainer.step, d.main) as trackers:   # TensorBoard / W&B (trackers.py)
+            return _loop(trainer, trackers)
     finally:
         ACTIVE.clear()
 
@@ -341,7 +345,7 @@ def checkpoint_active() -> Path | None:
     return ACTIVE[0].checkpoint_now() if ACTIVE else None
 
 
-def _loop(tr: Trainer) -> dict:
+def _loop(tr: Trainer, trackers: Trackers | None = None) -> dict:
     cfg, rd, t = tr.cfg, tr.rd, tr.cfg["train"]
     evals = eval_steps(cfg)
     t_start, t_log, last_eval, acc = time.time(), time.time(), None, {}
@@ -358,6 +362,8 @@ def _loop(tr: Trainer) -> dict:
                     else {"status": "failed", "step": tr.step}
             if main:
                 log.info("%s step %d: %s", rd.path.name, tr.step, last_eval)
+                if trackers is not None:
+                    trackers.eval(last_eval, rd.samples_dir / f"step_{tr.step:07d}.png")
             barrier(tr.dist)
         if tr.step >= t["steps"]:
             break
@@ -371,9 +377,11 @@ def _loop(tr: Trainer) -> dict:
             if not all(math.isfinite(v) for v in row.values()):
                 return _fail(rd, tr.step, "non-finite loss", last_finite, stage="training",
                              loss={k: str(v) for k, v in row.items()}) if main else {"status": "failed", "step": tr.step}
-            row.update(step=tr.step, sec_per_step=(time.time() - t_log) / n)
+            row.update(step=tr.step, lr=current_lr(tr.opt), sec_per_step=(time.time() - t_log) / n)
             if main:
                 rd.append("metrics.jsonl", row)
+                if trackers is not None:
+                    trackers.train(row)
             last_finite, acc, t_log = row, {}, time.time()
         if tr.step % t["ckpt_every"] == 0 or tr.step == t["steps"]:
             if main:
@@ -388,6 +396,8 @@ def _loop(tr: Trainer) -> dict:
             "first": evals_rows[0] if evals_rows else None, "wall_sec": round(time.time() - t_start, 1),
             "last_train": last_finite}
     rd.mark_done(done)
+    if trackers is not None:
+        trackers.finish(done)
     return done
 
 

@@ -81,6 +81,15 @@ class EvalCfg:
 
 
 @dataclass
+class LogCfg:
+    """Experiment trackers (benchmarks/trackers.py); they change no result, so they are not in the run hash."""
+    tensorboard: bool = True           # TensorBoard event files under <run>/tb/ (tensorboard --logdir results/<grid>)
+    wandb: bool = False                # also log to Weights & Biases (needs `pip install wandb`)
+    wandb_project: str = "semprior-bench"
+    wandb_mode: Optional[str] = None   # online | offline | disabled; None = wandb's own default (WANDB_MODE)
+
+
+@dataclass
 class RunCfg:
     profile: str = "tiny"
     seed: int = 0
@@ -91,9 +100,10 @@ class RunCfg:
     train: TrainCfg = field(default_factory=TrainCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     cache_dir: str = "cache"           # shared artifacts and latent caches (not part of the run hash)
+    log: LogCfg = field(default_factory=LogCfg)    # experiment trackers (not part of the run hash)
 
 
-NOT_HASHED = ("cache_dir",)
+NOT_HASHED = ("cache_dir", "log")
 
 
 def structured(*layers: Any) -> DictConfig:

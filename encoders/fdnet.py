@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.progress import track
 from core.registry import ENCODERS
 from core.seed import seeded_init
 from core.types import ImageData, to_unit
@@ -143,7 +144,7 @@ class FDNet(nn.Module):
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
         batches = shuffled_batches(train_x.shape[0], batch_size, gen)
         t0 = time.time()
-        for step in range(steps):
+        for step in track("fd-net training", range(steps), values=lambda: {"loss": round(loss.item(), 4)}):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, steps, lr, warmup=min(50, steps // 10 + 1))
             idx = next(batches)
@@ -154,8 +155,6 @@ class FDNet(nn.Module):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if step % 200 == 0 or step == steps - 1:
-                log.info("fd-net step %d/%d loss %.4f", step, steps, loss.item())
         net.eval().requires_grad_(False)
         fit_seconds, t0 = time.time() - t0, time.time()
         acc = float((net.predict(data.test_x) == data.test_y).float().mean())

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.progress import track
 from core.registry import ENCODERS
 from core.seed import seeded_init
 from core.types import ImageData, to_unit
@@ -131,7 +132,7 @@ def train_ssl(net: TokenNet, images_u8: Tensor, *, steps: int, batch_size: int, 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     num_tokens = net.pos_embed.shape[1]
     loss = torch.zeros(())
-    for step in range(steps):
+    for step in track("semantic-encoder training", range(steps), values=lambda: {"loss": float(loss.detach())}):
         # Linear warm-up, then cosine decay to 0: the usual SimCLR schedule, squeezed into `steps`.
         scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in opt.param_groups:

@@ -18,6 +18,7 @@ import torch
 from diffusers import AutoencoderKL
 from torch import Tensor, nn
 
+from core.progress import track
 from core.registry import ENCODERS
 from core.seed import seeded_init
 from core.types import ImageData, to_unit
@@ -180,7 +181,8 @@ class TextureVAE(nn.Module):
         opt = torch.optim.Adam(self.parameters(), lr=a["lr"])
         batches = shuffled_batches(data.train_x.shape[0], a["batch_size"], gen)
         t0 = time.time()
-        for step in range(a["steps"]):
+        for step in track(f"{self.kind} training", range(a["steps"]),
+                          values=lambda: {k: round(float(v), 4) for k, v in terms.items()}):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, a["steps"], a["lr"], warmup=min(50, a["steps"] // 10 + 1))
             x = to_unit(data.train_x[next(batches)].to(device))  # (B, C, H, W) in [-1, 1]
@@ -202,7 +204,6 @@ class TextureVAE(nn.Module):
                 values = {k: round(float(v), 4) for k, v in terms.items()}
                 if not math.isfinite(loss.item()):
                     raise FloatingPointError(f"{self.kind} fit: loss is {loss.item()} at step {step} ({values})")
-                log.info("%s step %d/%d %s", self.kind, step, a["steps"], values)
         self.eval().requires_grad_(False)
         fit_seconds, t0 = time.time() - t0, time.time()
         recon = self.reconstruction_error(data.test_x[:a["eval_images"]])
