@@ -1,6 +1,7 @@
 """Stage 4a: one pandas DataFrame over all runs of a grid (any time, also while jobs run).
 
-Reads only run folders (config.yaml, eval.jsonl, metrics.jsonl, done.json, failed.json); never checkpoints.
+Reads only run folders (config.yaml, eval.jsonl, metrics.jsonl, done.json, failed.json, protocol.json,
+stale.json); never checkpoints.
 A run folder with a file that cannot be read (garbled YAML/JSON, a damaged JSONL row, a config without the
 expected keys) becomes one row with status "unreadable" and the file and problem in `unreadable`; the
 other runs are reported as usual.
@@ -67,7 +68,7 @@ def _json(path: Path) -> dict | None:
     return obj
 
 
-METRICS = ("fd", "kid", "precision", "recall", "class_acc", "fid", "sfid", "is")   # fd-net rows | adm rows (fd = fid)
+METRICS = ("fd", "kid", "precision", "recall", "class_acc", "fid", "sfid", "is", "nfe")   # fd-net rows | adm rows (fd = fid); nfe per sample
 
 
 def _status(run: Path) -> str:
@@ -153,9 +154,28 @@ def read_run(run: Path) -> tuple[dict, list, list, dict, dict | None]:
 def _run_row(run: Path, const: tuple[str, ...]) -> dict:
     cfg, evals, train, lab, fail = read_run(run)
     try:
-        return _row(run, const, cfg, evals, train, lab, fail)
+        row = _row(run, const, cfg, evals, train, lab, fail)
     except (*READ_ERRORS, AttributeError) as e:   # a row of eval.jsonl / metrics.jsonl without its step
         raise UnreadableRun(f"eval.jsonl or metrics.jsonl: {_problem(e)}") from None
+    row.update(_protocol_columns(read_file(run, "protocol.json", _json), evals))
+    stale = read_file(run, "stale.json", _json)
+    row["stale"] = stale is not None
+    row["stale_modules"] = ", ".join(stale.get("changed", [])) if stale else None
+    return row
+
+
+def _protocol_columns(protocol: dict | None, evals: list) -> dict:
+    """protocol_id / protocol_tag of a run (benchmarks/protocol.py); a run evaluated before protocols were
+    recorded gets an "unrecorded" protocol keyed by its NFE, a run never evaluated none (None)."""
+    from benchmarks.protocol import protocol_id, protocol_tag
+
+    if protocol is not None:
+        return {"protocol_id": protocol_id(protocol), "protocol_tag": protocol_tag(protocol)}
+    if not evals:
+        return {"protocol_id": None, "protocol_tag": None}
+    nfe = evals[-1].get("nfe")
+    return {"protocol_id": f"unrecorded-nfe{nfe}",
+            "protocol_tag": f"unrecorded (run evaluated before protocols were recorded) · NFE {nfe}"}
 
 
 def _row(run: Path, const: tuple[str, ...], cfg: dict, evals: list, train: list, lab: dict,

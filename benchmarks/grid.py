@@ -12,6 +12,8 @@ Grid file (benchmarks/configs/grid/<name>.yaml):
       imagenet256: {axes: {backbone: [lightningdit-xl-1]}}
     baseline: sit                  # the label the "× faster convergence" table compares with
 Precedence: schema < profile < method preset < grid overrides < axis values < command line.
+`grid=` also takes a path to a grid file (ending in .yaml/.yml, or containing a '/'). Every key, its type
+and default: docs/grids.md; `validate_grid` checks them with the file and line of the offending key.
 """
 from __future__ import annotations
 
@@ -98,6 +100,190 @@ class Grid:
     baseline: str | None = None
     sweep: str | None = None           # an axis to plot final FD against (e.g. the Δt sweep)
     meta: dict = field(default_factory=dict)
+    source: Path | None = None         # the grid YAML file it was expanded from
+
+
+# ---------------------------------------------------------------------------------------------------
+# Grid files: a name or a path, the schema (docs/grids.md) checked with file:line
+# ---------------------------------------------------------------------------------------------------
+
+def is_grid_path(arg: str) -> bool:
+    """grid=<arg> names a file (not a grid under the config folders): it ends in .yaml/.yml or has a '/'."""
+    return arg.endswith((".yaml", ".yml")) or "/" in arg or os.sep in arg
+
+
+def grid_source(arg: str) -> tuple[str, Path]:
+    """(grid name, its YAML file) for grid=<arg>: a path (the name is the file's stem) or a name looked up
+    under SEMPRIOR_CONFIG_PATH and benchmarks/configs/grid/."""
+    if not str(arg).strip():
+        raise ConfigError("grid= is empty; give a grid name (e.g. grid=smoke) or a grid file (grid=path/to/grid.yaml)")
+    if is_grid_path(arg):
+        path = Path(arg).expanduser()
+        if path.suffix not in (".yaml", ".yml"):
+            raise ConfigError(f"grid={arg}: a grid file must end in .yaml or .yml (a name has no '/': "
+                              f"valid names: {', '.join(available('grid'))})")
+        if not path.is_file():
+            raise ConfigError(f"grid file {arg} not found ({path.resolve()}); give an existing .yaml file or a grid "
+                              f"name ({', '.join(available('grid'))})")
+        return path.stem, path.resolve()
+    path = find_yaml("grid", arg)
+    if path is None:
+        raise ConfigError(f"unknown grid {arg!r}; valid: {', '.join(available('grid'))} (or a path to a grid file, "
+                          "e.g. grid=path/to/grid.yaml)")
+    return arg, path
+
+
+def grid_source_name(arg: str) -> str:
+    """The grid's name (its results folder) for grid=<arg>: a file's stem, or the name itself."""
+    return Path(arg).stem if is_grid_path(arg) else arg
+
+
+GRID_COPY = "grid.yaml"                # results/<grid>/grid.yaml: the grid file the runs were made from
+GRID_SOURCE = "grid_source.json"       # results/<grid>/grid_source.json: where it came from, and its sha1
+
+
+def _sha1(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha1(data).hexdigest()
+
+
+def check_grid_folder(grid: Grid, results: Path) -> None:
+    """Two different grid files with the same stem would share results/<stem>/: refused, unless the file
+    is the one the folder was made from (same path: an edited grid) or has the same content."""
+    import json
+
+    src = Path(results) / grid.name / GRID_SOURCE
+    if grid.source is None or not src.exists():
+        return
+    try:
+        old = json.loads(src.read_text())
+    except (OSError, ValueError):
+        return                                           # damaged: record_grid_file writes it again
+    if not isinstance(old, dict) or old.get("path") == str(grid.source):
+        return
+    if old.get("sha1") == _sha1(grid.source.read_bytes()):
+        return
+    raise ConfigError(f"{src.parent} holds the runs of grid file {old.get('path')}, and {grid.source} is another file "
+                      f"with the same name {grid.name!r} and other content: give this grid its own results folder "
+                      f"(results=OTHER_DIR) or rename the file; to adopt it for this folder on purpose, delete {src}")
+
+
+def record_grid_file(grid: Grid, results: Path) -> None:
+    """Copy the grid file used into results/<grid>/grid.yaml (benchmarks.report reads the description,
+    baseline and sweep from it, with or without SEMPRIOR_CONFIG_PATH) and note where it came from."""
+    import json
+
+    from core.rundir import atomic_write_text
+
+    if grid.source is None:
+        return
+    folder = Path(results) / grid.name
+    folder.mkdir(parents=True, exist_ok=True)
+    data = grid.source.read_bytes()
+    atomic_write_text(folder / GRID_COPY, data.decode("utf-8"))
+    atomic_write_text(folder / GRID_SOURCE, json.dumps({"path": str(grid.source), "sha1": _sha1(data)}, indent=2))
+
+
+def key_lines(path: Path) -> dict[str, int]:
+    """Dotted key -> 1-based line of that key in a YAML file (mappings only; {} when it cannot be parsed)."""
+    import yaml
+
+    out: dict[str, int] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}{k.value}"
+                out.setdefault(key, k.start_mark.line + 1)
+                walk(v, key + ".")
+
+    try:
+        walk(yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader), "")
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+    return out
+
+
+class _Where:
+    """Names a key of a grid file as `<file>:<line>: <key>` for error messages."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.lines = path, key_lines(path)
+
+    def __call__(self, key: str) -> str:
+        parts = key.split(".")
+        for n in range(len(parts), 0, -1):                 # the key, else its nearest parent that has a line
+            line = self.lines.get(".".join(parts[:n]))
+            if line is not None:
+                return f"{self.path}:{line}: {key}"
+        return f"{self.path}: {key}"
+
+
+GRID_TYPES = {"description": "a string", "profile": "a profile name", "axes": "a mapping of key: [values]",
+              "overrides": 'a list of "key=value" strings', "baseline": "a method name of the method axis",
+              "sweep": "an axis key", "by_profile": "a mapping of profile name: {axes: ..., overrides: [...]}"}
+
+
+def load_grid(arg: str) -> tuple[str, Path, dict]:
+    """(name, file, contents) of grid=<arg>, the contents checked against the grid schema (validate_grid)."""
+    name, path = grid_source(arg)
+    data = load_config_yaml(path, "grid file")
+    if data is None:
+        raise ConfigError(f"{path}: the grid file is empty; it needs at least axes: (docs/grids.md)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping (key: value lines) at the top level, got a "
+                          f"{type(data).__name__} (docs/grids.md)")
+    validate_grid(data, path)
+    return name, path, data
+
+
+def _axes_ok(where: str, axes: Any) -> None:
+    if axes is None:
+        return
+    if not isinstance(axes, dict):
+        raise ConfigError(f"{where}: must be a mapping of key: [values], got {axes!r} (docs/grids.md)")
+
+
+def validate_grid(g: dict, path: Path) -> None:
+    """The grid schema (docs/grids.md): known keys, each of its type, baseline among the method axis
+    values, sweep an axis key. Errors name the file, the line and the key."""
+    at = _Where(path)
+    unknown = sorted(set(g) - GRID_KEYS)
+    if unknown:
+        raise ConfigError(f"{at(str(unknown[0]))}: unknown grid key; valid: {', '.join(sorted(GRID_KEYS))} "
+                          "(docs/grids.md)")
+    for key in ("description", "profile", "baseline", "sweep"):
+        if g.get(key) is not None and not isinstance(g[key], str):
+            raise ConfigError(f"{at(key)}: must be {GRID_TYPES[key]}, got {g[key]!r}")
+    if g.get("profile") is not None and find_yaml("profile", g["profile"]) is None:
+        raise ConfigError(f"{at('profile')}: unknown profile {g['profile']!r}; valid: {', '.join(available('profile'))}")
+    _axes_ok(at("axes"), g.get("axes"))
+    _dotlist(at("overrides") + ":", g.get("overrides"))
+    by = g.get("by_profile")
+    if by is not None and not isinstance(by, dict):
+        raise ConfigError(f"{at('by_profile')}: must be {GRID_TYPES['by_profile']}, got {by!r}")
+    all_axes = [dict(g.get("axes") or {})]
+    for prof, part in (by or {}).items():
+        if not isinstance(part, dict):
+            raise ConfigError(f"{at(f'by_profile.{prof}')}: must be a mapping with axes and/or overrides, got {part!r}")
+        extra = sorted(set(part) - {"axes", "overrides"})
+        if extra:
+            raise ConfigError(f"{at(f'by_profile.{prof}.{extra[0]}')}: unknown key; valid: axes, overrides")
+        _axes_ok(at(f"by_profile.{prof}.axes"), part.get("axes"))
+        _dotlist(at(f"by_profile.{prof}.overrides") + ":", part.get("overrides"))
+        all_axes.append(dict(part.get("axes") or {}))
+    for axes, prefix in zip(all_axes, ["axes", *[f"by_profile.{p}.axes" for p in (by or {})]]):
+        for key, values in axes.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{at(f'{prefix}.{key}')}: an axis needs a non-empty list of values (an empty one gives the grid no runs), got {values!r}")
+    methods = {str(v) for axes in all_axes for v in axes.get("method", [])}
+    if g.get("baseline") is not None and methods and g["baseline"] not in methods:
+        raise ConfigError(f"{at('baseline')}: {g['baseline']!r} is not a value of the method axis "
+                          f"({', '.join(sorted(methods))}); the × faster table compares every group with it")
+    keys = {k for axes in all_axes for k in axes}
+    if g.get("sweep") is not None and g["sweep"] not in keys:
+        raise ConfigError(f"{at('sweep')}: {g['sweep']!r} is not an axis key (axes: {', '.join(sorted(keys))})")
 
 
 def _dot(key: str, value: Any) -> dict:
@@ -472,15 +658,13 @@ def _check_limits(cfg: dict, kinds: list[str], sizes: tuple[int, int] | None) ->
 
 def expand(grid_name: str, cli: list[str] | None = None, profile: str | None = None,
            check_files: bool = True) -> Grid:
-    """Resolve every run of a grid; `cli` is a dotlist applied last to every run."""
-    g = load_yaml("grid", grid_name)
-    unknown = set(g) - GRID_KEYS
-    if unknown:
-        raise ConfigError(f"grid {grid_name!r}: unknown keys {sorted(unknown)}; valid: {', '.join(sorted(GRID_KEYS))}")
+    """Resolve every run of a grid; `grid_name` is a grid name or a path to a grid file (grid_source);
+    `cli` is a dotlist applied last to every run."""
+    grid_name, source, g = load_grid(grid_name)
     prof_name = profile or g.get("profile", "tiny")
     # by_profile: {<profile>: {axes: {...}, overrides: [...]}} replaces those axes / adds those overrides when
     # the grid runs at that profile (e.g. the XL/1 backbone at imagenet256 instead of the tiny one).
-    where = f"grid {grid_name!r} ({find_yaml('grid', grid_name)})"
+    where = f"grid {grid_name!r} ({source})"
     if not isinstance(g.get("by_profile") or {}, dict):
         raise ConfigError(f"{where}: by_profile must map a profile name to {{axes: ..., overrides: [...]}}")
     by_profile = (g.get("by_profile") or {}).get(prof_name) or {}
@@ -512,4 +696,4 @@ def expand(grid_name: str, cli: list[str] | None = None, profile: str | None = N
     if len(set(ids)) != len(ids):
         raise ConfigError(f"grid {grid_name!r}: two runs resolve to the same config (duplicate axis values?)")
     return Grid(name=grid_name, profile=prof_name, runs=runs, baseline=g.get("baseline"), sweep=g.get("sweep"),
-                meta={"description": g.get("description", "")})
+                meta={"description": g.get("description", "")}, source=source)

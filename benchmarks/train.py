@@ -25,11 +25,13 @@ from benchmarks.plugins import load_all
 from benchmarks.prepare import FD_NET, prepare_run
 from benchmarks.status import PROGRESS_FILE
 from benchmarks.trackers import Trackers, current_lr, open_trackers
+from benchmarks.protocol import eval_protocol, record_protocol
 from core.cache import full_verification
 from core.compile import attention_context, compile_loss, compile_model, resolve_mode
 from core.dist import Dist, all_reduce_grads, barrier, mean_over_ranks, setup
 from core.errors import NonFiniteError
 from core.ema import ema_decay, make_ema, update_ema
+from core.fingerprint import record_fingerprint
 from core.graphs import GraphedGrads, check_device
 from core.progress import publish
 from core.rundir import RunDir
@@ -229,6 +231,8 @@ class Trainer:
             raise NonFiniteError(f"step {self.step}: {err}") from None
         row = {"step": self.step, **scores,
                "nfe": int(getattr(p.method.sampler, "last_nfe", 0)), "sec": round(time.time() - t0, 2)}
+        # protocol.json at the first evaluation; every later one (a resume too) must match it (benchmarks/protocol.py)
+        record_protocol(self.rd.path, eval_protocol(self.cfg, p.method, self.scorer, row["nfe"]))
         self.rd.samples_dir.mkdir(parents=True, exist_ok=True)
         order = torch.argsort(self.labels[: e["grid_images"]], stable=True)
         save_image(images[: e["grid_images"]][order].float() / 255.0,
@@ -318,6 +322,7 @@ def _run_job(cfg: dict, run_dir: str, d: Dist) -> dict:
     if d.main:
         rd.write_config(cfg)
         rd.clear_failed()
+        record_fingerprint(rd.path, cfg)   # the code the run starts with (core/fingerprint.py); kept on resume
     t = cfg["train"]
     if t["threads"] > 0:
         torch.set_num_threads(t["threads"])
