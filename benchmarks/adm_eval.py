@@ -1,7 +1,7 @@
 """ImageNet-256 evaluation with the ADM protocol (docs/methods.md §9): FID, sFID, IS, precision/recall of a
 sample batch against guided-diffusion's reference batch `VIRTUAL_imagenet256_labeled.npz`. The sample side
 (balanced labels, seed-42 shuffle, the `arr_0` npz the ADM evaluator reads, per-rank shards) is adm_npz.py.
-CLI: USAGE.
+CLI: SPEC (`python -m benchmarks.adm_eval --help`).
 
 ADM's evaluator runs TensorFlow's 2015 Inception graph; here the same weights run through torch-fidelity's
 port (`inception-v3-compat`), which matches the TF graph closely but not bit for bit (docs/paper_scale.md).
@@ -21,7 +21,7 @@ from scipy import linalg
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.utils import create_feature_extractor
 
-from benchmarks.cli import command
+from benchmarks.cli import Key, Spec, command, parse as parse_args
 from benchmarks.adm_npz import _check_images, _read_npz, load_samples   # the sample side (npz, shards, labels)
 from core.errors import NonFiniteError
 from core.rundir import atomic_write_text
@@ -336,32 +336,34 @@ def evaluate(samples: str | Path, ref: str | Path, inception: str | Path | None 
             "feature_extractor": "torch-fidelity inception-v3-compat (port of ADM's TF Inception, not bit-exact)"}
 
 
-USAGE = ("usage: python -m benchmarks.adm_eval samples=<npz | image dir | shard dir> "
-         "ref=<VIRTUAL_imagenet256_labeled.npz> [inception=<weights .pth>] [out=<json>] [device=cuda|cpu] "
-         "[batch_size=100] [fd=scipy|eigh]")
-KEYS = ("samples", "ref", "inception", "out", "device", "batch_size", "fd")
+SPEC = Spec(
+    prog="python -m benchmarks.adm_eval",
+    purpose="Score a sample batch with the ADM protocol (docs/methods.md §9): FID, sFID, IS, precision and recall "
+            "against guided-diffusion's reference batch, with torch-fidelity's port of ADM's Inception graph.",
+    keys=(Key("samples", "the samples: an arr_0 npz, a folder of images, or a folder of samples_rank*.npz shards",
+              type="path", required=True, metavar="NPZ|DIR"),
+          Key("ref", "ADM's reference batch VIRTUAL_imagenet256_labeled.npz", type="path", required=True),
+          Key("inception", "torch-fidelity's Inception-v3 weights (.pth)", type="path",
+              default="torch-fidelity's download cache"),
+          Key("out", "write the metrics as JSON here", type="path", metavar="FILE.json", default="print only"),
+          Key("device", "the device (cuda, cpu)", default="cuda when available"),
+          Key("batch_size", "images per Inception batch", type="int", low=1, default="100"),
+          Key("fd", "the Fréchet distance's matrix square root: scipy (ADM's sqrtm) or eigh", type="choice",
+              choices=("scipy", "eigh"), default="scipy")),
+    examples=("python -m benchmarks.adm_eval samples=results/fid50k/samples.npz ref=VIRTUAL_imagenet256_labeled.npz",
+              "python -m benchmarks.adm_eval samples=results/fid50k/ ref=VIRTUAL_imagenet256_labeled.npz "
+              "out=fid.json device=cpu fd=eigh"),
+)
+KEYS = tuple(SPEC.key_names)
 
 
 def _cli_args(argv: list[str]) -> dict[str, str]:
-    """key=value arguments, checked before anything loads."""
-    from core.config import ConfigError
-
-    for a in argv:
-        if "=" not in a:
-            raise ConfigError(f"argument {a!r} is not key=value; {USAGE}")
-    args = dict(a.split("=", 1) for a in argv)
-    unknown = sorted(set(args) - set(KEYS))
-    if unknown:
-        raise ConfigError(f"unknown keys {unknown}; valid: {', '.join(KEYS)}")
-    if not {"samples", "ref"} <= set(args):
-        raise ConfigError(f"missing {sorted({'samples', 'ref'} - set(args))}; {USAGE}")
-    if not args.get("batch_size", "100").isdigit() or int(args.get("batch_size", "100")) < 1:
-        raise ConfigError(f"batch_size={args['batch_size']}: not an integer ≥ 1")
-    return args
+    """key=value arguments, checked before anything loads (benchmarks.cli.parse with SPEC)."""
+    return parse_args(SPEC, argv).values
 
 
 # ValueError: the evaluator's checks of its inputs (image shapes, fd method, reference contents) raise it
-@command(known=(ValueError,))
+@command(known=(ValueError,), spec=SPEC)
 def main(argv: list[str]) -> int:
     args = _cli_args(argv)
     result = evaluate(args["samples"], args["ref"], args.get("inception"), device=args.get("device"),

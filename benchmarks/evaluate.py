@@ -2,7 +2,7 @@
 [inception=FILE] [tokenizer=FILE|DIR|HUB_ID] [stats=latents_stats.pt] [num_samples=50000] [batch_size=125]
 [seed=0] [guidance=method|none|cfg:S|autoguidance:S] [guide=FILE] [sampler.KEY=VALUE ...]
 [method.KEY=VALUE ...] [out=DIR]
-[device=cuda] [fd=scipy|eigh] [num_classes=N]`: FID-50K of an official checkpoint with its method's paper sampler (ADM
+[device=cuda] [fd=scipy|eigh] [num_classes=N]` (`--help`: SPEC below): FID-50K of an official checkpoint with its method's paper sampler (ADM
 protocol; benchmarks/paper_eval.py, docs/paper_scale.md). Run it under torchrun to shard the sampling.
 
 Scoring generated samples at the small profiles: FD, KID and precision/recall through torch-fidelity with the profile's
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from benchmarks.cli import command
+from benchmarks.cli import Key, Spec, command, parse as parse_args
 from core.cache import cached_dir
 from core.dist import Dist, gather_to_main, mean_over_ranks
 from core.errors import NonFiniteError
@@ -225,31 +225,61 @@ def generate(method: Any, model: torch.nn.Module, latent: Any, shape: tuple[int,
     return None if chunks is None else torch.cat([chunks[i] for i in sorted(chunks)])
 
 
-CLI_KEYS = ("checkpoint", "kind", "ref", "inception", "tokenizer", "stats", "num_samples", "batch_size", "seed",
-            "guidance", "guide", "out", "device", "fd", "num_classes")
+def _kinds() -> list[str]:
+    from benchmarks.importers import KINDS
+
+    return list(KINDS)
+
+
+SPEC = Spec(
+    prog="python -m benchmarks.evaluate",
+    purpose="FID-50K of an official checkpoint with its method's paper sampler (the ADM protocol: FID, sFID, IS, "
+            "precision/recall against guided-diffusion's reference batch; benchmarks/paper_eval.py, "
+            "docs/paper_scale.md). Run it under torchrun to shard the sampling. Writes <out>/samples.npz and "
+            "<out>/metrics.json.",
+    keys=(
+        Key("checkpoint", "the official checkpoint file", type="path", required=True),
+        Key("kind", "which official checkpoint it is (a name below)", type="choice", choices=_kinds,
+            required=True, noun="checkpoint kind"),
+        Key("ref", "ADM's reference batch VIRTUAL_imagenet256_labeled.npz", type="path", required=True),
+        Key("inception", "torch-fidelity's Inception-v3 weights (.pth)", type="path",
+            default="torch-fidelity's download cache"),
+        Key("tokenizer", "the latent decoder: a file, a folder or a hub id", metavar="FILE|DIR|HUB_ID",
+            default="the kind's own"),
+        Key("stats", "latents_stats.pt of the tokenizer (latent mean/std)", type="path", default="the kind's own"),
+        Key("num_samples", "images to sample (balanced labels)", type="int", low=1, default="50000"),
+        Key("batch_size", "images per sampling batch (per rank)", type="int", low=1, default="125"),
+        Key("seed", "the sampling seed", type="int", default="0"),
+        Key("guidance", "method (the preset's paper guidance), none, cfg:<scale> or autoguidance:<scale>",
+            default="method", metavar="method|none|cfg:S|autoguidance:S"),
+        Key("guide", "the guide checkpoint for autoguidance (SFD: the B/1 guide)", type="path"),
+        Key("out", "the output folder", type="path", default="results/fid50k"),
+        Key("device", "the device (cuda, cuda:1, cpu)", default="cuda when available"),
+        Key("fd", "the Fréchet distance's matrix square root: scipy (ADM's sqrtm) or eigh", type="choice",
+            choices=("scipy", "eigh"), default="scipy"),
+        Key("num_classes", "draw labels from the first N classes only (quick checks; the protocol uses all)",
+            type="int", low=1, default="all of the kind's"),
+    ),
+    overrides="sampler.KEY=VALUE overrides a key of the kind's paper sampler (e.g. sampler.steps=50); "
+              "method.KEY=VALUE overrides a key of its method preset (OmegaConf dotlist).",
+    override_prefixes=("sampler.", "method."),
+    names=(("kinds", _kinds),),
+    examples=("python -m benchmarks.evaluate checkpoint=sfd_xl.pt kind=sfd-xl-1 ref=VIRTUAL_imagenet256_labeled.npz",
+              "torchrun --nproc_per_node=8 -m benchmarks.evaluate checkpoint=sfd_xl.pt kind=sfd-xl-1 "
+              "ref=VIRTUAL_imagenet256_labeled.npz guidance=autoguidance:1.5 guide=guide_b1.pt out=results/sfd"),
+)
+CLI_KEYS = tuple(SPEC.key_names)
 
 
 def _cli_args(argv: list[str]) -> dict[str, str]:
-    """key=value arguments, checked before anything loads (ConfigError names the valid keys)."""
-    from core.config import ConfigError
-
-    valid = f"valid: {', '.join(CLI_KEYS)}, sampler.<key>, method.<key>"
-    for a in argv:
-        if "=" not in a:
-            raise ConfigError(f"argument {a!r} is not key=value; {valid}")
-    args = dict(a.split("=", 1) for a in argv)
-    unknown = sorted(k for k in args if k not in CLI_KEYS and not k.startswith(("sampler.", "method.")))
-    missing = sorted({"checkpoint", "kind", "ref"} - set(args))
-    if unknown or missing:
-        raise ConfigError(f"{f'unknown keys {unknown}' if unknown else f'missing {missing}'}; {valid}")
-    for k in ("num_samples", "batch_size", "seed", "num_classes"):
-        if k in args and not args[k].lstrip("-").isdigit():
-            raise ConfigError(f"{k}={args[k]}: not an integer")
-    return args
+    """key=value arguments, checked before anything loads (benchmarks.cli.parse with SPEC): the keys of
+    SPEC, then sampler.* and method.* in order."""
+    args = parse_args(SPEC, argv)
+    return {**args.values, **dict(a.split("=", 1) for a in args.overrides)}
 
 
 # ValueError: the evaluator's own checks of its inputs (sample/reference shapes, guidance names) raise it
-@command(known=(ValueError,))
+@command(known=(ValueError,), spec=SPEC)
 def main(argv: list[str]) -> int:
     """The command line of the module docstring; errors are one `error:` line and exit status 2."""
     from benchmarks.paper_eval import evaluate_checkpoint

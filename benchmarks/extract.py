@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from benchmarks.cli import command
+from benchmarks.cli import Key, Spec, command, parse as parse_args
 from benchmarks.datasets import READ_WORKERS, ImageFolderDataset
 from benchmarks.prepare import (ENCODER, FD_NET, STATS_SAMPLES, artifact_plan, build_latent, build_node,
                                 encodings_key, latent_key, load_artifacts, load_data, stream_cache_dirs, streamed)
@@ -294,7 +294,46 @@ def extract_run(cfg: dict, rank: int = 0, world: int = 1, device: torch.device |
 
 
 # ----------------------------------------------------------------------------- CLI
-OPTIONS = ("grid", "profile", "config", "rank", "world", "device", "workers", "batch_size", "shard_images")
+def _grids() -> list[str]:
+    from benchmarks.grid import available
+
+    return available("grid")
+
+
+def _profiles() -> list[str]:
+    from benchmarks.grid import available
+
+    return available("profile")
+
+
+SPEC = Spec(
+    prog="python -m benchmarks.extract",
+    purpose="Encode a streamed image folder (data.stream: true) into the sharded latent and semantic-token caches "
+            "that `benchmarks.run` then reads, one job per GPU: rank r of W encodes its share of the shards; the "
+            "last rank to finish merges them (docs/paper_scale.md). A shard already on disk is skipped.",
+    keys=(
+        Key("grid", "extract every distinct cache of this grid (a name below, or a grid YAML file)",
+            metavar="NAME", complete=_grids),
+        Key("config", "extract the cache of one resolved run config (config.yaml of a run folder)", type="path",
+            metavar="FILE"),
+        Key("profile", "the profile (with grid=)", default="the grid's own", metavar="NAME",
+            complete=_profiles),
+        Key("rank", "this job's rank (give world= too)", type="int", low=0,
+            default="torchrun's RANK, SLURM's task id, or 0"),
+        Key("world", "how many jobs share the work", type="int", low=1, default="torchrun's or SLURM's, or 1"),
+        Key("device", "auto (this rank's GPU, else the CPU), cuda, cuda:1, cpu", default="auto"),
+        Key("workers", "DataLoader processes that decode images", type="int", low=0, default="min(8, cores - 1)"),
+        Key("batch_size", "images per encoder batch", type="int", low=1, default="64"),
+        Key("shard_images", "images per shard (a multiple of 1024 keeps SemVAE latents independent of it)",
+            type="int", low=1, default=str(SHARD_IMAGES)),
+    ),
+    one_of=(("grid", "config"),),
+    overrides="any other key=value overrides that config key (OmegaConf dotlist, e.g. data.root=/data/imagenet).",
+    names=(("grids", _grids),),
+    examples=("python -m benchmarks.extract grid=sfd_vs_redi profile=imagenet256 data.root=/data/imagenet",
+              "python -m benchmarks.extract config=results/g/sfd-s0/config.yaml rank=0 world=8 workers=7"),
+)
+OPTIONS = tuple(SPEC.key_names)
 
 
 def parse(argv: list[str]) -> tuple[dict[str, str], list[dict]]:
@@ -303,17 +342,8 @@ def parse(argv: list[str]) -> tuple[dict[str, str], list[dict]]:
     from benchmarks.grid import expand, validate
     from benchmarks.plugins import load_all
 
-    opts, dotlist = {}, []
-    for a in argv:
-        if "=" not in a:
-            raise ConfigError(f"argument {a!r} is not key=value (e.g. grid=sfd_vs_redi rank=0 world=8)")
-        k, v = a.split("=", 1)
-        if k in OPTIONS:
-            opts[k] = v
-        else:
-            dotlist.append(a)
-    if ("grid" in opts) == ("config" in opts):
-        raise ConfigError("give grid=NAME or config=FILE (e.g. python -m benchmarks.extract grid=sfd_vs_redi)")
+    args = parse_args(SPEC, argv)
+    opts, dotlist = args.values, args.overrides
     if "grid" in opts:
         cfgs = [r.cfg for r in expand(opts["grid"], dotlist, profile=opts.get("profile")).runs]
     else:
@@ -337,7 +367,7 @@ def _int(opts: dict[str, str], key: str, default: int | None = None) -> int | No
         raise ConfigError(f"{key}={opts[key]}: not an integer") from None
 
 
-@command
+@command(spec=SPEC)
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     opts, cfgs = parse(argv)

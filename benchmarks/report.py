@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import plots
-from benchmarks.cli import command
+from benchmarks.cli import Key, Spec, command, parse as parse_args
 from benchmarks.collect import constant_axes, group_name, load_curves, load_runs
 from benchmarks.grid import find_yaml, load_yaml
 from core.config import ConfigError
@@ -202,22 +202,40 @@ def write_report(grid_name: str, results_root: Path = Path("results")) -> Path:
     return out
 
 
-USAGE = "python -m benchmarks.report grid=NAME [results=DIR]"
+def _grids() -> list[str]:
+    from benchmarks.grid import available
+
+    return available("grid")
+
+
+SPEC = Spec(
+    prog="python -m benchmarks.report",
+    purpose="Collect a grid's runs (finished, running or failed) into results/<grid>/report.md with its tables, "
+            "curves.csv, runs.csv and figures; safe at any time, also while the grid runs. Exit status 1 when "
+            "a run folder could not be read (the report of the others is written).",
+    keys=(Key("grid", "the grid: its name, i.e. the folder <results>/<grid>/ (a grid YAML file's stem)",
+              required=True, metavar="NAME", complete=_grids),
+          Key("results", "the results folder that holds <grid>/", type="path", default="results"),
+          Key("allow_mixed_eval", "put runs evaluated with different protocols (sampler, NFE, guidance, samples) "
+              "into one comparison table, each row marked with its protocol", type="choice",
+              choices=("true", "false"), default="false")),
+    names=(("grids", _grids),),
+    examples=("python -m benchmarks.report grid=sfd_vs_redi",
+              "python -m benchmarks.report grid=smoke results=/scratch/results"),
+)
 
 
 def parse(argv: list[str]) -> dict[str, str]:
-    bad = [a for a in argv if "=" not in a or a.split("=", 1)[0] not in ("grid", "results")]
-    if bad:
-        raise ConfigError(f"unknown argument {bad[0]!r}; usage: {USAGE}")
-    args = dict(a.split("=", 1) for a in argv)
-    if not args.get("grid", "").strip():
-        raise ConfigError(f"missing grid=NAME; usage: {USAGE}")
+    """The given keys of SPEC (benchmarks.cli.parse), with an empty grid= or results= refused."""
+    args = parse_args(SPEC, argv).values
+    if not args["grid"].strip():
+        raise ConfigError(f"grid= is empty; give the grid's name, e.g. grid=smoke; {SPEC.hint()}")
     if not args.get("results", "results").strip():
         raise ConfigError("results= is empty; give the results folder, e.g. results=results")
     return args
 
 
-@command
+@command(spec=SPEC)
 def main(argv: list[str]) -> int:
     """Exit status 1 when a run folder could not be read (the report of the others is written)."""
     args = parse(argv)

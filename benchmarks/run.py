@@ -1,5 +1,6 @@
 """`python -m benchmarks.run grid=NAME [profile=P] [launcher=inline|local|slurm] [slurm=PROFILE]
-[parallel=N] [results=DIR] [key=value ...] [--dry-run] [--no-wait]`
+[parallel=N] [results=DIR] [stale=error|rerun|keep] [key=value ...] [--dry-run] [--no-wait] [--quiet]`
+(`--help` lists every key, flag and accepted name: SPEC below)
 
 Expands the grid, prepares the shared caches, trains every unfinished run (rerunning resumes and
 never redoes), shows a live status table, and writes the report.
@@ -18,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.cli import command
-from benchmarks.grid import Grid, expand
-from benchmarks.launch import check_partition, get_launcher, load_slurm_profile, pending, run_dirs
+from benchmarks.cli import Flag, Key, Spec, command, parse as parse_args
+from benchmarks.grid import Grid, available, expand
+from benchmarks.launch import LAUNCHERS, SLURM_DIR, check_partition, get_launcher, load_slurm_profile, pending, run_dirs
 from benchmarks.report import unreadable_runs, write_report
 from benchmarks.status import StatusBoard
 from core import runlock
@@ -28,28 +29,77 @@ from core.config import ConfigError
 from core.rundir import RunDir, atomic_write_text
 
 log = logging.getLogger("benchmarks.run")
-META_KEYS = ("grid", "profile", "launcher", "slurm", "parallel", "results")
-FLAGS = ("--dry-run", "--no-wait", "--quiet")
 DEFAULT_LAUNCHER = "local"     # submitit LocalExecutor: runs in parallel subprocesses, isolated from each other
 
 
+def _methods() -> list[str]:
+    from benchmarks.api import presets
+    from benchmarks.plugins import load_all
+
+    load_all()
+    return presets()
+
+
+def _backbones() -> list[str]:
+    from benchmarks.plugins import load_all
+    from core.registry import BACKBONES
+
+    load_all()
+    return BACKBONES.names()
+
+
+def _slurm_profiles() -> list[str]:
+    return sorted(p.stem for p in SLURM_DIR.glob("*.yaml"))
+
+
+SPEC = Spec(
+    prog="python -m benchmarks.run",
+    purpose="Expand a grid, prepare the shared caches, train every unfinished run (rerunning resumes and never "
+            "redoes), show a live status table, and write the report (results/<grid>/report.md). Exit status 1 "
+            "when a run did not finish.",
+    keys=(
+        Key("grid", "the grid to run: a name below (benchmarks/configs/grid/, or SEMPRIOR_CONFIG_PATH) or a "
+            "path to a grid YAML file", required=True, metavar="NAME|FILE.yaml", complete=lambda: available("grid")),
+        Key("profile", "the profile every run starts from (a name below)", default="the grid's own",
+            metavar="NAME", complete=lambda: available("profile")),
+        Key("launcher", "where the jobs run: local (parallel subprocesses on this machine), inline (in this "
+            "process), slurm (submitit, one job per run)", type="choice", choices=LAUNCHERS,
+            default=DEFAULT_LAUNCHER, noun="launcher"),
+        Key("slurm", "the SLURM profile slurm/<name>.yaml (launcher=slurm)", default="local-ci", metavar="NAME",
+            complete=_slurm_profiles),
+        Key("parallel", "jobs at once (launcher=local)", type="int", low=1, default="one job per core on a CPU",
+            check_value=False),
+        Key("results", "the results folder; the grid's runs go to <results>/<grid>/", type="path",
+            default="results"),
+        Key("stale", "a finished or partial run whose code changed since it ran: error (stop and list them), "
+            "rerun (move the old folder aside and train again) or keep (reuse it; the report marks it stale)",
+            type="choice", choices=("error", "rerun", "keep"), default="error"),
+        Key("report.allow_mixed_eval", "put runs evaluated with different protocols (sampler, NFE, guidance, "
+            "samples) into one comparison table of the final report, each row marked with its protocol",
+            type="choice", choices=("true", "false"), default="false"),
+    ),
+    flags=(
+        Flag("--dry-run", "list the expanded runs, the GPUs each asks for and a GPU-hour estimate; write nothing"),
+        Flag("--no-wait", "submit the jobs and return without waiting for them (launcher=slurm)"),
+        Flag("--quiet", "log warnings and errors only (the live table and the final report line stay)"),
+    ),
+    overrides="any other key=value overrides that config key in every run of the grid (OmegaConf dotlist, "
+              "e.g. train.steps=500 eval.num_samples=256 cache_dir=/scratch/cache); an unknown config key is "
+              "an error naming the valid ones.",
+    names=(("grids", lambda: available("grid")), ("profiles", lambda: available("profile")),
+           ("methods", _methods), ("backbones", _backbones), ("launchers", LAUNCHERS),
+           ("slurm profiles", _slurm_profiles)),
+    examples=("python -m benchmarks.run grid=sfd_vs_redi --dry-run",
+              "python -m benchmarks.run grid=smoke launcher=local parallel=2 train.steps=500"),
+)
+META_KEYS = tuple(SPEC.key_names)
+FLAGS = tuple(f.name for f in SPEC.flags)
+
+
 def parse(argv: list[str]) -> tuple[dict[str, str], list[str], set[str]]:
-    meta, dotlist, flags = {}, [], set()
-    for a in argv:
-        if a.startswith("--"):
-            if a not in FLAGS:
-                raise ConfigError(f"unknown flag {a!r}; valid: {', '.join(FLAGS)}")
-            flags.add(a)
-        elif "=" not in a:
-            raise ConfigError(f"argument {a!r} is not key=value (e.g. grid=sfd_vs_redi train.steps=500)")
-        elif a.split("=", 1)[0] in META_KEYS:
-            k, v = a.split("=", 1)
-            meta[k] = v
-        else:
-            dotlist.append(a)
-    if "grid" not in meta:
-        raise ConfigError("missing grid=NAME (e.g. python -m benchmarks.run grid=sfd_vs_redi)")
-    return meta, dotlist, flags
+    """(the command's own keys, the config overrides in order, the flags): benchmarks.cli.parse with SPEC."""
+    args = parse_args(SPEC, argv)
+    return args.values, args.overrides, args.flags
 
 
 def write_run_stubs(grid: Grid, results: Path) -> None:
@@ -158,11 +208,11 @@ def check_writable(folder: Path, key: str, fix: str) -> None:
                           "to a writable folder") from None
 
 
-@command
+@command(spec=SPEC)
 def main(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
     meta, dotlist, flags = parse(argv)
+    logging.basicConfig(level=logging.WARNING if "--quiet" in flags else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     grid = expand(meta["grid"], dotlist, profile=meta.get("profile"), check_files="--dry-run" not in flags)
     launcher_name = meta.get("launcher", DEFAULT_LAUNCHER)
     launcher = get_launcher(launcher_name)

@@ -34,13 +34,14 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import api
-from benchmarks.cli import command
+from benchmarks.cli import Key, Spec, command, parse as parse_args
 from core.config import ConfigError, TrainCfg
 from core.types import Batch
 
@@ -270,40 +271,81 @@ def bench(backbone: str, method_name: str, batch: int, precision: str, compile_m
             "torch": torch.__version__, "date": dt.date.today().isoformat()}
 
 
-def _choices() -> dict[str, tuple[str, ...]]:
-    """The valid values of each option that names a mode (comma lists: each item is checked)."""
-    from backbones.layers import ATTN_LAYOUTS, KERNELS
-    from core.compile import MODES, PRECISIONS, SDPA_BACKENDS
+def _choice(name: str) -> Callable[[], tuple[str, ...]]:
+    """The valid values of an option that names a mode, looked up when checked (lazy imports)."""
+    def valid() -> tuple[str, ...]:
+        from backbones.layers import ATTN_LAYOUTS, KERNELS
+        from core.compile import MODES, PRECISIONS, SDPA_BACKENDS
 
-    return {"precision": PRECISIONS, "compile": MODES, "sdpa": SDPA_BACKENDS, "layout": ATTN_LAYOUTS,
-            "kernels": KERNELS, "graph": ("0", "1"), "timing": ("stream", "sync"), "tune": ("cd", "autotune"),
-            "profile": ("0", "1"), "sample": ("0", "1")}
+        return {"precision": PRECISIONS, "compile": MODES, "sdpa": SDPA_BACKENDS, "layout": ATTN_LAYOUTS,
+                "kernels": KERNELS}[name]
+    return valid
 
 
-# option -> smallest valid integer (batch takes a comma list)
-INTS = {"batch": 1, "steps": 1, "warmup": 0, "threads": 1}
-KEYS = ("backbones", "methods", *INTS, "precision", "compile", "sdpa", "layout", "kernels", "small",
-        "peak_tflops", "tune", "profile", "sample", "timing", "graph", "out", "device")
+def _backbones() -> list[str]:
+    from benchmarks.plugins import load_all
+    from core.registry import BACKBONES
+
+    load_all()
+    return BACKBONES.names()
+
+
+def _methods() -> list[str]:
+    from benchmarks.plugins import load_all
+
+    load_all()
+    return sorted(api.presets())
+
+
+SPEC = Spec(
+    prog="python -m benchmarks.speed",
+    purpose="Time the training job's own step (forward, loss, backward, fused AdamW, EMA) and the sampling forward "
+            "for every combination of the comma lists given; report ms/step, img/s, FLOPs, MFU and peak memory. "
+            "Writes speed.csv and speed.md under out= one row at a time (docs/performance.md).",
+    keys=(
+        Key("backbones", "registered backbones", type="choice", choices=_backbones, many=True, noun="backbone",
+            default="lightningdit-xl-1,lightningdit-b-1 on a GPU, lightningdit-tiny-1 on the CPU"),
+        Key("methods", "method presets", type="choice", choices=_methods, many=True, noun="method",
+            default="sit,repa,sfd"),
+        Key("batch", "images per step", type="int", low=1, many=True, default="128 on a GPU, 32 on the CPU"),
+        Key("precision", "training precision", type="choice", choices=_choice("precision"), many=True,
+            default="bf16 on a GPU, fp32 on the CPU"),
+        Key("compile", "torch.compile mode", type="choice", choices=_choice("compile"), many=True, default="auto"),
+        Key("sdpa", "attention backend", type="choice", choices=_choice("sdpa"), many=True, default="auto"),
+        Key("layout", "the backbone's attention layout", type="choice", choices=_choice("layout"), many=True,
+            default="bhsd"),
+        Key("kernels", "the backbone's kernels", type="choice", choices=_choice("kernels"), many=True,
+            default="torch"),
+        Key("graph", "1: forward + backward replayed as one CUDA graph (train.cuda_graph)", type="choice",
+            choices=("0", "1"), many=True, default="0"),
+        Key("steps", "timed steps (the median is reported)", type="int", low=1, default="30"),
+        Key("warmup", "untimed steps first", type="int", low=0, default="10"),
+        Key("threads", "torch CPU threads", type="int", low=1, default="torch's"),
+        Key("small", "texture,semantic,grid,token_dim of a small model instead of the profile's "
+            "(the tiny profile: 4,2,8,64)", metavar="T,S,G,D"),
+        Key("peak_tflops", "the bf16 matrix ceiling for MFU: measure (an 8192³ bf16 product, CUDA) or a number",
+            metavar="measure|X", default="measure on a GPU"),
+        Key("tune", "cd: inductor's coordinate-descent tuning; autotune: also GEMM autotuning (minutes)",
+            type="choice", choices=("cd", "autotune"), default="off"),
+        Key("profile", "1: a torch.profiler breakdown by kernel class to out/profile_*.txt", type="choice",
+            choices=("0", "1"), default="0"),
+        Key("sample", "0: skip timing the sampling forward", type="choice", choices=("0", "1"), default="1"),
+        Key("timing", "stream: steps back to back as in training; sync: synchronize after each", type="choice",
+            choices=("stream", "sync"), default="stream"),
+        Key("out", "the output folder", type="path", default="results/speed"),
+        Key("device", "the device (cuda, cuda:1, cpu)", default="cuda when available"),
+    ),
+    examples=("python -m benchmarks.speed backbones=lightningdit-xl-1 methods=sit,repa,sfd",
+              "python -m benchmarks.speed backbones=lightningdit-tiny methods=sit,sfd batch=64 threads=1 "
+              "small=4,2,8,64 precision=bf16"),
+)
+KEYS = tuple(SPEC.key_names)
 
 
 def parse(argv: list[str]) -> dict[str, str]:
-    """key=value arguments, every value checked before anything runs or is written (ConfigError)."""
-    args = {}
-    for a in argv:
-        if "=" not in a:
-            raise ConfigError(f"argument {a!r} is not key=value (e.g. methods=sit,sfd batch=64)")
-        k, v = a.split("=", 1)
-        if k not in KEYS:
-            raise ConfigError(f"unknown option {k!r}; valid: {', '.join(KEYS)}")
-        args[k] = v
-    for k, valid in _choices().items():
-        for item in args[k].split(",") if k in args else ():
-            if item not in valid:
-                raise ConfigError(f"{k}={args[k]}: {item!r} is not one of {', '.join(valid)}")
-    for k, low in INTS.items():
-        for item in args[k].split(",") if k in args else ():
-            if not item.strip().isdigit() or int(item) < low:
-                raise ConfigError(f"{k}={args[k]}: {item!r} is not an integer ≥ {low}")
+    """key=value arguments, every value checked before anything runs or is written (ConfigError): the keys'
+    types and choices by benchmarks.cli.parse, then the values that need more than a type."""
+    args = parse_args(SPEC, argv).values
     if "small" in args and not (len(args["small"].split(",")) == 4 and
                                 all(x.isdigit() and int(x) > 0 for x in args["small"].split(","))):
         raise ConfigError(f"small={args['small']}: give four positive integers texture,semantic,grid,token_dim "
@@ -318,7 +360,6 @@ def parse(argv: list[str]) -> dict[str, str]:
             raise ConfigError(f"device={args['device']}: not a device (e.g. cuda, cuda:1, cpu)") from None
         if torch.device(args["device"]).type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device={args['device']}: this machine has no CUDA device (device=cpu runs here)")
-    _check_names(args)
     return args
 
 
@@ -329,19 +370,7 @@ def _positive_float(text: str) -> bool:
         return False
 
 
-def _check_names(args: dict[str, str]) -> None:
-    """backbones= and methods= name registered backbones and method presets."""
-    from benchmarks.plugins import load_all
-    from core.registry import BACKBONES
-
-    load_all()
-    for key, valid in (("backbones", BACKBONES.names()), ("methods", api.presets())):
-        for name in args[key].split(",") if key in args else ():
-            if name not in valid:
-                raise ConfigError(f"{key}: unknown {key[:-1]} {name!r}; valid: {', '.join(sorted(valid))}")
-
-
-@command
+@command(spec=SPEC)
 def main(argv: list[str]) -> int:
     args = parse(argv)
     device = torch.device(args.get("device", "cuda" if torch.cuda.is_available() else "cpu"))

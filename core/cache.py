@@ -344,16 +344,30 @@ def read_safetensors(path: str | Path, device: str = "cpu") -> dict:
 
 
 # ----------------------------------------------------------------------------- command line
-def main(argv: list[str] | None = None) -> int:
-    """`python -m core.cache [quick|full] FOLDER...`: check finished cache folders against their manifests
-    (nothing is rebuilt or written; a folder without a manifest is reported), with the time each took."""
-    import sys
+def cli_spec():
+    """The command line of `python -m core.cache` (benchmarks.cli.Spec; imported here, not at the top: core
+    does not depend on benchmarks)."""
+    from benchmarks.cli import Spec
 
-    args = list(sys.argv[1:] if argv is None else argv)
+    return Spec(
+        prog="python -m core.cache",
+        purpose="Check finished cache folders against their manifests, with the time each took; nothing is rebuilt "
+                "or written. quick (default): every file present with its size and quick digest; full: every byte "
+                "against its sha256. Exit status 2 when a folder fails its check or has no COMPLETE marker.",
+        positional="a check level (quick or full; default quick), then one or more cache folders",
+        positional_metavar="[quick|full] FOLDER...",
+        examples=("python -m core.cache cache/latents-*", "python -m core.cache full cache/*"),
+    )
+
+
+def _check_folders(argv: list[str]) -> int:
+    from benchmarks.cli import parse
+    from core.config import ConfigError
+
+    args = parse(cli_spec(), argv).positional
     level = args.pop(0) if args and args[0] in LEVELS else "quick"
     if not args:
-        print("error: give cache folders to check, e.g. python -m core.cache full cache/latents-*", file=sys.stderr)
-        return 2
+        raise ConfigError("give cache folders to check, e.g. python -m core.cache full cache/latents-*")
     bad = 0
     for folder in map(Path, args):
         t0 = time.perf_counter()
@@ -363,6 +377,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{folder}: {level} check {'ok' if problem is None else problem} ({size / 2**20:.1f} MiB, {sec:.3f} s)")
         bad += problem is not None
     return 2 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m core.cache [quick|full] FOLDER...` (`--help`): check finished cache folders against their
+    manifests (nothing is rebuilt or written; a folder without a manifest is reported), with the time each took."""
+    from benchmarks.cli import command
+
+    return command(_check_folders, spec=cli_spec())(argv)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,28 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.cli import command, is_known, message
-from core.config import ConfigError
+from benchmarks.cli import Key, Spec, command, is_known, message, parse as parse_args
 
-KEYS = ("grid", "keep")
+
+def _grids() -> list[str]:
+    from benchmarks.grid import available
+
+    return available("grid")
+
+
+SPEC = Spec(
+    prog="python scripts/prepare_twice.py",
+    purpose="Build a grid's prepared artifacts and latent caches twice from empty caches, in two processes at the "
+            "same time, and compare every safetensors file byte for byte. Exit status 1 if any differs "
+            "(docs/results.md).",
+    keys=(Key("grid", "the grid whose caches are built (a name below)", default="sfd_vs_redi", metavar="NAME",
+              complete=_grids),
+          Key("keep", "1: keep the two builds' cache folders (their path is printed) instead of deleting them",
+              type="choice", choices=("0", "1"), default="0")),
+    names=(("grids", _grids),),
+    examples=("python scripts/prepare_twice.py", "python scripts/prepare_twice.py grid=smoke keep=1"),
+)
+KEYS = tuple(SPEC.key_names)
 
 
 def _prepare(grid: str, cache_dir: str) -> None:
@@ -36,20 +54,16 @@ def _prepare(grid: str, cache_dir: str) -> None:
 
 
 def parse(argv: list[str]) -> dict[str, str]:
-    """grid=NAME keep=0|1; the grid is expanded here once, so a bad one fails before any process starts."""
+    """grid=NAME keep=0|1 (benchmarks.cli.parse with SPEC); the grid is expanded here once, so a bad one fails
+    before any process starts."""
     from benchmarks.grid import expand
 
-    for a in argv:
-        if "=" not in a or a.split("=", 1)[0] not in KEYS:
-            raise ConfigError(f"unknown argument {a!r}; usage: python scripts/prepare_twice.py [grid=NAME] [keep=1]")
-    args = dict(a.split("=", 1) for a in argv)
-    if args.get("keep", "0") not in ("0", "1"):
-        raise ConfigError(f"keep={args['keep']}: valid: 0, 1")
+    args = parse_args(SPEC, argv).values
     expand(args.get("grid", "sfd_vs_redi"), [])
     return args
 
 
-@command
+@command(spec=SPEC)
 def main(argv: list[str]) -> int:
     args = parse(argv)
     root = Path(tempfile.mkdtemp(prefix="prepare_twice-"))
@@ -72,6 +86,8 @@ def main(argv: list[str]) -> int:
           f"in one build only: {len(missing)}")
     if args.get("keep") != "1":
         shutil.rmtree(root)
+    else:
+        print(f"kept both builds: {a} and {b}")
     return 1 if differ or missing else 0
 
 
