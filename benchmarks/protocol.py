@@ -1,4 +1,4 @@
-"""The evaluation protocol of a run: what its FD numbers were measured with (docs/metrics.md, "Protocol").
+"""The evaluation protocol of a run: what its FD numbers were measured with (docs/grids.md, "What every run records").
 
 Recorded in the run folder as `protocol.json` at the first evaluation, from the objects actually built
 (the sampler's and the guidance's constructor arguments read back from the built objects, not from the

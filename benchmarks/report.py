@@ -16,8 +16,8 @@ import pandas as pd
 from benchmarks import plots
 from benchmarks.cli import Key, Spec, command, parse as parse_args
 from benchmarks.collect import constant_axes, group_name, load_curves, load_runs
-from benchmarks.grid import find_yaml, load_yaml
-from core.config import ConfigError
+from benchmarks.grid import GRID_COPY, find_yaml, grid_source_name, load_yaml
+from core.config import ConfigError, load_config_yaml
 from core.rundir import atomic_write_text
 
 FD_NAME = "FD-fdnet"   # Fréchet distance in the profile's FD classifier features (not Inception FID)
@@ -70,10 +70,24 @@ def final_table(runs: pd.DataFrame) -> pd.DataFrame:
            "final.precision": "mean", "final.recall": "mean", "final.class_acc": ["mean", "std"],
            "first.fd": "mean", "seed": "count"}
     agg = {k: v for k, v in agg.items() if k in done and (k == "seed" or done[k].notna().any())}   # this metric's columns
-    t = done.groupby("group").agg(agg)
+    if "final.nfe" in done and done["final.nfe"].notna().any():
+        agg["final.nfe"] = "max"
+    keys = ["group", "protocol"] if "protocol" in done and done["protocol"].notna().any() else ["group"]
+    t = done.groupby(keys, dropna=False).agg(agg)
     t.columns = [f"{a} {b}" if b not in ("mean",) else a for a, b in t.columns]
     t["final/first FD"] = t["final.fd"] / t["first.fd"]
-    return t.rename(columns={"seed count": "seeds"}).round(4).reset_index()
+    if "stale" in done and done["stale"].fillna(False).astype(bool).any():
+        t["stale runs †"] = done.groupby(keys, dropna=False)["stale"].apply(lambda s: int(s.fillna(False).astype(bool).sum()))
+    return t.rename(columns={"seed count": "seeds", "final.nfe max": "NFE"}).round(4).reset_index()
+
+
+def _faster_with_protocols(fc: pd.DataFrame, runs: pd.DataFrame, plain: pd.DataFrame, mixed: bool) -> pd.DataFrame:
+    """With mixed protocols allowed, each × faster row names the protocol(s) of its group."""
+    if fc.empty or not mixed:
+        return fc
+    by_group = plain.assign(protocol=runs["protocol"].values).groupby("group")["protocol"].apply(
+        lambda p: "+".join(sorted({x for x in p if isinstance(x, str)})) or "–")
+    return fc.assign(protocol=fc["group"].map(by_group))
 
 
 def metric_text(runs: pd.DataFrame) -> tuple[str, str, str]:
@@ -140,11 +154,115 @@ def unreadable_runs(grid_root: Path) -> dict[str, str]:
     return dict(zip(bad["run_id"], bad["unreadable"]))
 
 
-def write_report(grid_name: str, results_root: Path = Path("results")) -> Path:
+PROTOCOLS_FILE = "protocols.json"    # the report's protocols: {"mixed", "allowed", "protocols": {P1: {tag, runs}}}
+
+
+def grid_meta(grid_name: str, grid_root: Path) -> dict:
+    """The grid description (description, baseline, sweep): the copy benchmarks.run keeps in the results
+    folder (the grid file actually used), else the grid of that name under the config folders, else {}."""
+    copy = grid_root / GRID_COPY
+    if copy.exists():
+        data = load_config_yaml(copy, "grid file")
+        return data if isinstance(data, dict) else {}
+    return load_yaml("grid", grid_name) if find_yaml("grid", grid_name) else {}
+
+
+def protocol_names(runs: pd.DataFrame, baseline: str | None = None) -> dict[str, str]:
+    """protocol_id -> "P1", "P2", ...: the baseline method's protocol first, then in the order of the runs
+    table (runs never evaluated have none)."""
+    col = "label.method" if "label.method" in runs else "method"
+    order = runs if baseline is None or col not in runs else \
+        pd.concat([runs[runs[col] == baseline], runs[runs[col] != baseline]])
+    ids = [p for p in order.get("protocol_id", pd.Series(dtype=object)).tolist() if isinstance(p, str)]
+    return {p: f"P{i + 1}" for i, p in enumerate(dict.fromkeys(ids))}
+
+
+def _protocol_list(runs: pd.DataFrame, names: dict[str, str]) -> list[str]:
+    """One line per protocol: its name, its description and the runs under it."""
+    lines = []
+    for pid, name in names.items():
+        sub = runs[runs["protocol_id"] == pid]
+        lines.append(f"- **{name}**: {sub['protocol_tag'].iloc[0]} — runs: "
+                     + ", ".join(f"`{r}`" for r in sub["run_id"]))
+    return lines
+
+
+def mixed_message(grid_name: str, protocols: dict) -> str:
+    """The one-paragraph refusal: the protocols, the runs under each, and the two ways on."""
+    listed = "; ".join(f"{name} = {p['tag']} (runs: {', '.join(p['runs'])})" for name, p in protocols.items())
+    return (f"grid {grid_name!r}: the runs were evaluated with {len(protocols)} different protocols, so they are not "
+            f"put in one comparison table: {listed}. Either make the protocols agree (one eval.sampler / "
+            f"eval.guidance / eval.num_samples for every run; a sampler that ignores an eval override shows here "
+            f"with its own NFE) and rerun, or compare them anyway, each row marked with its protocol: "
+            f"`python -m benchmarks.report grid={grid_name} allow_mixed_eval=true` "
+            f"(benchmarks.run: report.allow_mixed_eval=true)")
+
+
+def refused_mix(grid_root: Path) -> str | None:
+    """The refusal message when the last report found mixed protocols without allow_mixed_eval, else None."""
+    path = Path(grid_root) / PROTOCOLS_FILE
+    if not path.exists():
+        return None
+    info = json.loads(path.read_text())
+    if not info.get("mixed") or info.get("allowed"):
+        return None
+    return mixed_message(Path(grid_root).name, info["protocols"])
+
+
+def _protocol_sections(grid_name: str, runs: pd.DataFrame, names: dict[str, str], refuse: bool) -> list[str]:
+    if not names:
+        return []
+    if refuse:
+        return ["## Mixed evaluation protocols: no comparison tables", "",
+                "The runs below were evaluated with different protocols (sampler, NFE, guidance, number of "
+                "samples, FD network or image size), so their numbers are not comparable and no final table, "
+                "× faster table or convergence plot is drawn.", "", *_protocol_list(runs, names), "",
+                "To go on: make the protocols agree (one `eval.sampler` / `eval.guidance` / `eval.num_samples` "
+                "for every run; a sampler that ignores an eval override shows here with its own NFE) and rerun; "
+                f"or compare them anyway, each row marked with its protocol: `python -m benchmarks.report "
+                f"grid={grid_name} allow_mixed_eval=true` (`python -m benchmarks.run ... "
+                "report.allow_mixed_eval=true`).", ""]
+    head = "## Evaluation protocol" if len(names) == 1 else \
+        "## Evaluation protocols (mixed: allow_mixed_eval=true; rows are marked)"
+    return [head, "", "Recorded by each run at its first evaluation (`protocol.json`): the sampler as built, the "
+            "measured NFE per sample, guidance, number of samples, scoring network and image size.", "",
+            *_protocol_list(runs, names), ""]
+
+
+def _stale_section(runs: pd.DataFrame) -> list[str]:
+    if "stale" not in runs or not runs["stale"].fillna(False).astype(bool).any():
+        return []
+    st = runs[runs["stale"].fillna(False).astype(bool)]
+    return ["## Stale runs", "", "Kept with `stale=keep` although the source of their components changed after "
+            "they started (core/fingerprint.py); their numbers come from the older code. Marked † below.", "",
+            *[f"- `{r}`: changed {m}" for r, m in zip(st["run_id"], st["stale_modules"])], ""]
+
+
+def _mark_groups(runs: pd.DataFrame, curves: pd.DataFrame, names: dict[str, str], mixed: bool
+                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Add the `protocol` column (P1, ...) to runs; with mixed protocols allowed, suffix every group with
+    its protocol (" [P2]") in runs and curves so no table row or curve hides which protocol it has."""
+    runs = runs.copy()
+    runs["protocol"] = runs.get("protocol_id", pd.Series(index=runs.index, dtype=object)).map(names)
+    if mixed:
+        tag = runs.set_index("run_id")["protocol"]
+        runs["group"] = [f"{g} [{p}]" if isinstance(p, str) else g for g, p in zip(runs["group"], runs["protocol"])]
+        if not curves.empty:
+            curves = curves.copy()
+            curves["group"] = [f"{g} [{tag.get(r)}]" if isinstance(tag.get(r), str) else g
+                               for g, r in zip(curves["group"], curves["run_id"])]
+    return runs, curves
+
+
+def write_report(grid_name: str, results_root: Path = Path("results"), allow_mixed_eval: bool = False) -> Path:
+    """report.md and its tables for results/<grid>. Runs evaluated with different protocols are put in one
+    comparison table only with allow_mixed_eval (then every row is marked with its protocol); otherwise
+    the report lists the protocols and their runs instead of the comparison tables (refused_mix)."""
+    grid_name = grid_source_name(grid_name)
     grid_root = Path(results_root) / grid_name
     if not grid_root.exists():
         raise ConfigError(f"no results for grid {grid_name!r} under {grid_root}; run `python -m benchmarks.run grid={grid_name}` first")
-    meta = load_yaml("grid", grid_name) if find_yaml("grid", grid_name) else {}
+    meta = grid_meta(grid_name, grid_root)
     runs, curves = load_runs(grid_root), load_curves(grid_root)
     if runs.empty:
         raise ConfigError(f"no run folders under {grid_root}")
@@ -154,8 +272,18 @@ def write_report(grid_name: str, results_root: Path = Path("results")) -> Path:
         raise ConfigError(f"no readable run under {grid_root}: " + "; ".join(
             f"{r}: {why}" for r, why in zip(bad["run_id"], bad["unreadable"])))
     fd_name, second, paragraph = metric_text(runs)
+    names = protocol_names(runs, meta.get("baseline"))
+    mixed = len(names) > 1
+    refuse = mixed and not allow_mixed_eval            # different protocols: no comparison table unless asked
+    atomic_write_text(grid_root / PROTOCOLS_FILE, json.dumps({"mixed": mixed, "allowed": bool(allow_mixed_eval),
+        "protocols": {n: {"tag": runs.loc[runs["protocol_id"] == pid, "protocol_tag"].iloc[0],
+                          "runs": runs.loc[runs["protocol_id"] == pid, "run_id"].tolist()} for pid, n in names.items()}},
+        indent=2))
+    plain_runs, plain_curves = runs, curves            # group names without protocol marks (the × faster lookup)
+    runs, curves = _mark_groups(runs, curves, names, mixed)
     if not curves.empty:
         curves.to_csv(grid_root / "curves.csv", index=False)
+    if not curves.empty and not refuse:
         plots.convergence(curves, grid_root / "convergence.png", fd_name, second)
     listed = pd.concat([runs, bad]) if not bad.empty else runs
     listed.drop(columns=[c for c in listed.columns if c.startswith("cfg.")]).to_csv(grid_root / "runs.csv", index=False)
@@ -172,18 +300,23 @@ def write_report(grid_name: str, results_root: Path = Path("results")) -> Path:
           f"({(runs['status'] == 'done').sum()} done, {(runs['status'] == 'failed').sum()} failed"
           f"{f', {len(bad)} unreadable' if len(bad) else ''}), "
           f"written {time.strftime('%Y-%m-%d %H:%M')} at git {_git_sha()}.", "",
-          *_unreadable_section(bad), paragraph, "", "## Prepared artifacts", "", *_prepare_section(grid_root), ""]
-    ft = final_table(runs)
-    md += ["## Final metrics (mean over seeds)", "", ft.to_markdown(index=False) if not ft.empty else "(no finished runs)", ""]
-    if meta.get("baseline") and not curves.empty:
-        fc = faster_convergence(curves, runs, meta["baseline"], constant_axes(grid_root))
+          *_unreadable_section(bad), paragraph, "", "## Prepared artifacts", "", *_prepare_section(grid_root), "",
+          *_protocol_sections(grid_name, runs, names, refuse), *_stale_section(runs)]
+    if not refuse:
+        ft = final_table(runs)
+        md += ["## Final metrics (mean over seeds)", "", ft.to_markdown(index=False) if not ft.empty else "(no finished runs)",
+               "", *(["Protocols (P1, ...): see *Evaluation protocols* above; rows of different protocols are not "
+                      "comparable.", ""] if mixed else [])]
+    if meta.get("baseline") and not curves.empty and not refuse:
+        fc = _faster_with_protocols(faster_convergence(plain_curves, plain_runs, meta["baseline"],
+                                                       constant_axes(grid_root)), runs, plain_runs, mixed)
         md += [f"## × faster convergence (vs `{meta['baseline']}`)", "",
                "Steps at which each group's FD first reaches the baseline's final FD; ratio = baseline steps / "
                "those steps. Resolution is the eval interval.", "", fc.to_markdown(index=False) if not fc.empty else "(baseline not finished)", ""]
-    if meta.get("sweep") and f"label.{meta['sweep']}" in runs and runs["final.fd"].notna().any():
+    if meta.get("sweep") and f"label.{meta['sweep']}" in runs and runs["final.fd"].notna().any() and not refuse:
         plots.sweep(runs[runs["status"] == "done"], meta["sweep"], grid_root / "sweep.png", fd_name)
         md += [f"## Sweep over `{meta['sweep']}`", "", "![sweep](sweep.png)", ""]
-    if not curves.empty:
+    if not curves.empty and not refuse:
         md += ["## Convergence", "", "![convergence](convergence.png)", "", "Data: `curves.csv`.", ""]
     phase_pngs = {g: f"samples/{r}_phases.png" for g, r in runs.sort_values("seed").groupby("group")["run_id"].first().items()
                   if (samples / f"{r}_phases.png").exists()}
@@ -193,9 +326,13 @@ def write_report(grid_name: str, results_root: Path = Path("results")) -> Path:
                "of their channels. An asynchronous schedule (SFD) moves only the semantic channels first "
                "(τ < Δt), then both, then only the texture (τ > 1).", ""]
         md += [f"**{g}**\n\n![{g}]({p})\n" for g, p in phase_pngs.items()]
-    cols = ["run_id", "group", "seed", "status", "step", "final.step", "first.fd", "final.fd", "final.class_acc",
-            "sec_per_step", "failure"]
-    md += ["## Runs", "", runs[[c for c in cols if c in runs]].round(4).to_markdown(index=False), "",
+    cols = ["run_id", "group", "seed", "status", "step", "final.step", "protocol", "final.nfe", "first.fd", "final.fd",
+            "final.class_acc", "sec_per_step", "failure"]
+    if refuse:                                         # no metric side by side across protocols
+        cols = [c for c in cols if c not in ("first.fd", "final.fd", "final.class_acc")]
+    shown = runs.assign(run_id=[f"{r} †" if pd.notna(s) and bool(s) else r
+                                for r, s in zip(runs["run_id"], runs.get("stale", [False] * len(runs)))])
+    md += ["## Runs", "", shown[[c for c in cols if c in shown]].round(4).to_markdown(index=False), "",
            "Samples at each run's last eval: `samples/<run_id>.png` (rows sorted by class).", ""]
     out = grid_root / "report.md"
     atomic_write_text(out, "\n".join(md))
@@ -239,12 +376,16 @@ def parse(argv: list[str]) -> dict[str, str]:
 def main(argv: list[str]) -> int:
     """Exit status 1 when a run folder could not be read (the report of the others is written)."""
     args = parse(argv)
-    out = write_report(args["grid"], Path(args.get("results", "results")))
+    out = write_report(args["grid"], Path(args.get("results", "results")),
+                       allow_mixed_eval=args.get("allow_mixed_eval", "false") == "true")
     print(f"wrote {out}")
     bad = unreadable_runs(out.parent)
     for run_id, why in bad.items():
         print(f"unreadable run {run_id}: {why}", file=sys.stderr)
-    return 1 if bad else 0
+    mix = refused_mix(out.parent)
+    if mix:
+        print(f"error: {mix}", file=sys.stderr)
+    return 1 if bad or mix else 0
 
 
 if __name__ == "__main__":

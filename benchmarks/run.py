@@ -22,7 +22,9 @@ import torch
 from benchmarks.cli import Flag, Key, Spec, command, parse as parse_args
 from benchmarks.grid import Grid, available, expand
 from benchmarks.launch import LAUNCHERS, SLURM_DIR, check_partition, get_launcher, load_slurm_profile, pending, run_dirs
-from benchmarks.report import unreadable_runs, write_report
+from benchmarks.grid import check_grid_folder, record_grid_file
+from benchmarks.report import refused_mix, unreadable_runs, write_report
+from benchmarks.stale import handle_stale
 from benchmarks.status import StatusBoard
 from core import runlock
 from core.config import ConfigError
@@ -231,7 +233,10 @@ def main(argv: list[str]) -> int:
     if "--dry-run" in flags:
         dry_run(grid, meta, results)
         return 0
+    check_grid_folder(grid, results)                 # two grid files with one stem: refused before any write
+    handle_stale(grid, results, meta.get("stale"))   # runs made with other code: error / rerun / keep (benchmarks/stale.py)
     write_run_stubs(grid, results)
+    record_grid_file(grid, results)                  # results/<grid>/grid.yaml: what benchmarks.report reads
     t0 = time.time()
     if meta.get("launcher", DEFAULT_LAUNCHER) != "slurm":
         prepare_stage(grid, results)
@@ -246,7 +251,7 @@ def main(argv: list[str]) -> int:
         print(f"interrupted: the grid's running jobs were stopped; rerun to resume ({time.time() - t0:.0f}s)",
               file=sys.stderr)
         return 130
-    out = write_report(grid.name, results)
+    out = write_report(grid.name, results, allow_mixed_eval=meta.get("report.allow_mixed_eval") == "true")
     if "--no-wait" in flags:                         # submitted, not finished: nothing to judge yet
         print(f"report: {out}  ({time.time() - t0:.0f}s)")
         return 0
@@ -254,7 +259,10 @@ def main(argv: list[str]) -> int:
     unfinished.update({k: f"unreadable: {v}" for k, v in unreadable_runs(out.parent).items()})  # listed in report.md
     print(f"report: {out}  ({time.time() - t0:.0f}s)"
           + (f"  NOT DONE: {'; '.join(f'{k} ({v})' for k, v in unfinished.items())}" if unfinished else ""))
-    return 1 if unfinished else 0
+    mix = refused_mix(out.parent)                    # runs of different evaluation protocols: no comparison
+    if mix:
+        print(f"error: {mix}", file=sys.stderr)
+    return 1 if unfinished or mix else 0
 
 
 def parse_parallel(meta: dict[str, str]) -> int | None:
