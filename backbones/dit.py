@@ -22,7 +22,10 @@ from backbones.layers import (
     make_ffn,
     make_norm,
     modulate,
+    pack_token,
     sincos_pos_embed_2d,
+    token_channels,
+    unpack_token,
 )
 
 
@@ -59,18 +62,27 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN-modulated norm, then a linear map from each token to its p·p·C_out patch values."""
+    """adaLN-modulated norm, then a linear map from each token to its p·p·C_out patch values.
 
-    def __init__(self, dim: int, patch_size: int, out_channels: int, *, norm: str) -> None:
+    extra_token_dim E > 0 (REG): token 0 is an extra token; after the shared norm and modulation it goes
+    through its own `linear_cls` Linear(D → E) and the patch tokens 1..T through `linear` (REG models/sit.py).
+    """
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int, *, norm: str, extra_token_dim: int = 0) -> None:
         super().__init__()
         self.norm_final = make_norm(norm, dim)
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear_cls = nn.Linear(dim, extra_token_dim) if extra_token_dim else None
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        """x (N, T, D), c (N, D) -> (N, T, p·p·C_out)."""
+    def forward(self, x: Tensor, c: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        """x (N, T, D), c (N, D) -> (N, T, p·p·C_out); with an extra token x is (N, 1 + T, D) and the
+        result is ((N, T, p·p·C_out), (N, E))."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        h = modulate(self.norm_final(x), shift, scale)
+        if self.linear_cls is None:
+            return self.linear(h)
+        return self.linear(h[:, 1:]), self.linear_cls(h[:, 0])
 
 
 def split_widths(total: int, parts: int) -> list[int]:
@@ -96,6 +108,12 @@ class DiT(nn.Module):
         kernels: "torch" | "triton", the suite's Triton kernels for q/k norm + RoPE, SwiGLU and adaLN's
             residual + norm + modulation (same result; layers.KERNELS). Speed choices only: neither changes
             the state dict.
+        extra_token_dim: E > 0 adds one extra token (REG's class token, docs/methods.md §14): the last
+            k = ceil(E / H²) input channels carry it packed (layers.pack_token, zero padding ignored); it is
+            embedded by Linear(E → D) + LayerNorm(D, affine) as token 0 with a zero position row (identity
+            RoPE rotation), seen by every block, returned in `hidden` (T + 1 tokens), read out by the
+            zero-initialised `final_layer.linear_cls` and packed back into the same k output channels
+            (padding exactly 0). 0 (default) is the plain model, unchanged.
     """
 
     def __init__(
@@ -118,10 +136,17 @@ class DiT(nn.Module):
         qk_norm: bool,
         attn_layout: str = "bhsd",
         kernels: str = "torch",
+        extra_token_dim: int = 0,
     ) -> None:
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        self.extra_token_dim = int(extra_token_dim)
+        self.extra_channels = token_channels(self.extra_token_dim, input_size) if self.extra_token_dim else 0
+        if self.extra_channels and (in_channels <= self.extra_channels or out_channels != in_channels):
+            raise ValueError(f"extra_token_dim {self.extra_token_dim} packs into {self.extra_channels} channel(s) "
+                             f"of {input_size}×{input_size}; the latent needs more channels than that (got "
+                             f"in_channels {in_channels}) and out_channels == in_channels (got {out_channels})")
         order = tuple(range(time_inputs)) if time_embed_order is None else tuple(int(i) for i in time_embed_order)
         if sorted(order) != list(range(time_inputs)):
             raise ValueError(f"time_embed_order {order} must be a permutation of range({time_inputs})")
@@ -132,20 +157,28 @@ class DiT(nn.Module):
         self.depth, self.hidden_size, self.num_heads = depth, hidden_size, num_heads
         self.time_inputs, self.time_embed_order = time_inputs, order
 
-        # Patchify as a strided conv: (N, C, H, W) -> (N, D, H/p, W/p).
-        self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        # Patchify as a strided conv: (N, C, H, W) -> (N, D, H/p, W/p); an extra token's channels are not patches.
+        self.x_embedder = nn.Conv2d(in_channels - self.extra_channels, hidden_size, kernel_size=patch_size,
+                                    stride=patch_size)
         self.t_embedders = nn.ModuleList(TimestepEmbedder(w) for w in split_widths(hidden_size, time_inputs))
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout)
         # Fixed, not trained; non-persistent because it is a pure function of the config.
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid), persistent=False)
+        pos = sincos_pos_embed_2d(hidden_size, self.grid)                       # (1, T, D)
+        extra = 1 if self.extra_token_dim else 0
+        if extra:   # REG: c_t -> Linear(E -> D) -> LayerNorm(D, affine, eps 1e-6); a zero position row
+            self.extra_embedder = nn.Sequential(nn.Linear(self.extra_token_dim, hidden_size),
+                                                nn.LayerNorm(hidden_size, eps=1e-6))
+            pos = torch.cat([pos.new_zeros(1, 1, hidden_size), pos], dim=1)     # (1, 1 + T, D)
+        self.register_buffer("pos_embed", pos, persistent=False)
         # One RoPE table shared by every block (it has no parameters).
-        rope_mod = RoPE2D(hidden_size // num_heads, self.grid) if rope else None
+        rope_mod = RoPE2D(hidden_size // num_heads, self.grid, extra_tokens=extra) if rope else None
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_size, num_heads, norm=norm, ffn=ffn, qk_norm=qk_norm, rope=rope_mod,
                      attn_layout=attn_layout, kernels=kernels)
             for _ in range(depth)
         )
-        self.final_layer = FinalLayer(hidden_size, patch_size, out_channels, norm=norm)
+        self.final_layer = FinalLayer(hidden_size, patch_size, out_channels - self.extra_channels, norm=norm,
+                                      extra_token_dim=self.extra_token_dim)
         # dtype of the residual stream. None: whatever type promotion gives, which under bf16 autocast is
         # fp32 (the bf16 patch embedding plus the fp32 position table), as in every reference code.
         # torch.bfloat16 halves the residual's memory traffic (train.precision=bf16-residual, set by the
@@ -172,8 +205,9 @@ class DiT(nn.Module):
             nn.init.normal_(emb.mlp[2].weight, std=0.02)
         # Zero adaLN outputs make every block the identity at init (the "Zero" in adaLN-Zero),
         # and the zero final linear makes the initial prediction exactly 0.
+        # REG zero-initialises its class-token head too (models/sit.py initialize_weights).
         for layer in [*(b.adaLN_modulation[-1] for b in self.blocks), self.final_layer.adaLN_modulation[-1],
-                      self.final_layer.linear]:
+                      self.final_layer.linear, *([self.final_layer.linear_cls] if self.extra_token_dim else [])]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -186,8 +220,8 @@ class DiT(nn.Module):
         return torch.cat([self.t_embedders[j](t[:, j]) for j in self.time_embed_order], dim=1)  # (N, D)
 
     def unpatchify(self, x: Tensor) -> Tensor:
-        """(N, T, p·p·C_out) -> (N, C_out, H, W)."""
-        p, c, g = self.patch_size, self.out_channels, self.grid
+        """(N, T, p·p·C_out) -> (N, C_out, H, W) (C_out without an extra token's channels)."""
+        p, c, g = self.patch_size, self.out_channels - self.extra_channels, self.grid
         x = x.reshape(x.shape[0], g, g, p, p, c)  # (N, h, w, p, p, C)
         x = torch.einsum("nhwpqc->nchpwq", x)  # (N, C, h, p, w, q)
         return x.reshape(x.shape[0], c, g * p, g * p)  # (N, C, H, W)
@@ -202,7 +236,10 @@ class DiT(nn.Module):
         bad = [k for k in hidden_at if not 1 <= k <= self.depth]
         if bad:
             raise ValueError(f"hidden_at {bad} outside blocks 1..{self.depth}")
-        x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
+        if self.extra_token_dim:
+            x = self._embed_with_extra_token(x)  # (N, 1 + T, D)
+        else:
+            x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
         if self.residual_dtype is not None:
             x = x.to(self.residual_dtype)
         c = self.time_embedding(t) + self.y_embedder(y)  # (N, D)
@@ -211,8 +248,19 @@ class DiT(nn.Module):
             x = block(x, c)  # (N, T, D)
             if i in hidden_at:
                 hidden[i] = x
+        if self.extra_token_dim:
+            x, tok = self.final_layer(x, c)  # (N, T, p·p·C_tex), (N, E)
+            out = torch.cat([self.unpatchify(x), pack_token(tok.to(x.dtype), self.input_size)], dim=1)
+            return BackboneOut(out=out, hidden=hidden)
         x = self.final_layer(x, c)  # (N, T, p·p·C_out)
         return BackboneOut(out=self.unpatchify(x), hidden=hidden)
+
+    def _embed_with_extra_token(self, x: Tensor) -> Tensor:
+        """(N, C, H, W) with the extra token packed in the last k channels -> tokens (N, 1 + T, D), token 0 first."""
+        k = self.extra_channels
+        patches = self.x_embedder(x[:, :-k]).flatten(2).transpose(1, 2)           # (N, T, D)
+        tok = self.extra_embedder(unpack_token(x[:, -k:], self.extra_token_dim))    # (N, D)
+        return torch.cat([tok[:, None].to(patches.dtype), patches], dim=1) + self.pos_embed
 
 
 #################################################################################

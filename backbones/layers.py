@@ -131,14 +131,44 @@ def sincos_pos_embed_2d(dim: int, grid: int, device: torch.device | None = None)
     return emb.float().unsqueeze(0)  # (1, T, dim)
 
 
+#################################################################################
+#              One extra token packed into trailing latent channels              #
+#################################################################################
+# REG (docs/methods.md §14) diffuses the encoder's class token (N, E) jointly with the latent. The suite's
+# state is one (N, C, H, W) tensor, so the token rides in k = ceil(E / (H·W)) extra channels, row-major,
+# zero-padded at the end; the backbone reads only the first E elements and writes 0 to the padding.
+
+def token_channels(dim: int, size: int) -> int:
+    """Channels needed to pack a dim-E vector on a size×size grid: ceil(E / size²)."""
+    if dim < 1 or size < 1:
+        raise ValueError(f"token packing needs dim ≥ 1 and size ≥ 1, got dim={dim}, size={size}")
+    return -(-dim // (size * size))
+
+
+def pack_token(v: Tensor, size: int) -> Tensor:
+    """(N, E) -> (N, k, size, size), k = token_channels(E, size); elements E.. are zero padding."""
+    n, dim = v.shape
+    k = token_channels(dim, size)
+    return F.pad(v, (0, k * size * size - dim)).reshape(n, k, size, size)
+
+
+def unpack_token(x: Tensor, dim: int) -> Tensor:
+    """(N, k, H, W) packed channels -> (N, E): the first E elements, row-major; the padding is ignored."""
+    if x.shape[1:].numel() < dim:
+        raise ValueError(f"{x.shape[1]} packed channels of {x.shape[2]}×{x.shape[3]} hold fewer than {dim} elements")
+    return x.flatten(1)[:, :dim]
+
+
 class RoPE2D(nn.Module):
     """EVA-02-style 2-D axial rotary embedding on a grid×grid token grid, applied to q and k.
 
     The first head_dim/2 channels rotate with the token's row, the last head_dim/2 with its column; each
     axis uses frequencies theta^(-2i/(head_dim/2)). Rotations compose, so q·k depends only on the offset.
+    `extra_tokens` leading tokens (e.g. REG's class token) get the identity rotation (cos 1, sin 0), the
+    rotary counterpart of a zero row in a sin-cos position table.
     """
 
-    def __init__(self, head_dim: int, grid: int, theta: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, grid: int, theta: float = 10000.0, extra_tokens: int = 0) -> None:
         super().__init__()
         if head_dim % 4:
             raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim}")
@@ -149,6 +179,8 @@ class RoPE2D(nn.Module):
         cols = coords.repeat(grid)[:, None] * freqs  # (T, axis_dim/2)
         # Each frequency drives one interleaved (even, odd) channel pair, hence repeat_interleave(2).
         angles = torch.cat([rows, cols], dim=1).repeat_interleave(2, dim=1)  # (T, head_dim)
+        if extra_tokens:
+            angles = torch.cat([angles.new_zeros(extra_tokens, head_dim), angles])  # (E + T, head_dim)
         # Non-persistent: derived from the config, so checkpoints need not carry them.
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)

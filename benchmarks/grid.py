@@ -527,7 +527,8 @@ def _check_components(cfg: dict) -> None:
         schedule = build_schedule(cfg["method"], groups)
         where = "backbone"
         with torch.device("meta"):
-            model = build_backbone(cfg, schedule, (groups.channels, 8, 8), 10)
+            # 32×32: room for a packed extra token (REG's 768-d class token fits one channel, docs/methods.md §14)
+            model = build_backbone(cfg, schedule, (groups.channels, 32, 32), 10)
         where = "method (loss / sampler / guidance)"
         method = build_method(cfg["method"], groups=groups, hidden_size=model.hidden_size, encoder_dim=8,
                               null_label=10, schedule=schedule, sampler_overrides=cfg["eval"]["sampler"],

@@ -287,9 +287,10 @@ class NamedDinoV2(DinoV2Encoder):
 
     @classmethod
     def fit(cls, data: ImageData, deps: dict, device: torch.device | str = "cpu", *,
-            weights: str | None = None, img_size: int = 224) -> DinoV2Encoder:
-        """Load `timm_name` with real weights: `weights` (a local .safetensors/.pth) or the HF-hub file."""
-        return cls.from_pretrained(cls.timm_name, weights, device, img_size)
+            weights: str | None = None, img_size: int = 224, cls_token: bool = False) -> DinoV2Encoder:
+        """Load `timm_name` with real weights: `weights` (a local .safetensors/.pth) or the HF-hub file.
+        cls_token: `tokens` prepends `x_norm_clstoken`, REG's class token (docs/methods.md §14)."""
+        return cls.from_pretrained(cls.timm_name, weights, device, img_size, cls_token)
 
 
 @ENCODERS.register("dinov2-b14-reg")

@@ -3,7 +3,10 @@
 "semantic-encoder": a small self-supervised stand-in trained in `prepare` for the offline profiles.
 "dinov2": timm DINOv2 (https://arxiv.org/abs/2304.07193, registers https://arxiv.org/abs/2309.16588) for paper scale,
 any timm name (encoders/pretrained.py registers "dinov2-b14-reg" and "dinov2-l14", the two the papers use).
-Both expose `tokens(images in [-1, 1]) -> (N, T, D)` final-normalised patch tokens, row-major over `grid`.
+Both expose `tokens(images in [-1, 1]) -> (N, T, D)` final-normalised patch tokens, row-major over `grid`,
+and `encode_with_cls(images) -> (cls (N, D), patch tokens (N, T, D))` from the same forward. With the
+knob `cls_token=true` (REG, docs/methods.md §14) `tokens` returns (N, 1 + T, D), the class token first, so the
+suite's token caches carry it; the default (false) keeps every output and cached artifact as before.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from core.progress import track
 from core.registry import ENCODERS
 from core.seed import seeded_init
 from core.types import ImageData, to_unit
-from encoders.base import ModuleArtifact, batched, read_json, write_json
+from encoders.base import ModuleArtifact, batched, load_state, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +235,15 @@ class SemanticEncoder(ModuleArtifact):
         self.net = net.eval().requires_grad_(False)
         self.config = config
         self._summary = summary
+        # An output layout knob, not a network knob: artifacts saved before it existed load with False.
+        self.cls_token = bool(config.get("cls_token", False))
+
+    @classmethod
+    def load(cls, out_dir: Path, device: torch.device | str = "cpu") -> "SemanticEncoder":
+        state, config, summary = load_state(out_dir, device)
+        net = TokenNet(**{k: v for k, v in config.items() if k != "cls_token"}).to(device)
+        net.load_state_dict(state)
+        return cls(net, config, summary)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -246,17 +258,34 @@ class SemanticEncoder(ModuleArtifact):
         return self.net.pos_embed.device
 
     @torch.no_grad()
+    def encode_with_cls(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """images (N, C, H, W) in [-1, 1] -> (cls (N, D), patch tokens (N, T, D)), one forward.
+
+        The Mixer has no learned class token; its global image embedding is the mean of the final patch
+        tokens, the very vector SimCLR's loss trains (`train_ssl`: global_head(tokens.mean(1))), as DINO's
+        loss trains DINOv2's class token. So that mean is this stand-in's class token.
+        """
+        patches = self.net(images.to(self.device, torch.float32))              # (N, T, D)
+        return patches.mean(1), patches
+
+    @torch.no_grad()
     def tokens(self, images: Tensor) -> Tensor:
-        """images (N, C, H, W) in [-1, 1] -> (N, T, D) final-LayerNorm patch tokens, row-major over `grid`."""
-        return self.net(images.to(self.device, torch.float32))
+        """images (N, C, H, W) in [-1, 1] -> (N, T, D) final-LayerNorm patch tokens, row-major over `grid`;
+        (N, 1 + T, D) with the class token first when `cls_token` is set."""
+        if not self.cls_token:
+            return self.net(images.to(self.device, torch.float32))
+        cls, patches = self.encode_with_cls(images)
+        return torch.cat([cls[:, None], patches], dim=1)
 
     @classmethod
     def fit(cls, data: ImageData, deps: dict, device: torch.device | str = "cpu", *, patch: int = 4,
             dim: int = 64, depth: int = 3, mlp_ratio: float = 2.0, steps: int = 400, batch_size: int = 128,
             lr: float = 2e-3, weight_decay: float = 0.05, temperature: float = 0.2, warmup: int = 20,
             mask_ratio: float = 0.3, dense_weight: float = 0.0, seed: int = 0,
-            probe_images: int = 20000, train_half: int | None = None) -> "SemanticEncoder":
+            probe_images: int = 20000, train_half: int | None = None, cls_token: bool = False) -> "SemanticEncoder":
         """Train on data.train_x without labels; `patch` must equal the texture VAE's downsample factor.
+
+        cls_token: `tokens` prepends the class token (REG); the network and its training do not change.
 
         train_half: None uses every training image; 0 / 1 only the even / odd indices, so that the
         profile can train this encoder and the FD network on disjoint halves (docs/architecture.md, "Profiles").
@@ -273,7 +302,7 @@ class SemanticEncoder(ModuleArtifact):
                                weight_decay=weight_decay, temperature=temperature, warmup=warmup,
                                mask_ratio=mask_ratio, dense_weight=dense_weight, seed=seed, device=device)
         train_seconds = time.perf_counter() - start
-        encoder = cls(net, config, {})
+        encoder = cls(net, {**config, **({"cls_token": True} if cls_token else {})}, {})
         acc = probe_tokens(encoder, data, probe_images, device)
         encoder._summary = dict(kind="semantic-encoder", linear_probe_acc=round(acc, 4),
                                 probe_train_images=min(probe_images, data.train_x.shape[0]),
@@ -333,9 +362,11 @@ class DinoV2Encoder:
     kind = "dinov2"
     requires: tuple[str, ...] = ()
 
-    def __init__(self, model: nn.Module, name: str, weights: str | None, img_size: int) -> None:
+    def __init__(self, model: nn.Module, name: str, weights: str | None, img_size: int,
+                 cls_token: bool = False) -> None:
         self.model = model.eval().requires_grad_(False)
         self.name, self.weights, self.img_size = name, weights, img_size
+        self.cls_token = bool(cls_token)
         patch = model.patch_embed.patch_size[0]
         self.grid = (img_size // patch, img_size // patch)
         self.dim = int(model.embed_dim)
@@ -344,13 +375,14 @@ class DinoV2Encoder:
 
     @classmethod
     def from_pretrained(cls, name: str = "vit_base_patch14_reg4_dinov2.lvd142m", weights: str | None = None,
-                        device: torch.device | str = "cpu", img_size: int = 224) -> "DinoV2Encoder":
+                        device: torch.device | str = "cpu", img_size: int = 224,
+                        cls_token: bool = False) -> "DinoV2Encoder":
         """Build timm `name` at `img_size` (position embedding resampled by timm) with real weights."""
         import timm
 
         file = resolve_dinov2_weights(name, weights)
         model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=file), img_size=img_size)
-        return cls(model.to(device), name, weights, img_size)
+        return cls(model.to(device), name, weights, img_size, cls_token)
 
     @property
     def device(self) -> torch.device:
@@ -358,7 +390,21 @@ class DinoV2Encoder:
 
     @torch.no_grad()
     def tokens(self, images: Tensor) -> Tensor:
-        """images (N, C, H, W) in [-1, 1], C in {1, 3} -> (N, T, D) `x_norm_patchtokens`."""
+        """images (N, C, H, W) in [-1, 1], C in {1, 3} -> (N, T, D) `x_norm_patchtokens`; with `cls_token`
+        (N, 1 + T, D), `x_norm_clstoken` first (REG's target layout, train.py)."""
+        cls, patches = self.encode_with_cls(images)
+        return torch.cat([cls[:, None], patches], dim=1) if self.cls_token else patches
+
+    @torch.no_grad()
+    def encode_with_cls(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """images (N, C, H, W) in [-1, 1] -> (`x_norm_clstoken` (N, D), `x_norm_patchtokens` (N, T, D)):
+        token 0 and the tokens after the registers of the same final-normalised forward."""
+        feats = self.features(images)                     # (N, prefix + T, D)
+        return feats[:, 0], feats[:, self.model.num_prefix_tokens:]
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        """images (N, C, H, W) in [-1, 1] -> every final-normalised token (N, prefix + T, D), class token first."""
         x = images.to(self.device, torch.float32)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)                   # grey images: same value in R, G, B
@@ -366,26 +412,30 @@ class DinoV2Encoder:
         std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
         x = ((x + 1) / 2 - mean) / std
         x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bicubic", align_corners=False)
-        feats = self.model.forward_features(x)            # (N, prefix + T, D), after the final norm
-        return feats[:, self.model.num_prefix_tokens:]    # (N, T, D)
+        return self.model.forward_features(x)             # (N, prefix + T, D), after the final norm
 
     @classmethod
     def fit(cls, data: ImageData, deps: dict, device: torch.device | str = "cpu", *,
             name: str = "vit_base_patch14_reg4_dinov2.lvd142m", weights: str | None = None,
-            img_size: int = 224) -> "DinoV2Encoder":
-        """Nothing to train: load the pretrained model (the artifact interface's entry point)."""
-        return cls.from_pretrained(name, weights, device, img_size)
+            img_size: int = 224, cls_token: bool = False) -> "DinoV2Encoder":
+        """Nothing to train: load the pretrained model (the artifact interface's entry point).
+        cls_token: `tokens` prepends `x_norm_clstoken` (REG)."""
+        return cls.from_pretrained(name, weights, device, img_size, cls_token)
 
     def save(self, out_dir: Path) -> None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(out_dir / "config.json", dict(name=self.name, weights=self.weights, img_size=self.img_size))
+        config = dict(name=self.name, weights=self.weights, img_size=self.img_size)
+        if self.cls_token:    # only when set: configs written before the knob stay byte-identical
+            config["cls_token"] = True
+        write_json(out_dir / "config.json", config)
         write_json(out_dir / "summary.json", self._summary)
 
     @classmethod
     def load(cls, out_dir: Path, device: torch.device | str = "cpu") -> "DinoV2Encoder":
         config = read_json(Path(out_dir) / "config.json")
-        return cls.from_pretrained(config["name"], config["weights"], device, config["img_size"])
+        return cls.from_pretrained(config["name"], config["weights"], device, config["img_size"],
+                                   config.get("cls_token", False))
 
     def summary(self) -> dict:
         return dict(self._summary)

@@ -5,3 +5,4 @@ from methods import losses  # noqa: F401
 from methods import ddpm  # noqa: F401
 from methods import samplers  # noqa: F401
 from methods import guidance  # noqa: F401
+from methods import reg  # noqa: F401

@@ -7,6 +7,7 @@ Built as `LATENTS.build(cfg, artifacts={kind: loaded artifact})`; `requires_for(
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import torch
@@ -221,3 +222,50 @@ class VAESemVAELatent(LatentBuilder):
     def _extra(self, tokens: Tensor | None, size: torch.Size, generator: torch.Generator | None) -> list[Tensor]:
         # SFD's grids match (16×16 texture and token grid); the resize only matters for mismatched ablations.
         return [_to_grid(self.semvae.encode(tokens, generator), size)]           # (N, c_sem, h, w)
+
+
+@LATENTS.register("vae-cls")
+class VAEClsLatent(LatentBuilder):
+    """REG (https://arxiv.org/abs/2507.01467, docs/methods.md §14): texture latent ⊕ the encoder's class token,
+    packed into k = ceil(E / (h·w)) channels (zero padding at the end; backbones.layers.pack_token); groups
+    ("texture", "cls"). The class token is fed un-normalised (REG adds no normalisation), so the "cls" group
+    gets stats (0, 1) and its padding stays exactly 0 in x1. Aux "tokens" (N, 1 + T, E): the class token
+    first, then the patch tokens, REG's alignment target.
+
+    Needs the semantic encoder built with `cls_token: true` (its `tokens` then return the class token first).
+    """
+
+    needs_tokens = True
+    group_names = ("texture", "cls")
+
+    def __init__(self, artifacts: dict[str, Any], tokenizer: str = "texture-vae", aux_tokens: bool = True,
+                 latent_size: int | None = None) -> None:
+        """latent_size: side h = w of the texture latent the token is packed beside; None = the encoder's
+        token grid (the stand-in's grid is the latent grid by construction; DINOv2's is 16 at 224 px, so
+        paper-scale profiles set it: 32 for SD-VAE f8 at 256 px)."""
+        super().__init__(artifacts, tokenizer, aux_tokens)
+        if not getattr(self.encoder, "cls_token", False):
+            raise ValueError("latent vae-cls needs the semantic encoder's class token: set "
+                             "prepare.semantic-encoder.cls_token=true (the reg preset's profiles do)")
+        from backbones.layers import token_channels
+
+        self.cls_dim = int(self.encoder.dim)
+        self.size = int(latent_size) if latent_size else int(self.encoder.grid[0])
+        self.groups = Groups(("texture", "cls"), (self.groups.sizes[0], token_channels(self.cls_dim, self.size)))
+        self.normalized = (True, False)
+
+    @staticmethod
+    def _requires(args: dict[str, Any]) -> tuple[str, ...]:
+        return (args["tokenizer"], ENCODER)
+
+    def _extra(self, tokens: Tensor | None, size: torch.Size, generator: torch.Generator | None) -> list[Tensor]:
+        from backbones.layers import pack_token
+
+        if tokens is None or math.isqrt(tokens.shape[1] - 1) ** 2 != tokens.shape[1] - 1:
+            raise ValueError(f"vae-cls expects (N, 1 + T, E) tokens with the class token first and T a square; "
+                             f"got {None if tokens is None else tuple(tokens.shape)} (set "
+                             "prepare.semantic-encoder.cls_token=true)")
+        if tuple(size) != (self.size, self.size):
+            raise ValueError(f"vae-cls was built for a {self.size}×{self.size} latent but the texture latent is "
+                             f"{tuple(size)}; set method.latent.latent_size={size[-1]}")
+        return [pack_token(tokens[:, 0], self.size)]                                  # (N, k, h, w)
