@@ -36,7 +36,7 @@ class Schedule(Protocol):
     def path(self, x0: Tensor, x1: Tensor, t_groups: Tensor) -> tuple[Tensor, Tensor]: ...  # (xt, target)
     def model_time(self, t_groups: Tensor) -> Tensor: ...                # (n, G) -> (n, K) backbone input
     def drift_mask(self, tau: Tensor) -> Tensor: ...                     # (n,) -> (n, G) bool: False = group frozen
-    # Optional (flow schedules, docs/methods.md §12): `to_velocity(out, xt, t_groups)` for samplers,
+    # Optional (flow schedules, docs/methods.md §15): `to_velocity(out, xt, t_groups)` for samplers,
     # `to_loss_space(out, target, xt, t_groups)` for training_losses, `singular_at` for the last-step rule.
 
 
@@ -82,7 +82,7 @@ def training_losses(model: nn.Module, batch: Batch, schedule: Schedule, loss: Lo
 
     The schedule's `path` gives the target in its prediction space; a schedule with `to_loss_space`
     (the flow schedules) maps the output and the target into its loss-target space with the same map
-    (docs/methods.md §12.2), so the loss always compares like with like. For velocity/velocity the
+    (docs/methods.md §15.2), so the loss always compares like with like. For velocity/velocity the
     tensors are handed over untouched.
 
     Args:

@@ -1,5 +1,5 @@
 """Prediction types of the linear flow: what the network outputs, and its conversion to a velocity
-(docs/methods.md §12).
+(docs/methods.md §15).
 
 Path (project convention, docs/methods.md §0.1): x_t = t·x1 + (1 − t)·x0, t = 0 noise, t = 1 data,
 velocity u = x1 − x0. A prediction type names the quantity the network is trained to output and gives

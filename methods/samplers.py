@@ -234,7 +234,7 @@ class ODESampler(PhasedSampler):
             phase changes (SFD: τ = Δt and 1); for dopri5 only output times (unused by __call__)
         shift: timestep shift s on τ/tau_max (LightningDiT 0.3); 0 = off
         atol, rtol: dopri5 tolerances (SiT/SFD: 1e-6, 1e-3)
-        last_step: the Heun rule at the end (docs/methods.md §12.3): "auto" (default) makes every Heun step
+        last_step: the Heun rule at the end (docs/methods.md §15.3): "auto" (default) makes every Heun step
             that ends where a moving group's prediction is singular an Euler step (data prediction: the
             final step; no model call at t = 1, and with an exact x̂1 it lands on x̂1 as JiT's sampler);
             "euler": the final step (ending at tau_max) is always Euler; "heun": never switch (a model

@@ -123,7 +123,7 @@ class _LinearFlow:
 
     def to_loss_space(self, out: Tensor, target: Tensor, xt: Tensor, t_groups: Tensor) -> tuple[Tensor, Tensor]:
         """(prediction, target) in prediction space -> both in loss-target space through the same map
-        (docs/methods.md §12.2). The same tensors, untouched, when loss_target == prediction."""
+        (docs/methods.md §15.2). The same tensors, untouched, when loss_target == prediction."""
         if type(self.prediction) is type(self.loss_target):
             return out, target
         t = self._t(t_groups, xt)
@@ -165,7 +165,7 @@ class Flow(_LinearFlow):
         model_time_scale: factor on the time the backbone embeds; 1.0 because flow models feed
             t ∈ [0, 1] unscaled (docs/methods.md §0.2)
         prediction: what the network outputs, a PREDICTIONS name: "velocity" (default) | "data" (JiT) |
-            "noise" | a plugin's (methods/prediction.py, docs/methods.md §12)
+            "noise" | a plugin's (methods/prediction.py, docs/methods.md §15)
         loss_target: the space the MSE is taken in (default: the prediction's own space; JiT: "velocity")
         t_eps: floor of the singular denominator of the conversion (JiT 0.05)
     """

@@ -1,4 +1,4 @@
-"""Prediction types of the flow (docs/methods.md §12) checked against an exact Gaussian solution, the
+"""Prediction types of the flow (docs/methods.md §15) checked against an exact Gaussian solution, the
 velocity/velocity path bit-identical to the plain flow, the last-step rule, and JiT's formulas (§13)."""
 from __future__ import annotations
 
