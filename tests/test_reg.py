@@ -308,3 +308,42 @@ def test_dinov2_class_token_is_x_norm_clstoken():
     assert torch.equal(cls, feats[:, 0]) and torch.equal(patches, feats[:, 5:])
     assert torch.equal(enc.tokens(images), torch.cat([feats[:, :1], feats[:, 5:]], dim=1))
     assert torch.equal(DinoV2Encoder(model, "x", None, 28).tokens(images), feats[:, 5:])
+
+
+# ------------------------------------------------------------- fused kernels ----------------------------------
+
+def _triton_case() -> None:
+    """kernels=triton (q/k norm + RoPE with the identity row, SwiGLU, adaLN) on T + 1 tokens equals the torch path."""
+    def build(kernels):
+        torch.manual_seed(0)
+        return BACKBONES.build({"name": "lightningdit-tiny", "extra_token_dim": E, "kernels": kernels,
+                                "qk_norm": True}, in_channels=5, out_channels=5, input_size=SIZE, num_classes=10)
+
+    ref, fused = build("torch"), build("triton")
+    for p in ref.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    fused.load_state_dict(ref.state_dict())
+    x, t, y = torch.randn(2, 5, SIZE, SIZE), torch.rand(2, 1), torch.tensor([1, 2])
+    outs = []
+    for model in (ref, fused):
+        out = model.eval()(x, t, y, hidden_at=(2,))
+        out.out.square().sum().backward()
+        outs.append((out, [p.grad for p in model.parameters()]))
+    (a, ga), (b, gb) = outs
+    torch.testing.assert_close(b.out, a.out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b.hidden[2], a.hidden[2], rtol=1e-4, atol=1e-5)
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(v, u, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_extra_token_with_the_triton_kernels():
+    pytest.importorskip("triton")
+    from triton_util import run_interpreted
+
+    run_interpreted(__file__)
+
+
+if __name__ == "__main__":    # under TRITON_INTERPRET=1 (tests/triton_util.py): the kernels on CPU tensors
+    _triton_case()
+    print("cases passed")
