@@ -27,6 +27,7 @@ from benchmarks.cli import Key, Spec, command, parse as parse_args
 from core.cache import cached_dir
 from core.dist import Dist, gather_to_main, mean_over_ranks
 from core.errors import NonFiniteError
+from core.progress import Progress
 from core.seed import generator
 from core.types import check_finite, nonfinite_rows, to_uint8
 from encoders.fdnet import make_fidelity_extractor
@@ -124,8 +125,11 @@ def reference_dir(cache_dir: str, fd_dir: Path, data, num_samples: int, device: 
 
     def build(tmp: Path) -> None:
         idx = torch.randperm(data.train_x.shape[0], generator=generator(0))[:num_samples]
-        floor = fidelity(data.train_x[idx], data.test_x, fdnet, tmp, device)
-        floor["class_acc"] = class_accuracy(fdnet, data.train_x[idx], data.train_y[idx], device)
+        with Progress("FD reference statistics", 2, unit="parts") as progress:     # core/progress.py
+            floor = fidelity(data.train_x[idx], data.test_x, fdnet, tmp, device)
+            progress.update(1)
+            floor["class_acc"] = class_accuracy(fdnet, data.train_x[idx], data.train_y[idx], device)
+            progress.update(2)
         (tmp / "floor.json").write_text(json.dumps(floor, indent=2))
         log.info("prepare: FD reference cached; real-data floor at N=%d: %s", num_samples, floor)
 

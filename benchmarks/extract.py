@@ -39,6 +39,7 @@ from benchmarks.prepare import (ENCODER, FD_NET, STATS_SAMPLES, artifact_plan, b
 from benchmarks.shards import ShardWriter, map_shard, open_sharded, shard_file, shard_ok, write_index
 from core.cache import MARKER, verify_dir, write_manifest
 from core.config import ConfigError, structured, to_dict
+from core.progress import track
 from core.seed import generator
 from core.types import to_unit
 from encoders.base import read_json, write_json
@@ -161,7 +162,7 @@ def encode_shards(ds: ImageFolderDataset, bounds: list[tuple[int, int]], shards:
     batches = [list(range(lo, min(lo + batch_size, bounds[s][1]))) for s in todo
                for lo in range(bounds[s][0], bounds[s][1], batch_size)]
     loader = iter(DataLoader(ds, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda"))
-    for s, targets in todo.items():
+    for s, targets in track("extract: encoding shards", list(todo.items()), unit="shards"):   # core/progress.py
         t0, (start, stop) = time.time(), bounds[s]
         writers: dict[Target, ShardWriter] = {}
         for lo in range(start, stop, batch_size):
@@ -184,7 +185,7 @@ def compose_shards(latent: Any, enc: dict[str, Target], target: Target, bounds: 
                    labels: torch.Tensor, device: torch.device, flips: bool) -> None:
     """The run's latents (x1, x1_flip) and labels y for every missing shard, from the same shards of the
     encodings (read through memory maps), in blocks of COMPOSE_CHUNK rows as prepare composes in memory."""
-    for s in shards:
+    for s in track("extract: composing latent shards", shards, unit="shards"):
         if target.done(s, bounds):
             continue
         start, stop = bounds[s]

@@ -32,6 +32,11 @@ def breakpoints(schedule: Any, n: int = 2001) -> list[float]:
     return sorted(set(pts) | set(mids))
 
 
+def title(tau: float, names: tuple[str, ...], times) -> str:
+    """A column title: the global time τ, then each group's own time under its full name."""
+    return "\n".join([f"τ={tau:.2f}", *(f"{g}={float(v):.2f}" for g, v in zip(names, times))])
+
+
 @torch.no_grad()
 def phase_figure(method: Any, model: torch.nn.Module, latent: Any, shape: tuple[int, ...], path: Path,
                  *, n: int = 4, seed: int = 0, device: torch.device = torch.device("cpu")) -> Path:
@@ -60,11 +65,10 @@ def phase_figure(method: Any, model: torch.nn.Module, latent: Any, shape: tuple[
                     ax.imshow(x[i, groups.slice_of(name)].float().mean(0).cpu(), cmap="magma")
                 ax.set_xticks([])
                 ax.set_yticks([])
-                if i == 0:
-                    ax.set_title(f"τ={tau:.2f}\n" + " ".join(f"{g[:3]}={float(v):.2f}" for g, v in
-                                                           zip(groups.names, t_groups)), fontsize=6)
+                if i == 0 and k == 0:   # the top row only; full group names, one line per group's own time
+                    ax.set_title(title(tau, groups.names, t_groups), fontsize=6)
                 if j == 0:
-                    ax.set_ylabel(f"y={i} {name[:4]}", fontsize=6)
+                    ax.set_ylabel(f"y={i}\n{name}", fontsize=6)
     fig.suptitle("State during sampling (texture decoded; other groups: channel mean)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -33,7 +33,7 @@ def faster_convergence(curves: pd.DataFrame, runs: pd.DataFrame, baseline: str,
     steps / s. Resolution is the eval interval (no interpolation). Runs that never reach it say so.
     """
     done = runs[runs["status"] == "done"]
-    rows = []
+    rows, per_seed = [], []                                     # per_seed: the × faster chart (plots.faster)
     for group, g in curves.groupby("group"):
         base = done[done["group"] == _baseline_group(runs[runs["group"] == group].iloc[0], baseline, constant)]
         if base.empty or base["final.fd"].isna().all():
@@ -45,6 +45,8 @@ def faster_convergence(curves: pd.DataFrame, runs: pd.DataFrame, baseline: str,
                 continue                                        # failed or unfinished runs have no say
             hit = c[(c["fd"] <= target) & (c["step"] > 0)].sort_values("step")
             reached.append(int(hit["step"].iloc[0]) if len(hit) else None)
+            per_seed.append({"group": group, "run_id": run_id,
+                             "ratio": base_steps / reached[-1] if reached[-1] else float("nan")})
         if not reached:
             continue
         ok = [s for s in reached if s is not None]
@@ -54,7 +56,9 @@ def faster_convergence(curves: pd.DataFrame, runs: pd.DataFrame, baseline: str,
                      "× faster (mean)": f"{np.mean(ratios):.2f}×" if len(ok) == len(reached) else "not reached"
                      if not ok else f"{np.mean(ratios):.2f}× ({len(ok)}/{len(reached)} seeds)",
                      "× faster (min–max)": f"{min(ratios):.2f}–{max(ratios):.2f}" if ok else "–"})
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    out.attrs["per_seed"] = pd.DataFrame(per_seed, columns=["group", "run_id", "ratio"])   # one row per finished run
+    return out
 
 
 def _baseline_group(row: pd.Series, baseline: str, constant: tuple[str, ...]) -> str:
@@ -308,11 +312,14 @@ def write_report(grid_name: str, results_root: Path = Path("results"), allow_mix
                "", *(["Protocols (P1, ...): see *Evaluation protocols* above; rows of different protocols are not "
                       "comparable.", ""] if mixed else [])]
     if meta.get("baseline") and not curves.empty and not refuse:
-        fc = _faster_with_protocols(faster_convergence(plain_curves, plain_runs, meta["baseline"],
-                                                       constant_axes(grid_root)), runs, plain_runs, mixed)
+        raw = faster_convergence(plain_curves, plain_runs, meta["baseline"], constant_axes(grid_root))
+        fc = _faster_with_protocols(raw, runs, plain_runs, mixed)
         md += [f"## × faster convergence (vs `{meta['baseline']}`)", "",
                "Steps at which each group's FD first reaches the baseline's final FD; ratio = baseline steps / "
                "those steps. Resolution is the eval interval.", "", fc.to_markdown(index=False) if not fc.empty else "(baseline not finished)", ""]
+        if not raw.attrs["per_seed"].empty:
+            plots.faster(raw.attrs["per_seed"], grid_root / "faster.png", meta["baseline"])
+            md += ["![× faster](faster.png)", ""]
     if meta.get("sweep") and f"label.{meta['sweep']}" in runs and runs["final.fd"].notna().any() and not refuse:
         plots.sweep(runs[runs["status"] == "done"], meta["sweep"], grid_root / "sweep.png", fd_name)
         md += [f"## Sweep over `{meta['sweep']}`", "", "![sweep](sweep.png)", ""]

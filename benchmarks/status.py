@@ -77,8 +77,8 @@ class StatusBoard:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
-        if self.runs:
-            Console().print(table(snapshot(self.runs), self.title))
+        if self.runs:                    # without a terminal rich assumes 80 columns and cuts the right ones
+            Console(width=None if self.tty else 200).print(table(snapshot(self.runs), self.title))
 
     def _loop(self) -> None:
         if self.tty:
