@@ -396,9 +396,10 @@ def completion_script(spec: Spec, argv: Sequence[str]) -> str:
             cases.append(f'        {k.name}=*) COMPREPLY=($(compgen -W "{" ".join(_names(offered))}" -- "${{cur#{k.name}=}}"))\n'
                          f'            [[ $COMP_WORDBREAKS == *=* ]] || COMPREPLY=("${{COMPREPLY[@]/#/{k.name}=}}"); return 0;;')
     target = spec.prog.split()[-1]                   # benchmarks.run, scripts/prepare_twice.py
-    fn = "_semprior_" + "".join(c if c.isalnum() else "_" for c in target)
+    fn = "_semprior_cmd_" + "".join(c if c.isalnum() else "_" for c in target)
     return "\n".join([
-        f"# bash completion for {spec.prog}: eval \"$({spec.prog} --completion bash)\"",
+        f"# bash completion for {spec.prog}: eval \"$({spec.prog} --completion bash)\"; the scripts of several",
+        "# commands add up (one dispatcher tries each command's function)",
         f"{fn}() {{",
         "    local line=${COMP_LINE:0:COMP_POINT}; local cur=${line##* }",
         f'    [[ " ${{COMP_WORDS[*]}} " == *" {target} "* ]] || return 0',
@@ -407,4 +408,10 @@ def completion_script(spec: Spec, argv: Sequence[str]) -> str:
         "    esac",
         f"    COMPREPLY=($(compgen -W \"{' '.join(words)}\" -- \"$cur\"))",
         "}",
-        f"complete -o default -o nospace -F {fn} python python3"])
+        "_semprior_complete() {",
+        "    local f; COMPREPLY=()",
+        "    for f in $(compgen -A function _semprior_cmd_); do",
+        '        "$f"; [[ ${#COMPREPLY[@]} -gt 0 ]] && return 0',
+        "    done",
+        "}",
+        "complete -o default -o nospace -F _semprior_complete python python3"])

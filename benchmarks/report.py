@@ -356,7 +356,8 @@ SPEC = Spec(
     prog="python -m benchmarks.report",
     purpose="Collect a grid's runs (finished, running or failed) into results/<grid>/report.md with its tables, "
             "curves.csv, runs.csv and figures; safe at any time, also while the grid runs. Exit status 1 when "
-            "a run folder could not be read (the report of the others is written).",
+            "a run folder could not be read (the report of the others is written) or when runs evaluated with "
+            "different protocols were kept out of one comparison (see allow_mixed_eval).",
     keys=(Key("grid", "the grid: its name, i.e. the folder <results>/<grid>/ (a grid YAML file's stem)",
               required=True, metavar="NAME", complete=_grids),
           Key("results", "the results folder that holds <grid>/", type="path", default="results"),

@@ -209,14 +209,14 @@ def test_quiet_makes_run_log_warnings_only(monkeypatch):
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_bash_completion_offers_keys_flags_and_grid_names(capsys):
-    assert run.main(["--completion", "bash"]) == 0
-    script = capsys.readouterr().out
+    assert run.main(["--completion", "bash"]) == 0 and report.main(["--completion", "bash"]) == 0
+    script = capsys.readouterr().out              # two commands' scripts, evaluated one after the other
 
     def complete(line: str, wordbreaks: str = "\"'><=;|&(:") -> list[str]:     # bash's default breaks
         words = line.split(" ")
         probe = (f'{script}\nCOMP_WORDBREAKS={shlex.quote(wordbreaks)}\nCOMP_LINE="{line}"; COMP_POINT=${{#COMP_LINE}}\n'
                  f'COMP_WORDS=({" ".join(words)}); COMP_CWORD={len(words) - 1}\n'
-                 "_semprior_benchmarks_run\nprintf '%s\\n' \"${COMPREPLY[@]}\"\n")
+                 "_semprior_complete\nprintf '%s\\n' \"${COMPREPLY[@]}\"\n")
         res = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30)
         assert res.returncode == 0, res.stderr
         return res.stdout.split()
@@ -227,6 +227,8 @@ def test_bash_completion_offers_keys_flags_and_grid_names(capsys):
     assert complete("python -m benchmarks.run --d") == ["--dry-run", "--debug"]
     assert "profile=" in complete("python -m benchmarks.run pro")
     assert complete("python -m other.module --d") == []                          # other commands untouched
+    assert complete("python -m benchmarks.report --d") == ["--debug"]            # the report's own keys and flags
+    assert complete("python -m benchmarks.report allow") == ["allow_mixed_eval="]
     assert run.main(["--completion", "zsh"]) == 2
     _one_error_line(capsys, r"--completion zsh: only bash is supported")
 
