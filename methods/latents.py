@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.config import ConfigError
 from core.registry import LATENTS
 from core.types import Groups
 
@@ -245,8 +246,8 @@ class VAEClsLatent(LatentBuilder):
         paper-scale profiles set it: 32 for SD-VAE f8 at 256 px)."""
         super().__init__(artifacts, tokenizer, aux_tokens)
         if not getattr(self.encoder, "cls_token", False):
-            raise ValueError("latent vae-cls needs the semantic encoder's class token: set "
-                             "prepare.semantic-encoder.cls_token=true (the reg preset's profiles do)")
+            raise ConfigError("latent vae-cls needs the semantic encoder's class token: set "
+                              "prepare.semantic-encoder.cls_token=true (the reg preset's profiles do)")
         from backbones.layers import token_channels
 
         self.cls_dim = int(self.encoder.dim)
@@ -266,6 +267,6 @@ class VAEClsLatent(LatentBuilder):
                              f"got {None if tokens is None else tuple(tokens.shape)} (set "
                              "prepare.semantic-encoder.cls_token=true)")
         if tuple(size) != (self.size, self.size):
-            raise ValueError(f"vae-cls was built for a {self.size}×{self.size} latent but the texture latent is "
-                             f"{tuple(size)}; set method.latent.latent_size={size[-1]}")
+            raise ConfigError(f"vae-cls was built for a {self.size}×{self.size} latent but the texture latent is "
+                              f"{tuple(size)}; set method.latent.latent_size={size[-1]}")
         return [pack_token(tokens[:, 0], self.size)]                                  # (N, k, h, w)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import methods  # noqa: F401  (registers every component)
 from backbones.layers import RoPE2D, pack_token, sincos_pos_embed_2d, token_channels, unpack_token
 from benchmarks import api
+from core.config import ConfigError
 from core.registry import BACKBONES, LATENTS
 from core.types import BackboneOut, Batch, Groups
 from methods.base import LossCtx, training_losses
@@ -82,10 +83,11 @@ def test_vae_cls_latent_packs_the_class_token_unnormalised():
 
 def test_vae_cls_latent_errors_name_the_fix():
     arts = {"texture-vae": _Tok(), "semantic-encoder": _Enc(cls_token=False)}
-    with pytest.raises(ValueError, match=r"set prepare.semantic-encoder.cls_token=true"):
+    with pytest.raises(ConfigError, match=r"^latent vae-cls needs the semantic encoder's class token: set "
+                                          r"prepare.semantic-encoder.cls_token=true"):
         LATENTS.build({"name": "vae-cls"}, artifacts=arts)
     lat = LATENTS.build({"name": "vae-cls", "latent_size": 16}, artifacts={**arts, "semantic-encoder": _Enc()})
-    with pytest.raises(ValueError, match=r"set method.latent.latent_size=8"):
+    with pytest.raises(ConfigError, match=r"built for a 16×16 latent .* set method.latent.latent_size=8$"):
         lat.encode(torch.zeros(2, 1, 32, 32))
 
 
