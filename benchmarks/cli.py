@@ -286,7 +286,9 @@ def help_text(spec: Spec) -> str:
                 out += [f"  {'':{width}}  {line}" for line in lines[1:]]
         return out
 
-    lines = [f"usage: {spec.usage()}", "", *textwrap.wrap(spec.purpose, 100), ""]
+    usage = textwrap.wrap(f"usage: {spec.usage()}", 100, subsequent_indent=" " * (7 + len(spec.prog) + 1),
+                          break_on_hyphens=False, break_long_words=False)
+    lines = [*usage, "", *textwrap.wrap(spec.purpose, 100), ""]
     if spec.positional:
         lines += ["arguments:", *block([(spec.positional_metavar, spec.positional)]), ""]
     if spec.keys:

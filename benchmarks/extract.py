@@ -330,7 +330,7 @@ SPEC = Spec(
     ),
     one_of=(("grid", "config"),),
     overrides="any other key=value overrides that config key (OmegaConf dotlist, e.g. data.root=/data/imagenet).",
-    names=(("grids", _grids),),
+    names=(("grids", _grids), ("profiles", _profiles)),
     examples=("python -m benchmarks.extract grid=sfd_vs_redi profile=imagenet256 data.root=/data/imagenet",
               "python -m benchmarks.extract config=results/g/sfd-s0/config.yaml rank=0 world=8 workers=7"),
 )

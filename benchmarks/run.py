@@ -24,7 +24,7 @@ from benchmarks.grid import Grid, available, expand
 from benchmarks.launch import LAUNCHERS, SLURM_DIR, check_partition, get_launcher, load_slurm_profile, pending, run_dirs
 from benchmarks.grid import check_grid_folder, record_grid_file
 from benchmarks.report import refused_mix, unreadable_runs, write_report
-from benchmarks.stale import handle_stale
+from benchmarks.stale import POLICIES as STALE_POLICIES, handle_stale
 from benchmarks.status import StatusBoard
 from core import runlock
 from core.config import ConfigError
@@ -75,7 +75,7 @@ SPEC = Spec(
             default="results"),
         Key("stale", "a finished or partial run whose code changed since it ran: error (stop and list them), "
             "rerun (move the old folder aside and train again) or keep (reuse it; the report marks it stale)",
-            type="choice", choices=("error", "rerun", "keep"), default="error"),
+            type="choice", choices=STALE_POLICIES, default="error"),
         Key("report.allow_mixed_eval", "put runs evaluated with different protocols (sampler, NFE, guidance, "
             "samples) into one comparison table of the final report, each row marked with its protocol",
             type="choice", choices=("true", "false"), default="false"),
