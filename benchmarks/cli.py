@@ -219,8 +219,8 @@ class Spec:
     examples: two or more full command lines. overrides: help for key=value pairs that are not keys of the
     spec (passed through as config overrides, OmegaConf dotlist); "" means such a pair is an error.
     override_prefixes: when given, only keys with one of these prefixes pass through. one_of: key groups of
-    which exactly one must be given. positional: help for plain (not key=value) arguments; "" means none are
-    accepted. before_positional: words accepted as the first plain argument (core.cache's check levels).
+    which exactly one must be given. positional: help for plain (not key=value) arguments, shown as
+    positional_metavar in the usage; "" means none are accepted (the command reads Args.positional).
     """
     prog: str
     purpose: str
