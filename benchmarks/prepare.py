@@ -269,7 +269,7 @@ def build_encodings(cfg: dict, data: ImageData, kind: str, art_dir: Path, device
             fn, name = (lambda x, g: art.tokens(to_unit(x)).half()), "tokens"
         else:
             fn, name = (lambda x, g: art.encode(to_unit(x), generator=g).float()), "texture"
-        tensors = {f"{name}{sfx}": _batched(fn, imgs, device, seed=i, stage=f"{kind} encoding{sfx or ''}")
+        tensors = {f"{name}{sfx}": _batched(fn, imgs, device, seed=i, stage=f"{kind} encoding" + (" (flips)" if sfx else ""))
                    for i, (sfx, imgs) in enumerate(_splits(cfg, data).items())}
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
         log.info("prepare: %s encodings %s in %.1fs", kind, list(next(iter(tensors.values())).shape), time.time() - t0)
@@ -298,7 +298,7 @@ def build_latent_cache(cfg: dict, data: ImageData, dirs: dict[str, Path], device
             tensors[f"x1{sfx}"] = torch.cat([
                 latent.compose(x_tex[j:j + 1000].to(device), None if tokens is None else
                                tokens[j:j + 1000].to(device).float(), gen)["x1"].cpu()
-                for j in track(f"latent cache{sfx}", range(0, x_tex.shape[0], 1000), unit="chunks of 1000")])
+                for j in track("latent cache" + (" (flips)" if sfx else ""), range(0, x_tex.shape[0], 1000), unit="chunks of 1000")])
         idx = torch.randperm(tensors["x1"].shape[0], generator=generator(0))[:STATS_SAMPLES]
         mean, std = latent.stats_from(tensors["x1"][idx])
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "train.safetensors"))

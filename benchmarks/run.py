@@ -239,7 +239,8 @@ def main(argv: list[str]) -> int:
     record_grid_file(grid, results)                  # results/<grid>/grid.yaml: what benchmarks.report reads
     t0 = time.time()
     if meta.get("launcher", DEFAULT_LAUNCHER) != "slurm":
-        prepare_stage(grid, results)
+        with StatusBoard([], f"grid {grid.name}: preparing caches"):   # each stage's progress (core/progress.py)
+            prepare_stage(grid, results)
     todo = pending(grid, results)
     log.info("grid %s: %d runs, %d to do (prepare took %.0fs)", grid.name, len(grid.runs), len(todo), time.time() - t0)
     board_runs = [(d, r.cfg["train"]["steps"]) for r, d in run_dirs(grid, results)]

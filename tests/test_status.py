@@ -101,3 +101,14 @@ def test_two_threads_with_one_stage_name_get_two_rows():
     with progress.Progress("enc", 2) as a, progress.Progress("enc", 2) as b:
         assert (a.key, b.key) == ("enc", "enc [2]") and set(progress.active()) == {"enc", "enc [2]"}
     assert json.dumps(progress.active()) == "{}"
+
+
+def test_the_board_of_the_prepare_stage_shows_the_stages_of_this_process():
+    board = status.StatusBoard([], "grid g: preparing caches")
+    with progress.Progress("texture-vae training", 20, every_s=0) as p:
+        p.update(5)
+        console = Console(width=120, record=True)
+        console.print(board.render())
+    text = console.export_text()
+    assert "(prepare) texture-vae training" in text and "5/20 steps (25%)" in text
+    assert status.compact_line(status.snapshot([])) == ""
