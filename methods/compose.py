@@ -129,7 +129,15 @@ def build_method(mcfg: dict, *, groups: Groups, hidden_size: int = 0, encoder_di
     if "name" not in mcfg["sampler"]:
         raise ConfigError(f"method.sampler needs a 'name'; valid: {', '.join(SAMPLERS.names())}")
     check_pairing(mcfg["schedule"].get("name", "?"), family, mcfg["sampler"]["name"])
-    sampler = _build(SAMPLERS, sampler_config(mcfg["sampler"], sampler_overrides, family), "sampler", deps)
+    scfg = sampler_config(mcfg["sampler"], sampler_overrides, family)
+    sampler = _build(SAMPLERS, scfg, "sampler", deps)
+    check = getattr(sampler, "check_schedule", None)
+    if check is not None:
+        try:
+            check(schedule)
+        except ValueError as e:
+            raise ConfigError(f"method.sampler {scfg['name']!r} with method.schedule "
+                              f"{mcfg['schedule'].get('name')!r}: {e}") from None
     gcfg = mcfg["guidance"] if guidance == "method" else guidance
     return Method(name=mcfg["name"], schedule=schedule, loss=loss, sampler=sampler,
                   guidance=build_guidance(gcfg, null_label=null_label) if gcfg else None)

@@ -184,6 +184,10 @@ class PhasedSampler:
     def grid(self, schedule: Any) -> list[float]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def check_schedule(self, schedule: Any) -> None:
+        """Raise ValueError (with the fix) if this sampler cannot integrate `schedule` correctly; called by
+        methods/compose.py at build time, after the family check. Default: every schedule of `families`."""
+
     def integrate_phase(self, field: VelocityField, x: Tensor, pts: list[float], mask: Tensor, want: set[float],
                         rec: dict[float, Tensor], generator: torch.Generator | None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -239,8 +243,8 @@ class ODESampler(PhasedSampler):
             final step; no model call at t = 1, and with an exact x̂1 it lands on x̂1 as JiT's sampler);
             "euler": the final step (ending at tau_max) is always Euler; "heun": never switch (a model
             call at the end point, through the t_eps floor). Velocity prediction with "auto" is plain Heun.
-            Euler and dopri5 ignore it (Euler never calls the model at a step's end; dopri5 evaluates
-            there through the floor).
+            Euler ignores it (it never calls the model at a step's end); dopri5 with a prediction singular
+            at the end is refused at build time (`check_schedule`).
     """
 
     def __init__(self, solver: str = "euler", steps: int = 250, shift: float = 0.0,
@@ -254,6 +258,13 @@ class ODESampler(PhasedSampler):
         self.solver, self.steps, self.shift = solver, int(steps), float(shift)
         self.atol, self.rtol = float(atol), float(rtol)
         self.last_step = last_step
+
+    def check_schedule(self, schedule: Any) -> None:
+        """dopri5 evaluates the end point t = 1, where a data-type prediction is singular: refused."""
+        if self.solver == "dopri5" and singular_end(schedule, 0.0, float(schedule.tau_max)):
+            name = getattr(getattr(schedule, "prediction", None), "name", "?")
+            raise ValueError(f"ode solver 'dopri5' evaluates the model at t = 1, where prediction {name!r} is "
+                             f"singular; use solver heun or euler (last_step auto makes no call there)")
 
     def euler_step_at(self, schedule: Any, a: float, b: float) -> bool:
         """Whether the Heun step a -> b is taken as an Euler step under `last_step` (public rule)."""

@@ -153,3 +153,18 @@ def test_replacing_sampler_scores_an_x_prediction_method_through_its_conversion(
     exact = mu + s2 ** 0.5 * noise
     assert (xs - exact).abs().max() < 0.01 and (xj - exact).abs().max() < 0.01
     assert jit.sampler.last_nfe == sit.sampler.last_nfe - 1            # JiT skips the model call at t = 1
+
+
+def test_dopri5_with_a_prediction_singular_at_the_end_is_refused():
+    """dopri5 evaluates t = 1; for x-prediction that call goes through the floor and is wrong: refused at build."""
+    m = _method({"name": "flow", "prediction": "data"}, {"name": "ode", "solver": "dopri5"})
+    with pytest.raises(ConfigError) as e:
+        build_method(m, groups=G)
+    assert str(e.value) == ("method.sampler 'ode' with method.schedule 'flow': ode solver 'dopri5' evaluates the model "
+                            "at t = 1, where prediction 'data' is singular; use solver heun or euler (last_step auto "
+                            "makes no call there)")
+    build_method(_method({"name": "flow"}, {"name": "ode", "solver": "dopri5"}), groups=G)       # velocity: fine
+    sfd = _method({"name": "async-flow", "delta_t": {"semantic": 0.3}, "prediction": "data"}, {"name": "sde"})
+    build_method(sfd, groups=Groups(("texture", "semantic"), (3, 2)), sampler_overrides={"name": "ode", "solver": "heun"})
+    with pytest.raises(ConfigError, match="dopri5"):
+        build_method(sfd, groups=Groups(("texture", "semantic"), (3, 2)), sampler_overrides={"name": "ode", "solver": "dopri5"})
