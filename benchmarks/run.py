@@ -24,7 +24,7 @@ from benchmarks.grid import Grid, available, expand
 from benchmarks.launch import LAUNCHERS, SLURM_DIR, check_partition, get_launcher, load_slurm_profile, pending, run_dirs
 from benchmarks.grid import check_grid_folder, record_grid_file
 from benchmarks.report import refused_mix, unreadable_runs, write_report
-from benchmarks.stale import POLICIES as STALE_POLICIES, handle_stale
+from benchmarks.stale import POLICIES as STALE_POLICIES, find_stale, handle_stale, stale_message
 from benchmarks.status import StatusBoard
 from core import runlock
 from core.config import ConfigError
@@ -232,6 +232,9 @@ def main(argv: list[str]) -> int:
             check_writable(Path(cache), "cache_dir", "cache_dir=DIR")
     if "--dry-run" in flags:
         dry_run(grid, meta, results)
+        stale = find_stale(grid, results)            # said, not acted on: a dry run writes nothing
+        if stale:
+            print(f"note: {stale_message(grid, stale)}")
         return 0
     check_grid_folder(grid, results)                 # two grid files with one stem: refused before any write
     handle_stale(grid, results, meta.get("stale"))   # runs made with other code: error / rerun / keep (benchmarks/stale.py)

@@ -132,3 +132,16 @@ def test_runs_without_a_protocol_file_are_compared_by_nfe(tmp_path):
     report.write_report("g", tmp_path / "results")
     assert "unrecorded (run evaluated before protocols were recorded) · NFE 7" in (root / "report.md").read_text()
     assert report.refused_mix(root) is not None
+
+
+def test_benchmarks_run_passes_allow_mixed_eval_to_the_report():
+    """`report.allow_mixed_eval=true` on benchmarks.run is the command's own key (not a config override) and
+    reaches the write_report call at the end of run.main."""
+    import inspect
+
+    from benchmarks import run
+
+    meta, dotlist, _ = run.parse(["grid=smoke", "report.allow_mixed_eval=true", "train.steps=3"])
+    assert meta["report.allow_mixed_eval"] == "true" and dotlist == ["train.steps=3"]
+    assert 'write_report(grid.name, results, allow_mixed_eval=meta.get("report.allow_mixed_eval") == "true")' \
+        in inspect.getsource(run.main)
