@@ -46,8 +46,9 @@ def fd_scale(values: Sequence[float]) -> str:
 def _set_step_axis(ax: plt.Axes, steps: Sequence[float]) -> None:
     scale, kw = step_scale(steps)
     ax.set_xscale(scale, **kw)
-    if scale == "linear":
-        ax.set_xlim(left=0)
+    if scale == "linear":               # from 0, the first and last markers inside the frame
+        top = max([float(s) for s in steps] + [1.0])
+        ax.set_xlim(-0.02 * top, 1.02 * top)
     ax.set_xlabel("training step" + (" (log scale past the first eval)" if scale == "symlog" else ""))
 
 
@@ -97,6 +98,7 @@ def convergence(curves: pd.DataFrame, out: Path, fd_name: str, second: str = "cl
                      legend=metric == "fd")
         _set_step_axis(ax, data["step"].unique())
         ax.set_ylabel(ylabel)
+        ax.ticklabel_format(axis="y", useOffset=False)      # 105.41, not "+1.054e2" above the axis
     if axes[0].get_visible() and fd_scale(data["fd"]) == "log":
         axes[0].set_yscale("log")
         axes[0].yaxis.set_major_formatter(FuncFormatter(_plain))
