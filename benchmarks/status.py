@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from core import progress
+from core import progress, runlock
 from core.errors import CorruptFileError
 from core.rundir import read_jsonl
 
@@ -32,6 +32,8 @@ def _row(run: Path, steps: int) -> dict:
     sps = train[-1].get("sec_per_step") if train else None
     eta = (steps - step) * sps if (sps and status == "running") else None
     stages = progress.read_published(run / PROGRESS_FILE) if status in ("pending", "running") else {}
+    if stages and runlock.holder(run) is None:
+        stages = {}                      # left behind by a killed job: nobody is preparing any more
     if stages:                           # still building its caches: what, how far, and how long to go
         status = "preparing " + "; ".join(f"{k}: {progress.describe(v)}" for k, v in stages.items())
     return {"run": run.name, "status": status, "step": step, "steps": steps,

@@ -8,6 +8,7 @@ from rich.console import Console
 from benchmarks import status
 from core import progress
 from core.rundir import RunDir
+from core.runlock import RunLock
 
 IDS = ["sit-lightningdit-tiny-s0-1a2b3c4d", "sit-lightningdit-tiny-s1-5e6f7a8b", "sfd-lightningdit-tiny-s0-9c0d1e2f"]
 
@@ -45,7 +46,7 @@ def test_a_job_still_preparing_shows_its_stage(tmp_path):
     empty = tmp_path / IDS[0] / "metrics.jsonl"
     empty.unlink()
     (tmp_path / IDS[0] / "eval.jsonl").unlink()
-    with progress.publish(runs[0][0] / status.PROGRESS_FILE), \
+    with RunLock(runs[0][0]), progress.publish(runs[0][0] / status.PROGRESS_FILE), \
             progress.Progress("semantic-encoder training", 400, every_s=0) as p:
         p.update(100, {"loss": 2.5})
         row = status.snapshot(runs)[0]
@@ -56,6 +57,17 @@ def test_a_job_still_preparing_shows_its_stage(tmp_path):
         assert "(prepare) semantic-encoder training" in console.export_text()
     assert not (runs[0][0] / status.PROGRESS_FILE).exists()          # removed when the job moves on
     assert status.snapshot(runs)[0]["status"] == "pending" and progress.active() == {}
+
+
+def test_a_stage_file_left_by_a_killed_job_is_ignored(tmp_path):
+    runs = _runs(tmp_path)
+    (runs[0][0] / "metrics.jsonl").unlink()
+    (runs[0][0] / "eval.jsonl").unlink()
+    (runs[0][0] / status.PROGRESS_FILE).write_text(json.dumps(
+        {"fd-net training": {"done": 3, "total": 9, "unit": "steps", "rate": None, "eta_s": None, "values": {}}}))
+    assert status.snapshot(runs)[0]["status"] == "pending"            # no live lock holder
+    with RunLock(runs[0][0]):
+        assert status.snapshot(runs)[0]["status"] == "preparing fd-net training: 3/9 steps (33%)"
 
 
 class Clock:
