@@ -242,7 +242,7 @@ def _axes_ok(where: str, axes: Any) -> None:
     if axes is None:
         return
     if not isinstance(axes, dict):
-        raise ConfigError(f"{where}: must be a mapping of key: [values], got {axes!r} (docs/grids.md)")
+        raise ConfigError(f"{where} must be a mapping of key: [values], got {axes!r} (docs/grids.md)")
 
 
 def validate_grid(g: dict, path: Path) -> None:
@@ -259,7 +259,7 @@ def validate_grid(g: dict, path: Path) -> None:
     if g.get("profile") is not None and find_yaml("profile", g["profile"]) is None:
         raise ConfigError(f"{at('profile')}: unknown profile {g['profile']!r}; valid: {', '.join(available('profile'))}")
     _axes_ok(at("axes"), g.get("axes"))
-    _dotlist(at("overrides") + ":", g.get("overrides"))
+    _dotlist(at("overrides"), g.get("overrides"))
     by = g.get("by_profile")
     if by is not None and not isinstance(by, dict):
         raise ConfigError(f"{at('by_profile')}: must be {GRID_TYPES['by_profile']}, got {by!r}")
@@ -271,12 +271,12 @@ def validate_grid(g: dict, path: Path) -> None:
         if extra:
             raise ConfigError(f"{at(f'by_profile.{prof}.{extra[0]}')}: unknown key; valid: axes, overrides")
         _axes_ok(at(f"by_profile.{prof}.axes"), part.get("axes"))
-        _dotlist(at(f"by_profile.{prof}.overrides") + ":", part.get("overrides"))
+        _dotlist(at(f"by_profile.{prof}.overrides"), part.get("overrides"))
         all_axes.append(dict(part.get("axes") or {}))
     for axes, prefix in zip(all_axes, ["axes", *[f"by_profile.{p}.axes" for p in (by or {})]]):
         for key, values in axes.items():
             if not isinstance(values, list) or not values:
-                raise ConfigError(f"{at(f'{prefix}.{key}')}: an axis needs a non-empty list of values (an empty one gives the grid no runs), got {values!r}")
+                raise ConfigError(f"{at(f'{prefix}.{key}')}: every axis needs a non-empty list of values (an empty one gives the grid no runs), got {values!r}")
     methods = {str(v) for axes in all_axes for v in axes.get("method", [])}
     if g.get("baseline") is not None and methods and g["baseline"] not in methods:
         raise ConfigError(f"{at('baseline')}: {g['baseline']!r} is not a value of the method axis "
