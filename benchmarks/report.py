@@ -94,6 +94,14 @@ def _faster_with_protocols(fc: pd.DataFrame, runs: pd.DataFrame, plain: pd.DataF
     return fc.assign(protocol=fc["group"].map(by_group))
 
 
+def _per_seed_marked(per_seed: pd.DataFrame, runs: pd.DataFrame, mixed: bool) -> pd.DataFrame:
+    """The × faster chart's rows with each group marked by its run's protocol (" [P2]") when protocols are mixed."""
+    if not mixed or per_seed.empty:
+        return per_seed
+    group = runs.set_index("run_id")["group"]             # already marked by _mark_groups
+    return per_seed.assign(group=[group.get(r, g) for r, g in zip(per_seed["run_id"], per_seed["group"])])
+
+
 def metric_text(runs: pd.DataFrame) -> tuple[str, str, str]:
     """(name of the `fd` column, the second convergence panel's metric, the report's metric paragraph)."""
     if "cfg.eval.metric" in runs and (runs["cfg.eval.metric"] == "adm").any():
@@ -318,7 +326,7 @@ def write_report(grid_name: str, results_root: Path = Path("results"), allow_mix
                "Steps at which each group's FD first reaches the baseline's final FD; ratio = baseline steps / "
                "those steps. Resolution is the eval interval.", "", fc.to_markdown(index=False) if not fc.empty else "(baseline not finished)", ""]
         if not raw.attrs["per_seed"].empty:
-            plots.faster(raw.attrs["per_seed"], grid_root / "faster.png", meta["baseline"])
+            plots.faster(_per_seed_marked(raw.attrs["per_seed"], runs, mixed), grid_root / "faster.png", meta["baseline"])
             md += ["![× faster](faster.png)", ""]
     if meta.get("sweep") and f"label.{meta['sweep']}" in runs and runs["final.fd"].notna().any() and not refuse:
         plots.sweep(runs[runs["status"] == "done"], meta["sweep"], grid_root / "sweep.png", fd_name)

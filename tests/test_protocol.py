@@ -97,8 +97,10 @@ def test_runs_with_different_eval_nfe_are_not_put_in_one_table(tmp_path, capsys)
     assert "error: grid 'g': the runs were evaluated with 2 different protocols" in err and "sit-a" in err
 
 
-def test_allow_mixed_eval_puts_them_in_one_table_marked(tmp_path):
+def test_allow_mixed_eval_puts_them_in_one_table_marked(tmp_path, monkeypatch):
     root = _grid(tmp_path, nfe_b=99)
+    charted = []
+    monkeypatch.setattr(report.plots, "faster", lambda per_seed, *a, **k: charted.append(per_seed))
     assert report.main(["grid=g", f"results={tmp_path / 'results'}", "allow_mixed_eval=true"]) == 0
     md = (root / "report.md").read_text()
     assert "## Evaluation protocols (mixed: allow_mixed_eval=true; rows are marked)" in md
@@ -108,6 +110,7 @@ def test_allow_mixed_eval_puts_them_in_one_table_marked(tmp_path):
     assert "Protocols (P1, ...)" in final
     faster = md.split("## × faster convergence")[1].split("##")[0]
     assert "P1" in faster and "P2" in faster
+    assert sorted(charted[0]["group"]) == ["plug [P2]", "sit [P1]"]    # the × faster chart: groups marked too
     curves = (root / "curves.csv").read_text()
     assert "sit [P1]" in curves and "plug [P2]" in curves
     assert report.refused_mix(root) is None
