@@ -665,23 +665,15 @@ def expand(grid_name: str, cli: list[str] | None = None, profile: str | None = N
     prof_name = profile or g.get("profile", "tiny")
     # by_profile: {<profile>: {axes: {...}, overrides: [...]}} replaces those axes / adds those overrides when
     # the grid runs at that profile (e.g. the XL/1 backbone at imagenet256 instead of the tiny one).
+    # load_grid checked every key's type (validate_grid), so the parts below are mappings and lists.
     where = f"grid {grid_name!r} ({source})"
-    if not isinstance(g.get("by_profile") or {}, dict):
-        raise ConfigError(f"{where}: by_profile must map a profile name to {{axes: ..., overrides: [...]}}")
     by_profile = (g.get("by_profile") or {}).get(prof_name) or {}
-    if not isinstance(by_profile, dict):
-        raise ConfigError(f"{where}: by_profile.{prof_name} must be a mapping with axes and/or overrides")
-    if set(by_profile) - {"axes", "overrides"}:
-        raise ConfigError(f"grid {grid_name!r}: by_profile.{prof_name} has unknown keys "
-                          f"{sorted(set(by_profile) - {'axes', 'overrides'})}; valid: axes, overrides")
-    for name, part in (("axes", g.get("axes")), (f"by_profile.{prof_name}.axes", by_profile.get("axes"))):
-        if part is not None and not isinstance(part, dict):
-            raise ConfigError(f"{where}: {name} must be a mapping of key: [values], got {part!r}")
     axes: dict[str, list] = {**(g.get("axes") or {}), **(by_profile.get("axes") or {})}
     overrides = _dotlist(f"{where}: overrides", g.get("overrides")) + \
         _dotlist(f"{where}: by_profile.{prof_name}.overrides", by_profile.get("overrides"))
-    if not axes or any(not isinstance(v, list) or not v for v in axes.values()):
-        raise ConfigError(f"grid {grid_name!r} has no runs: every axis needs a non-empty list (axes: {axes})")
+    if not axes:
+        raise ConfigError(f"grid {grid_name!r} has no runs: it needs axes: with at least one key: [values] "
+                          f"({source}; docs/grids.md)")
     runs = []
     for values in itertools.product(*axes.values()):
         label = dict(zip(axes.keys(), values))

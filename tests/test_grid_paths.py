@@ -112,3 +112,12 @@ def test_report_reads_the_grid_copy_without_the_config_path(tmp_path, monkeypatc
     (root / GRID_COPY).write_text("description: from the copy\naxes: {method: [sit, sfd]}\nbaseline: sit\n")
     md = report.write_report(str(Path("somewhere") / "plugin_grid.yaml"), tmp_path / "results").read_text()
     assert "from the copy" in md and "× faster convergence (vs `sit`)" in md
+
+
+def test_a_grid_without_axes_has_no_runs(tmp_path):
+    from benchmarks.grid import expand
+
+    path = _file(tmp_path, "description: nothing to run\nprofile: smoke\n")
+    with pytest.raises(ConfigError, match=r"^grid 'my_grid' has no runs: it needs axes: with at least one key: "
+                                          r"\[values\] \(.*my_grid.yaml; docs/grids.md\)$"):
+        expand(str(path), check_files=False)
