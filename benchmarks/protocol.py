@@ -8,7 +8,8 @@ when their protocols agree, unless `allow_mixed_eval=true`.
 
     {"sampler": {"name": "ode", "solver": "euler", "steps": 4, "shift": 0.0, ...},
      "nfe": 3, "guidance": null | {"name": "cfg", "scale": 1.5, "interval": [0.0, 1.0], "channels": "all"},
-     "num_samples": 100, "fd_network": {"metric": "fd-net", "reference": "<cache id>"}, "image_size": 32}
+     "num_samples": 100, "fd_network": {"metric": "fd-net", "artifact": "fd-net-<id>", "reference": "fdref-<id>"},
+     "image_size": 32}
 """
 from __future__ import annotations
 
@@ -58,14 +59,19 @@ def component_args(obj: Any) -> dict[str, Any]:
 
 
 def fd_network(cfg: dict, scorer: Any) -> dict[str, Any]:
-    """What scores the samples: the FD network's reference (its cache id covers the FD network artifact,
-    the test split and N) or the ADM reference batch and Inception weights."""
+    """What scores the samples: the FD network artifact (its cache id, e.g. fd-net-73f936b8dc7d) and its
+    reference statistics (a cache id over that network, the test split and N), or the ADM reference batch
+    and the Inception weights."""
     e = cfg["eval"]
     if e["metric"] == "adm":
         return {"metric": "adm", "reference": Path(str(e["adm_ref"])).name,
                 "inception": Path(str(e["inception"])).name if e["inception"] else "torch-hub"}
     ref = getattr(scorer, "ref_dir", None)
-    return {"metric": e["metric"], "reference": Path(ref).name if ref is not None else None}
+    out = {"metric": e["metric"], "reference": Path(ref).name if ref is not None else None}
+    key = Path(ref) / "key.json" if ref is not None else None
+    if key is not None and key.exists():            # the FD network artifact the reference was computed with
+        out["artifact"] = json.loads(key.read_text()).get("fdnet")
+    return out
 
 
 def eval_protocol(cfg: dict, method: Any, scorer: Any, nfe: int) -> dict[str, Any]:
@@ -104,7 +110,7 @@ def protocol_tag(p: dict) -> str:
                                                                     if k != "name") + ")"
     fd = p.get("fd_network") or {}
     return (f"{name}(" + ", ".join(f"{k}={v}" for k, v in shown.items()) + f") · NFE {p.get('nfe')} · {guid} · "
-            f"N={p.get('num_samples')} · {fd.get('metric')} {str(fd.get('reference'))[:12]} · "
+            f"N={p.get('num_samples')} · {fd.get('metric')} {fd.get('artifact') or fd.get('reference')} · "
             f"{p.get('image_size')} px")
 
 

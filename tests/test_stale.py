@@ -75,6 +75,7 @@ def test_changed_plugin_makes_its_run_stale(tmp_path, monkeypatch, smoke_cache, 
         proto = json.loads((run / "protocol.json").read_text())
         nfes = {json.loads(line)["nfe"] for line in (run / "eval.jsonl").read_text().splitlines()}
         assert proto["sampler"]["name"] == "ode" and proto["sampler"]["steps"] == 4 and nfes == {proto["nfe"]}
+        assert proto["fd_network"]["artifact"].startswith("fd-net-") and proto["guidance"] is None
         # the grid file actually used travels with the results: the report finds its baseline without it
         assert (root / "grid.yaml").read_text() == grid.read_text()
         md = (root / "report.md").read_text()
