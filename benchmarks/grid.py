@@ -33,7 +33,7 @@ from core.registry import ENCODERS
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 SPECIAL_AXES = ("method", "backbone", "seed")
-GRID_KEYS = {"description", "profile", "axes", "overrides", "baseline", "sweep", "by_profile"}
+GRID_KEYS = {"description", "profile", "axes", "overrides", "baseline", "sweep", "by_profile", "allow_mixed_eval"}
 
 
 def config_roots() -> list[Path]:
@@ -222,7 +222,8 @@ class _Where:
 
 GRID_TYPES = {"description": "a string", "profile": "a profile name", "axes": "a mapping of key: [values]",
               "overrides": 'a list of "key=value" strings', "baseline": "a method name of the method axis",
-              "sweep": "an axis key", "by_profile": "a mapping of profile name: {axes: ..., overrides: [...]}"}
+              "sweep": "an axis key", "by_profile": "a mapping of profile name: {axes: ..., overrides: [...]}",
+              "allow_mixed_eval": "true or false"}
 
 
 def load_grid(arg: str) -> tuple[str, Path, dict]:
@@ -256,6 +257,8 @@ def validate_grid(g: dict, path: Path) -> None:
     for key in ("description", "profile", "baseline", "sweep"):
         if g.get(key) is not None and not isinstance(g[key], str):
             raise ConfigError(f"{at(key)}: must be {GRID_TYPES[key]}, got {g[key]!r}")
+    if g.get("allow_mixed_eval") is not None and not isinstance(g["allow_mixed_eval"], bool):
+        raise ConfigError(f"{at('allow_mixed_eval')}: must be {GRID_TYPES['allow_mixed_eval']}, got {g['allow_mixed_eval']!r}")
     if g.get("profile") is not None and find_yaml("profile", g["profile"]) is None:
         raise ConfigError(f"{at('profile')}: unknown profile {g['profile']!r}; valid: {', '.join(available('profile'))}")
     _axes_ok(at("axes"), g.get("axes"))

@@ -22,7 +22,7 @@ from core.config import ConfigError, stable_hash
 from core.rundir import atomic_write_text
 
 PROTOCOL_FILE = "protocol.json"
-ADAPTIVE_SOLVERS = ("dopri5",)         # their NFE is measured, not chosen: it may differ between evaluations
+ADAPTIVE_SOLVERS = ("dopri5",)         # their tolerances are settings worth showing; fixed-step solvers ignore them
 DEP_ARGS = ("groups", "null_label", "hidden_size", "encoder_dim", "schedule")   # wiring, not settings
 
 
@@ -43,19 +43,19 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def component_args(obj: Any) -> dict[str, Any]:
-    """The constructor arguments of a built component, read back from the attributes of the same name
-    (the default where the object keeps no such attribute); dependency arguments are left out."""
+def component_args(obj: Any) -> tuple[dict[str, Any], list[str]]:
+    """(the constructor arguments of a built component read back from its attributes of the same name,
+    the names of the arguments it keeps under no such attribute); dependency arguments are left out."""
     params = inspect.signature(type(obj).__init__).parameters
-    out = {}
+    out, unread = {}, []
     for name, p in params.items():
         if name == "self" or name in DEP_ARGS or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         if hasattr(obj, name):
             out[name] = _plain(getattr(obj, name))
-        elif p.default is not inspect.Parameter.empty:
-            out[name] = _plain(p.default)
-    return out
+        else:
+            unread.append(name)
+    return out, unread
 
 
 def fd_network(cfg: dict, scorer: Any) -> dict[str, Any]:
@@ -81,18 +81,23 @@ def eval_protocol(cfg: dict, method: Any, scorer: Any, nfe: int) -> dict[str, An
     from methods.guidance import GUIDANCE
 
     g = method.guidance
-    return {"sampler": {"name": registered_name(SAMPLERS, method.sampler), **component_args(method.sampler)},
-            "nfe": int(nfe),
-            "guidance": None if g is None else {"name": registered_name(GUIDANCE, g), **component_args(g)},
-            "num_samples": int(cfg["eval"]["num_samples"]), "fd_network": fd_network(cfg, scorer),
-            "image_size": int(cfg["data"]["image_size"])}
+    s_args, s_unread = component_args(method.sampler)
+    g_args, g_unread = component_args(g) if g is not None else ({}, [])
+    out = {"sampler": {"name": registered_name(SAMPLERS, method.sampler), **s_args},
+           "nfe": int(nfe),
+           "guidance": None if g is None else {"name": registered_name(GUIDANCE, g), **g_args},
+           "num_samples": int(cfg["eval"]["num_samples"]), "fd_network": fd_network(cfg, scorer),
+           "image_size": int(cfg["data"]["image_size"])}
+    if s_unread or g_unread:            # settings the objects do not show: the measured NFE stands in for them
+        out["unread"] = [f"sampler.{n}" for n in s_unread] + [f"guidance.{n}" for n in g_unread]
+    return out
 
 
 def identity(p: dict) -> dict:
-    """The fields two runs must share to be compared; the NFE of an adaptive solver is left out."""
-    if (p.get("sampler") or {}).get("solver") in ADAPTIVE_SOLVERS:
-        return {k: v for k, v in p.items() if k != "nfe"}
-    return dict(p)
+    """The fields two runs must share to be compared: everything but the measured NFE, which the same
+    settings legitimately change (SFD's phase cuts add grid points; an adaptive solver's NFE depends on
+    the weights). Where a component did not show all its settings (`unread`), the NFE is kept in."""
+    return dict(p) if p.get("unread") else {k: v for k, v in p.items() if k != "nfe"}
 
 
 def protocol_id(p: dict) -> str:
@@ -100,18 +105,30 @@ def protocol_id(p: dict) -> str:
 
 
 def protocol_tag(p: dict) -> str:
-    """A one-line description, e.g. "ode(solver=euler, steps=4, shift=0.0) · NFE 3 · unguided · N=100 ·
-    fd-net ab12cd34 · 32 px"."""
+    """A one-line description, e.g. "ode(solver=euler, steps=4, shift=0.0) · unguided · N=100 ·
+    fd-net fd-net-73f936b8dc7d · 32 px" (the NFE too where it is part of the identity)."""
     s = dict(p.get("sampler") or {})
     name = s.pop("name", "?")
     shown = {k: v for k, v in s.items() if k not in ("atol", "rtol") or s.get("solver") in ADAPTIVE_SOLVERS}
+    nfe = f" · NFE {p.get('nfe')}" if p.get("unread") else ""      # else measured per run (the report's NFE column)
     g = p.get("guidance")
     guid = "unguided" if not g else f"{g.get('name')}(" + ", ".join(f"{k}={v}" for k, v in g.items()
                                                                     if k != "name") + ")"
     fd = p.get("fd_network") or {}
-    return (f"{name}(" + ", ".join(f"{k}={v}" for k, v in shown.items()) + f") · NFE {p.get('nfe')} · {guid} · "
+    return (f"{name}(" + ", ".join(f"{k}={v}" for k, v in shown.items()) + f"){nfe} · {guid} · "
             f"N={p.get('num_samples')} · {fd.get('metric')} {fd.get('artifact') or fd.get('reference')} · "
             f"{p.get('image_size')} px")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"sampler": {"steps": 4}} -> {"sampler.steps": 4} (lists and None kept as values)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def read_protocol(run_dir: Path) -> dict | None:
@@ -131,7 +148,7 @@ def record_protocol(run_dir: Path, p: dict) -> None:
     if old is None:
         atomic_write_text(Path(run_dir) / PROTOCOL_FILE, json.dumps(p, indent=2, sort_keys=True))
         return
-    a, b = identity(old), identity(p)
+    a, b = _flat(identity(old)), _flat(identity(p))
     diff = [f"{k}: {json.dumps(a.get(k))} -> {json.dumps(b.get(k))}" for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k)]
     if diff:

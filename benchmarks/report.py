@@ -194,8 +194,9 @@ def _protocol_list(runs: pd.DataFrame, names: dict[str, str]) -> list[str]:
     lines = []
     for pid, name in names.items():
         sub = runs[runs["protocol_id"] == pid]
-        lines.append(f"- **{name}**: {sub['protocol_tag'].iloc[0]} — runs: "
-                     + ", ".join(f"`{r}`" for r in sub["run_id"]))
+        nfe = sub["final.nfe"] if "final.nfe" in sub else pd.Series([None] * len(sub), index=sub.index)
+        lines.append(f"- **{name}**: {sub['protocol_tag'].iloc[0]} — runs (measured NFE per sample): "
+                     + ", ".join(f"`{r}` ({int(n) if pd.notna(n) else '?'})" for r, n in zip(sub["run_id"], nfe)))
     return lines
 
 
@@ -207,7 +208,8 @@ def mixed_message(grid_name: str, protocols: dict) -> str:
             f"eval.guidance / eval.num_samples for every run; a sampler that ignores an eval override shows here "
             f"with its own NFE) and rerun, or compare them anyway, each row marked with its protocol: "
             f"`python -m benchmarks.report grid={grid_name} allow_mixed_eval=true` "
-            f"(benchmarks.run: report.allow_mixed_eval=true)")
+            f"(benchmarks.run: report.allow_mixed_eval=true; a grid whose protocols differ by design: "
+            f"allow_mixed_eval: true in the grid file)")
 
 
 def refused_mix(grid_root: Path) -> str | None:
@@ -233,9 +235,10 @@ def _protocol_sections(grid_name: str, runs: pd.DataFrame, names: dict[str, str]
                 "for every run; a sampler that ignores an eval override shows here with its own NFE) and rerun; "
                 f"or compare them anyway, each row marked with its protocol: `python -m benchmarks.report "
                 f"grid={grid_name} allow_mixed_eval=true` (`python -m benchmarks.run ... "
-                "report.allow_mixed_eval=true`).", ""]
+                "report.allow_mixed_eval=true`; a grid whose protocols differ by design, such as DiT's DDPM sampler "
+                "next to flow samplers, says `allow_mixed_eval: true` in its file, docs/grids.md).", ""]
     head = "## Evaluation protocol" if len(names) == 1 else \
-        "## Evaluation protocols (mixed: allow_mixed_eval=true; rows are marked)"
+        "## Evaluation protocols (mixed, allowed by allow_mixed_eval: rows are marked)"
     return [head, "", "Recorded by each run at its first evaluation (`protocol.json`): the sampler as built, the "
             "measured NFE per sample, guidance, number of samples, scoring network and image size.", "",
             *_protocol_list(runs, names), ""]
@@ -286,8 +289,9 @@ def write_report(grid_name: str, results_root: Path = Path("results"), allow_mix
     fd_name, second, paragraph = metric_text(runs)
     names = protocol_names(runs, meta.get("baseline"))
     mixed = len(names) > 1
+    allow_mixed_eval = bool(allow_mixed_eval) or meta.get("allow_mixed_eval") is True   # asked here or in the grid file
     refuse = mixed and not allow_mixed_eval            # different protocols: no comparison table unless asked
-    atomic_write_text(grid_root / PROTOCOLS_FILE, json.dumps({"mixed": mixed, "allowed": bool(allow_mixed_eval),
+    atomic_write_text(grid_root / PROTOCOLS_FILE, json.dumps({"mixed": mixed, "allowed": allow_mixed_eval,
         "protocols": {n: {"tag": runs.loc[runs["protocol_id"] == pid, "protocol_tag"].iloc[0],
                           "runs": runs.loc[runs["protocol_id"] == pid, "run_id"].tolist()} for pid, n in names.items()}},
         indent=2))

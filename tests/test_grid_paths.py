@@ -39,7 +39,7 @@ def test_grid_by_path_or_by_name(tmp_path):
 
 
 @pytest.mark.parametrize("text, key, line, needle", [
-    (GOOD + "baselin: sit\n", "baselin", 7, "unknown grid key; valid: axes, baseline, by_profile"),
+    (GOOD + "baselin: sit\n", "baselin", 7, "unknown grid key; valid: allow_mixed_eval, axes, baseline, by_profile"),
     ("profile: smoke\naxes:\n  method: sit\n", "axes.method", 3, "every axis needs a non-empty list of values .*, got 'sit'"),
     ("axes:\n  method: []\n", "axes.method", 2, "every axis needs a non-empty list of values \\(an empty one gives the grid no runs\\), got \\[\\]"),
     ("axes: [method, sit]\n", "axes", 1, "must be a mapping of key: \\[values\\]"),
@@ -49,6 +49,7 @@ def test_grid_by_path_or_by_name(tmp_path):
     (GOOD + "overrides: train.steps=5\n", "overrides", 7, "must be a list of \"key=value\" strings"),
     ("profile: huge\naxes: {method: [sit]}\n", "profile", 1, "unknown profile 'huge'; valid: imagenet256, smoke, tiny"),
     ("profile: 3\naxes: {method: [sit]}\n", "profile", 1, "must be a profile name, got 3"),
+    (GOOD + "allow_mixed_eval: yes please\n", "allow_mixed_eval", 7, "must be true or false, got 'yes please'"),
     (GOOD + "by_profile:\n  tiny:\n    axes: {seed: [0, 1]}\n    overides: [a=1]\n", "by_profile.tiny.overides", 10,
      "unknown key; valid: axes, overrides"),
     (GOOD + "by_profile:\n  tiny: [seed]\n", "by_profile.tiny", 8, "must be a mapping with axes and/or overrides"),

@@ -66,18 +66,35 @@ def test_protocol_reads_the_built_sampler_not_the_yaml():
     assert g["guidance"]["name"] == "cfg" and g["guidance"]["scale"] == 1.5 and "null_label" not in g["guidance"]
     assert protocol_id(p) != protocol_id(g)
     tag = protocol_tag(p)                      # every constructor argument of the sampler, then the rest
-    assert tag.startswith("ode(solver=euler, steps=4, shift=0.0") and ") · NFE 3 · unguided · N=100 · " in tag
+    assert tag.startswith("ode(solver=euler, steps=4, shift=0.0") and ") · unguided · N=100 · fd-net None · 32 px" in tag
+    assert "unread" not in p                   # the suite's samplers keep every setting as an attribute
 
 
 def test_resumed_run_checks_its_protocol(tmp_path):
     record_protocol(tmp_path, _protocol(4, 3))
     record_protocol(tmp_path, _protocol(4, 3))                       # the same: fine
+    record_protocol(tmp_path, _protocol(4, 5))                       # the NFE alone is measured, not a setting
     with pytest.raises(ProtocolChanged, match=r"^the evaluation protocol changed since this run's first evaluation "
-                                              r"\(nfe: 3 -> 49; sampler: .*\"steps\": 4.*\"steps\": 50"):
+                                              r"\(sampler.steps: 4 -> 50\): its curve would mix protocols\. Rerun "
+                                              r"the grid with stale=rerun"):
         record_protocol(tmp_path, _protocol(50, 49))
     assert json.loads((tmp_path / PROTOCOL_FILE).read_text())["nfe"] == 3   # the first one stays
-    record_protocol(tmp_path / "x", _protocol(4, 30, "dopri5")) if (tmp_path / "x").mkdir() is None else None
-    record_protocol(tmp_path / "x", _protocol(4, 44, "dopri5"))     # an adaptive solver's NFE varies: fine
+    (tmp_path / "x").mkdir()                 # a sampler that did not show a setting: its NFE stands in for it
+    record_protocol(tmp_path / "x", {**_protocol(4, 3), "unread": ["sampler.n_steps"]})
+    with pytest.raises(ProtocolChanged, match=r"\(nfe: 3 -> 49\)"):
+        record_protocol(tmp_path / "x", {**_protocol(4, 49), "unread": ["sampler.n_steps"]})
+
+
+def test_unread_settings_put_the_nfe_in_the_identity():
+    class Hidden:                            # keeps its setting under another name
+        def __init__(self, n_steps: int = 50) -> None:
+            self.n = n_steps
+
+    from benchmarks.protocol import component_args
+
+    assert component_args(Hidden(8)) == ({}, ["n_steps"])
+    assert protocol_id(_protocol(4, 3)) == protocol_id(_protocol(4, 7))
+    assert protocol_id({**_protocol(4, 3), "unread": ["x"]}) != protocol_id({**_protocol(4, 7), "unread": ["x"]})
 
 
 # ------------------------------------------------------------------------------------ the report
@@ -87,8 +104,9 @@ def test_runs_with_different_eval_nfe_are_not_put_in_one_table(tmp_path, capsys)
     md = out.read_text()
     assert "## Mixed evaluation protocols: no comparison tables" in md
     assert "## Final metrics" not in md and "× faster" not in md.split("## Mixed")[0] and "## Convergence" not in md
-    assert "**P1**: ode(solver=euler, steps=4, shift=0.0) · NFE 3 · unguided · N=100" in md and "runs: `sit-a`" in md
-    assert "**P2**: ode(solver=euler, steps=50, shift=0.0) · NFE 99" in md and "runs: `plug-b`" in md
+    assert "**P1**: ode(solver=euler, steps=4, shift=0.0) · unguided · N=100 · fd-net fdref-abc · 32 px — runs " \
+           "(measured NFE per sample): `sit-a` (3)" in md
+    assert "**P2**: ode(solver=euler, steps=50, shift=0.0) · unguided" in md and "`plug-b` (99)" in md
     assert "allow_mixed_eval=true" in md and not (root / "convergence.png").exists()
     msg = report.refused_mix(root)
     assert msg.startswith("grid 'g': the runs were evaluated with 2 different protocols") and "plug-b" in msg
@@ -103,7 +121,7 @@ def test_allow_mixed_eval_puts_them_in_one_table_marked(tmp_path, monkeypatch):
     monkeypatch.setattr(report.plots, "faster", lambda per_seed, *a, **k: charted.append(per_seed))
     assert report.main(["grid=g", f"results={tmp_path / 'results'}", "allow_mixed_eval=true"]) == 0
     md = (root / "report.md").read_text()
-    assert "## Evaluation protocols (mixed: allow_mixed_eval=true; rows are marked)" in md
+    assert "## Evaluation protocols (mixed, allowed by allow_mixed_eval: rows are marked)" in md
     final = md.split("## Final metrics")[1].split("##")[0]
     rows = [line for line in final.splitlines() if line.startswith("| sit") or line.startswith("| plug")]
     assert len(rows) == 2 and "sit [P1]" in rows[0] + rows[1] and "plug [P2]" in rows[0] + rows[1]
@@ -125,6 +143,29 @@ def test_one_protocol_one_table_with_protocol_and_nfe(tmp_path):
     assert "| protocol |" in final.replace("  ", " ") or " protocol " in final.splitlines()[2]
     assert " NFE " in final.splitlines()[2] and "[P1]" not in final
     assert "× faster convergence (vs `sit`)" in md and report.refused_mix(root) is None
+
+
+def test_same_settings_other_nfe_share_a_table(tmp_path):
+    """SFD's phase cuts add grid points: the same sampler settings cost more NFE. One protocol, one table,
+    and the NFE column shows each group's measured NFE."""
+    root = tmp_path / "results" / "g"
+    _run(root, "sit-a", "sit", [9.0, 5.0], _protocol(4, 3), 3)
+    _run(root, "sfd-b", "sfd", [9.0, 4.0], _protocol(4, 5), 5)
+    report.write_report("g", tmp_path / "results")
+    md = (root / "report.md").read_text()
+    assert report.refused_mix(root) is None and "**P2**" not in md and "`sfd-b` (5), `sit-a` (3)" in md
+    final = md.split("## Final metrics")[1].split("##")[0]
+    header, _, *rows = [line for line in final.splitlines() if line.startswith("|")]
+    nfe = [c.strip() for c in header.split("|")].index("NFE")
+    assert sorted(r.split("|")[nfe].strip() for r in rows) == ["3", "5"]
+
+
+def test_a_grid_file_may_allow_mixed_protocols(tmp_path):
+    """DiT's DDPM sampler next to flow samplers: different by design, said once in the grid file."""
+    root = _grid(tmp_path, nfe_b=99)
+    (root / "grid.yaml").write_text("axes: {method: [sit, plug]}\nbaseline: sit\nallow_mixed_eval: true\n")
+    md = report.write_report("g", tmp_path / "results").read_text()
+    assert report.refused_mix(root) is None and "sit [P1]" in md and "plug [P2]" in md
 
 
 def test_runs_without_a_protocol_file_are_compared_by_nfe(tmp_path):
