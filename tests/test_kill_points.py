@@ -1,5 +1,7 @@
 """Kill the job at different moments, rerun, and get exactly the results of an uninterrupted run:
 during prepare, mid-training, during evaluation, while writing a checkpoint, and during the report."""
+import functools
+
 import pytest
 import torch
 
@@ -20,6 +22,8 @@ def _once(monkeypatch, obj, name, when=lambda *a, **k: True):
     real = getattr(obj, name)
     state = {"fired": False}
 
+    # wraps: the wrapper keeps the real signature (the build refuses a **kwargs constructor)
+    @functools.wraps(real)
     def wrapper(*args, **kwargs):
         if not state["fired"] and when(*args, **kwargs):
             state["fired"] = True
