@@ -36,7 +36,8 @@ def check_method(name: str, *, cache_dir: str | Path, profile: str = "smoke", ba
     Args:
         cache_dir: where the profile's shared artifacts and latent caches live (built on first use)
         steps: optimizer steps before the gradient check (2: zero-initialised output layers have moved)
-    Returns: {"loss": last total loss, "nfe": the sampler's model calls, "sample_shape": (N, C, H, W)}.
+    Returns: {"loss": last total loss, "nfe": the sampler's model calls, "sample_shape": (N, C, H, W) latents,
+        "image_shape": (N, C, H, W) decoded images}.
     Raises: ContractError naming the preset and the broken promise.
     """
     cfg = resolve(profile, {"method": name, "backbone": backbone, "seed": 0}, cli=[f"cache_dir={cache_dir}"])
@@ -76,4 +77,4 @@ def check_method(name: str, *, cache_dir: str | Path, profile: str = "smoke", ba
         _check(torch.equal(fresh.model.eval()(noise, t, y).out, model(noise, t, y).out), name,
                "a save/load round trip changes the model's outputs")
     return {"loss": float(out.total.detach()), "nfe": getattr(method.sampler, "last_nfe", None),
-            "sample_shape": tuple(x1.shape)}
+            "sample_shape": tuple(x1.shape), "image_shape": tuple(img.shape)}

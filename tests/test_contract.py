@@ -1,15 +1,17 @@
-"""Contract over every method preset (the timm pattern): built from the real smoke-profile caches, one
-training step gives a finite loss and a gradient on every trainable parameter, sampling gives finite
-latents and images of the right shape, and a save/load round trip reproduces the outputs."""
+"""Contract over every method preset (the timm pattern): the public check (benchmarks/contract.py: built
+from the real smoke-profile caches, training steps give a finite loss and a gradient on every trainable
+parameter, sampling gives finite latents and images of the right shape, a save/load round trip reproduces
+the outputs), plus the phase figure and the no-host-sync promise of every preset."""
 import copy
 import dataclasses
-import io
+import math
 
 import pytest
 import torch
 
 from benchmarks.api import presets
 from benchmarks.components import build_run
+from benchmarks.contract import check_method
 from benchmarks.grid import resolve
 from benchmarks.prepare import prepare_run
 from host_traffic import HostTraffic
@@ -32,40 +34,11 @@ def built(smoke_cache):
 
 
 @pytest.mark.parametrize("name", presets())
-def test_preset_train_step_sample_and_roundtrip(name, built):
-    cfg, parts = built(name)
-    model, method = parts.model, parts.method
-    params = [p for p in model.parameters()] + [p for p in method.loss.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-3)
-    for step in range(2):                      # step 2: zero-initialised output layers have moved
-        torch.manual_seed(step)
-        out = method.losses(model.train(), parts.feed.batch(step))
-        assert torch.isfinite(out.total), (name, out.terms)
-        opt.zero_grad(set_to_none=True)
-        out.total.backward()
-        opt.step()
-    missing = [n for n, p in [*model.named_parameters(), *method.loss.named_parameters()]
-               if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
-    assert not missing, (name, missing)
-    assert sum(float(p.grad.abs().sum()) for p in params) > 0
-
-    model.eval()
-    noise, y = torch.randn(4, *parts.latent_shape), torch.arange(4)
-    x1 = method.sample(model, noise, y, generator=torch.Generator().manual_seed(0))
-    assert x1.shape == noise.shape and torch.isfinite(x1).all()
-    img = parts.latent.decode(x1)
-    assert img.shape == (4, 1, 32, 32) and torch.isfinite(img).all()
-
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "loss": method.loss.state_dict()}, buf)
-    buf.seek(0)
-    state = torch.load(buf, weights_only=True)
-    fresh = build_run(cfg, prepare_run(cfg, CPU), CPU)
-    fresh.model.load_state_dict(state["model"])
-    fresh.method.loss.load_state_dict(state["loss"])
-    t = torch.rand(4, method.schedule.num_time_inputs)
-    with torch.no_grad():
-        assert torch.equal(fresh.model.eval()(noise, t, y).out, model(noise, t, y).out)
+def test_preset_train_step_sample_and_roundtrip(name, smoke_cache):
+    """The public contract (benchmarks/contract.py, the same check a plugin author runs) on every preset."""
+    out = check_method(name, cache_dir=smoke_cache, n_samples=4)
+    assert out["image_shape"] == (4, 1, 32, 32) and out["sample_shape"][0] == 4
+    assert math.isfinite(out["loss"])
 
 
 @pytest.mark.parametrize("name", presets())
