@@ -203,6 +203,16 @@ class Key:
                     raise ConfigError(f"{self.name}={value}: {item!r} is not one of {', '.join(valid)}")
 
 
+def config_names(kind: str) -> Callable[[], list[str]]:
+    """The names --help and completion list for a config kind ("grid", "profile", "method"): the package's
+    YAMLs plus those in SEMPRIOR_CONFIG_PATH, read when asked (benchmarks.grid is imported lazily)."""
+    def names() -> list[str]:
+        from benchmarks.grid import available
+
+        return available(kind)
+    return names
+
+
 @dataclass(frozen=True)
 class Flag:
     """A `--flag` (no value)."""

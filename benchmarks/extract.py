@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from benchmarks.cli import Key, Spec, command, parse as parse_args
+from benchmarks.cli import Key, Spec, config_names, command, parse as parse_args
 from benchmarks.datasets import READ_WORKERS, ImageFolderDataset
 from benchmarks.prepare import (ENCODER, FD_NET, STATS_SAMPLES, artifact_plan, build_latent, build_node,
                                 encodings_key, latent_key, load_artifacts, load_data, stream_cache_dirs, streamed)
@@ -295,18 +295,6 @@ def extract_run(cfg: dict, rank: int = 0, world: int = 1, device: torch.device |
 
 
 # ----------------------------------------------------------------------------- CLI
-def _grids() -> list[str]:
-    from benchmarks.grid import available
-
-    return available("grid")
-
-
-def _profiles() -> list[str]:
-    from benchmarks.grid import available
-
-    return available("profile")
-
-
 SPEC = Spec(
     prog="python -m benchmarks.extract",
     purpose="Encode a streamed image folder (data.stream: true) into the sharded latent and semantic-token caches "
@@ -314,11 +302,11 @@ SPEC = Spec(
             "last rank to finish merges them (docs/paper_scale.md). A shard already on disk is skipped.",
     keys=(
         Key("grid", "extract every distinct cache of this grid (a name below, or a grid YAML file)",
-            metavar="NAME", complete=_grids),
+            metavar="NAME", complete=config_names("grid")),
         Key("config", "extract the cache of one resolved run config (config.yaml of a run folder)", type="path",
             metavar="FILE"),
         Key("profile", "the profile (with grid=)", default="the grid's own", metavar="NAME",
-            complete=_profiles),
+            complete=config_names("profile")),
         Key("rank", "this job's rank (give world= too)", type="int", low=0,
             default="torchrun's RANK, SLURM's task id, or 0"),
         Key("world", "how many jobs share the work", type="int", low=1, default="torchrun's or SLURM's, or 1"),
@@ -330,7 +318,7 @@ SPEC = Spec(
     ),
     one_of=(("grid", "config"),),
     overrides="any other key=value overrides that config key (OmegaConf dotlist, e.g. data.root=/data/imagenet).",
-    names=(("grids", _grids), ("profiles", _profiles)),
+    names=(("grids", config_names("grid")), ("profiles", config_names("profile"))),
     examples=("python -m benchmarks.extract grid=sfd_vs_redi profile=imagenet256 data.root=/data/imagenet",
               "python -m benchmarks.extract config=results/g/sfd-s0/config.yaml rank=0 world=8 workers=7"),
 )

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import plots
-from benchmarks.cli import Key, Spec, command, parse as parse_args
+from benchmarks.cli import Key, Spec, config_names, command, parse as parse_args
 from benchmarks.collect import constant_axes, group_name, load_curves, load_runs
 from benchmarks.grid import GRID_COPY, find_yaml, grid_source_name, load_yaml
 from core.config import ConfigError, load_config_yaml
@@ -358,12 +358,6 @@ def write_report(grid_name: str, results_root: Path = Path("results"), allow_mix
     return out
 
 
-def _grids() -> list[str]:
-    from benchmarks.grid import available
-
-    return available("grid")
-
-
 SPEC = Spec(
     prog="python -m benchmarks.report",
     purpose="Collect a grid's runs (finished, running or failed) into results/<grid>/report.md with its tables, "
@@ -371,12 +365,12 @@ SPEC = Spec(
             "a run folder could not be read (the report of the others is written) or when runs evaluated with "
             "different protocols were kept out of one comparison (see allow_mixed_eval).",
     keys=(Key("grid", "the grid: its name, i.e. the folder <results>/<grid>/ (a grid YAML file's stem)",
-              required=True, metavar="NAME", complete=_grids),
+              required=True, metavar="NAME", complete=config_names("grid")),
           Key("results", "the results folder that holds <grid>/", type="path", default="results"),
           Key("allow_mixed_eval", "put runs evaluated with different protocols (sampler, NFE, guidance, samples) "
               "into one comparison table, each row marked with its protocol", type="choice",
               choices=("true", "false"), default="false")),
-    names=(("grids", _grids),),
+    names=(("grids", config_names("grid")),),
     examples=("python -m benchmarks.report grid=sfd_vs_redi",
               "python -m benchmarks.report grid=smoke results=/scratch/results"),
 )

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.cli import Flag, Key, Spec, command, parse as parse_args
-from benchmarks.grid import Grid, available, expand
+from benchmarks.cli import Flag, Key, Spec, command, config_names, parse as parse_args
+from benchmarks.grid import Grid, expand
 from benchmarks.launch import LAUNCHERS, SLURM_DIR, check_partition, get_launcher, load_slurm_profile, pending, run_dirs
 from benchmarks.grid import check_grid_folder, record_grid_file
 from benchmarks.report import refused_mix, unreadable_runs, write_report
@@ -61,9 +61,9 @@ SPEC = Spec(
             "when a run did not finish.",
     keys=(
         Key("grid", "the grid to run: a name below (benchmarks/configs/grid/, or SEMPRIOR_CONFIG_PATH) or a "
-            "path to a grid YAML file", required=True, metavar="NAME|FILE.yaml", complete=lambda: available("grid")),
+            "path to a grid YAML file", required=True, metavar="NAME|FILE.yaml", complete=config_names("grid")),
         Key("profile", "the profile every run starts from (a name below)", default="the grid's own",
-            metavar="NAME", complete=lambda: available("profile")),
+            metavar="NAME", complete=config_names("profile")),
         Key("launcher", "where the jobs run: local (parallel subprocesses on this machine), inline (in this "
             "process), slurm (submitit, one job per run)", type="choice", choices=LAUNCHERS,
             default=DEFAULT_LAUNCHER, noun="launcher"),
@@ -88,7 +88,7 @@ SPEC = Spec(
     overrides="any other key=value overrides that config key in every run of the grid (OmegaConf dotlist, "
               "e.g. train.steps=500 eval.num_samples=256 cache_dir=/scratch/cache); an unknown config key is "
               "an error naming the valid ones.",
-    names=(("grids", lambda: available("grid")), ("profiles", lambda: available("profile")),
+    names=(("grids", config_names("grid")), ("profiles", config_names("profile")),
            ("methods", _methods), ("backbones", _backbones), ("launchers", LAUNCHERS),
            ("slurm profiles", _slurm_profiles)),
     examples=("python -m benchmarks.run grid=sfd_vs_redi --dry-run",

@@ -31,6 +31,12 @@ class RepaCfg:
     projector_dim: int = 2048       # REPA/SFD projector width
     target_key: str = "tokens"      # batch.aux key of the (N, T, E) encoder tokens
 
+    def __post_init__(self) -> None:
+        if self.mode not in REPA_MODES:
+            raise ValueError(f"unknown repa mode {self.mode!r}; valid: {', '.join(REPA_MODES)}")
+        if self.depth < 1:
+            raise ValueError(f"repa.depth is a 1-based block number, got {self.depth}")
+
 
 @dataclass(frozen=True)
 class DropCfg:
@@ -152,11 +158,7 @@ class FlowLoss(Loss):
         self.projector: nn.Module | None = None
         if repa is None:
             return
-        cfg = RepaCfg(**repa)
-        if cfg.mode not in REPA_MODES:
-            raise ValueError(f"unknown repa mode {cfg.mode!r}; valid: {', '.join(REPA_MODES)}")
-        if cfg.depth < 1:
-            raise ValueError(f"repa.depth is a 1-based block number, got {cfg.depth}")
+        cfg = RepaCfg(**repa)          # checks mode and depth
         if not hidden_size or not encoder_dim:                 # the builder passes 0 when unknown
             raise ValueError("repa needs the hidden_size and encoder_dim dependencies")
         self.repa_depth, self.repa_weight = int(cfg.depth), float(cfg.weight)

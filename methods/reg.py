@@ -15,7 +15,7 @@ from backbones.layers import token_channels, unpack_token
 from core.registry import LOSSES
 from core.types import BackboneOut, Groups, LossOut
 from methods.base import Loss, LossCtx
-from methods.losses import REPA_MODES, RepaCfg, build_projector, mean_flat, pool_tokens, repa_alignment
+from methods.losses import RepaCfg, build_projector, mean_flat, pool_tokens, repa_alignment
 
 CLS_GROUP = "cls"
 
@@ -40,11 +40,7 @@ class RegLoss(Loss):
         super().__init__()
         self.groups, self.cls_weight = groups, float(cls_weight)
         self.has_cls = CLS_GROUP in groups.names
-        cfg = RepaCfg(**repa)
-        if cfg.mode not in REPA_MODES:
-            raise ValueError(f"unknown repa mode {cfg.mode!r}; valid: {', '.join(REPA_MODES)}")
-        if cfg.depth < 1:
-            raise ValueError(f"repa.depth is a 1-based block number, got {cfg.depth}")
+        cfg = RepaCfg(**repa)          # checks mode and depth
         if not hidden_size or not encoder_dim:                 # the builder passes 0 when unknown
             raise ValueError("loss reg needs the hidden_size and encoder_dim dependencies")
         if self.has_cls and groups.names[-1] != CLS_GROUP:

@@ -16,13 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.cli import Key, Spec, command, is_known, message, parse as parse_args
-
-
-def _grids() -> list[str]:
-    from benchmarks.grid import available
-
-    return available("grid")
+from benchmarks.cli import Key, Spec, config_names, command, is_known, message, parse as parse_args
 
 
 SPEC = Spec(
@@ -31,10 +25,10 @@ SPEC = Spec(
             "same time, and compare every safetensors file byte for byte. Exit status 1 if any differs "
             "(docs/results.md).",
     keys=(Key("grid", "the grid whose caches are built (a name below)", default="sfd_vs_redi", metavar="NAME",
-              complete=_grids),
+              complete=config_names("grid")),
           Key("keep", "1: keep the two builds' cache folders (their path is printed) instead of deleting them",
               type="choice", choices=("0", "1"), default="0")),
-    names=(("grids", _grids),),
+    names=(("grids", config_names("grid")),),
     examples=("python scripts/prepare_twice.py", "python scripts/prepare_twice.py grid=smoke keep=1"),
 )
 KEYS = tuple(SPEC.key_names)
