@@ -8,6 +8,7 @@ import pytest
 from benchmarks import run as cli
 from core.plugins import load_plugins
 from core.registry import LOSSES
+from plugin_util import install_plugin
 
 pytestmark = pytest.mark.slow
 
@@ -33,15 +34,7 @@ class RampedFlowLoss(FlowLoss):
 
 
 def test_entry_point_plugin_runs_a_grid(tmp_path, monkeypatch, smoke_cache):
-    site = tmp_path / "site"
-    (site / "ramped_plugin").mkdir(parents=True)
-    (site / "ramped_plugin" / "__init__.py").write_text(PLUGIN)
-    dist = site / "ramped_plugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ramped-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[semprior_bench.plugins]\nramped = ramped_plugin\n")
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setenv("PYTHONPATH", str(site))
+    install_plugin(tmp_path, monkeypatch, "ramped_plugin", PLUGIN, "ramped")
     configs = tmp_path / "configs"
     (configs / "method").mkdir(parents=True)
     (configs / "grid").mkdir()

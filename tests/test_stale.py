@@ -12,6 +12,7 @@ import pytest
 
 from benchmarks import run as cli
 from core.fingerprint import fingerprint, modules_of
+from plugin_util import install_plugin
 
 pytestmark = pytest.mark.slow
 
@@ -27,15 +28,7 @@ class StaleTestLoss(FlowLoss):
 
 
 def _plugin(tmp_path, monkeypatch):
-    site = tmp_path / "site"
-    (site / "stale_plugin").mkdir(parents=True)
-    (site / "stale_plugin" / "__init__.py").write_text(PLUGIN)
-    dist = site / "stale_plugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: stale-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[semprior_bench.plugins]\nstaletest = stale_plugin\n")
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setenv("PYTHONPATH", str(site))
+    site = install_plugin(tmp_path, monkeypatch, "stale_plugin", PLUGIN, "staletest")
     configs = tmp_path / "configs"
     (configs / "method").mkdir(parents=True)
     (configs / "method" / "stalem.yaml").write_text(textwrap.dedent("""
