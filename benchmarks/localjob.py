@@ -117,10 +117,19 @@ def in_local_job() -> bool:
 def end_with_controller() -> None:
     """In a job process of launcher=local: SIGKILL when the controller dies (its pid is the job id)."""
     if in_local_job():
+        catch_sigint()                               # the controller's clean-up stops the job with SIGINT
         die_with_parent(int(os.environ["SUBMITIT_LOCAL_JOB_ID"]), signal.SIGKILL)
 
 
+def catch_sigint() -> None:
+    """SIGINT raises KeyboardInterrupt again here, even when this process inherited it ignored: a launcher
+    started in the background of a script (`python -m benchmarks.run ... &`) has SIGINT ignored, its children
+    inherit that, and then the launcher's death (PDEATHSIG = SIGINT) or a cancel would not stop its jobs."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(folder: str) -> None:
+    catch_sigint()
     die_with_parent(int(os.environ[LAUNCHER_ENV]), signal.SIGINT)
     Controller(Path(folder)).run()
 

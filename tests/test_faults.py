@@ -31,10 +31,13 @@ def _argv(results, cache, *extra):
             f"results={results}", f"cache_dir={cache}", *SHORT, *extra]
 
 
-def _start(results, cache, *extra):
+def _start(results, cache, *extra, sigint_ignored=False):
+    """sigint_ignored: start the launcher as a script's background job (`... &`) is started, with SIGINT
+    ignored, which its children inherit."""
     env = {**os.environ, "SEMPRIOR_LOCK_HEARTBEAT_S": "0.5"}
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     return subprocess.Popen(_argv(results, cache, *extra), cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=ignore)
 
 
 def _finish(proc, timeout=300):
@@ -155,9 +158,11 @@ def _tree_state(d: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_launcher_killed_ends_its_jobs(tmp_path, warm, sig):
-    proc = _start(tmp_path, warm, "train.steps=400", "train.ckpt_every=50")
+@pytest.mark.parametrize("sig, sigint_ignored", [(signal.SIGKILL, False), (signal.SIGTERM, False),
+                                                 (signal.SIGKILL, True), (signal.SIGTERM, True)],
+                         ids=["SIGKILL", "SIGTERM", "SIGKILL-background", "SIGTERM-background"])
+def test_launcher_killed_ends_its_jobs(tmp_path, warm, sig, sigint_ignored):
+    proc = _start(tmp_path, warm, "train.steps=400", "train.ckpt_every=50", sigint_ignored=sigint_ignored)
     lock = _wait_for(lambda: runlock.read(d) if (d := _first_run(tmp_path)) else None)
     job_pid, controller_pid = int(lock["pid"]), int(lock["job"])
     assert runlock.pid_alive(job_pid) and runlock.pid_alive(controller_pid)
