@@ -76,5 +76,5 @@ def check_method(name: str, *, cache_dir: str | Path, profile: str = "smoke", ba
     with torch.no_grad():
         _check(torch.equal(fresh.model.eval()(noise, t, y).out, model(noise, t, y).out), name,
                "a save/load round trip changes the model's outputs")
-    return {"loss": float(out.total.detach()), "nfe": getattr(method.sampler, "last_nfe", None),
+    return {"loss": float(out.total.detach()), "nfe": method.last_nfe,
             "sample_shape": tuple(x1.shape), "image_shape": tuple(img.shape)}

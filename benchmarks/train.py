@@ -230,7 +230,7 @@ class Trainer:
         except NonFiniteError as err:
             raise NonFiniteError(f"step {self.step}: {err}") from None
         row = {"step": self.step, **scores,
-               "nfe": int(getattr(p.method.sampler, "last_nfe", 0)), "sec": round(time.time() - t0, 2)}
+               "nfe": p.method.last_nfe, "sec": round(time.time() - t0, 2)}
         # protocol.json at the first evaluation; every later one (a resume too) must match it (benchmarks/protocol.py)
         record_protocol(self.rd.path, eval_protocol(self.cfg, p.method, self.scorer, row["nfe"]))
         self.rd.samples_dir.mkdir(parents=True, exist_ok=True)

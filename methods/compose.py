@@ -27,6 +27,7 @@ class Method:
     loss: Loss
     sampler: Any
     guidance: Any = None
+    last_nfe: int = 0           # model calls per sample in the last `sample` (a batched CFG forward is one call)
 
     def losses(self, model: nn.Module, batch, generator: torch.Generator | None = None) -> LossOut:
         return training_losses(model, batch, self.schedule, self.loss, generator)
@@ -34,12 +35,21 @@ class Method:
     @torch.no_grad()
     def sample(self, model: nn.Module, noise: torch.Tensor, y: torch.Tensor, *, guidance: Any = "default",
                generator: torch.Generator | None = None) -> torch.Tensor:
-        """Integrate noise (N,C,H,W) to clean normalised latents with `model` (a backbone)."""
+        """Integrate noise (N,C,H,W) to clean normalised latents with `model` (a backbone).
+
+        Counts the model calls here, whatever the sampler (`last_nfe`): the evaluation protocol records a
+        measured NFE for every sampler, including one that keeps no count of its own."""
+        calls = 0
+
         def model_fn(x, t, labels):
+            nonlocal calls
+            calls += 1
             return model(x, t, labels).out
 
         g = self.guidance if guidance == "default" else guidance
-        return self.sampler(model_fn, noise, y, schedule=self.schedule, guidance=g, generator=generator)
+        out = self.sampler(model_fn, noise, y, schedule=self.schedule, guidance=g, generator=generator)
+        self.last_nfe = calls
+        return out
 
 
 def _build(registry: Registry, cfg: dict, kind: str, deps: dict[str, Any]) -> Any:

@@ -150,3 +150,32 @@ def test_trajectory_states_and_final_sample_equal_the_chain():
     assert [t for t, _ in traj] == [0.0, 0.5, 1.0]
     assert torch.equal(traj[0][1], noise) and torch.equal(traj[-1][1], x)     # same chain, same noise draws
     assert not torch.equal(traj[1][1], noise) and not torch.equal(traj[1][1], x)
+
+
+def test_method_sample_counts_model_calls_for_every_sampler():
+    """The evaluation protocol's NFE is measured by Method.sample around the model, not read from the sampler:
+    the DDPM sampler keeps no count of its own (DiT's runs recorded NFE 0), and a flow sampler's own count agrees."""
+    from methods.compose import Method
+    from methods.samplers import ODESampler
+    from methods.schedules import Flow
+
+    s = DDPM(G1)
+    oracle = _oracle(s, 0.0, 1.0, [])
+
+    class Net:
+        def __call__(self, x, t, y, hidden_at=()):
+            return BackboneOut(out=oracle(x, t, y))
+
+    noise, y = torch.randn(4, 2, 2, 2, generator=_gen(8)), torch.zeros(4, dtype=torch.long)
+    m = Method(name="dit", schedule=s, loss=None, sampler=DDPMSampler(steps=10))
+    m.sample(Net(), noise, y, generator=_gen(9))
+    assert m.last_nfe == 10
+
+    class Flat:
+        def __call__(self, x, t, y, hidden_at=()):
+            return BackboneOut(out=torch.zeros_like(x))
+
+    heun = ODESampler(solver="heun", steps=8)
+    f = Method(name="sit", schedule=Flow(G1), loss=None, sampler=heun)
+    f.sample(Flat(), noise, y)
+    assert f.last_nfe == heun.last_nfe == 14
