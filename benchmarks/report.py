@@ -228,7 +228,7 @@ def _protocol_sections(grid_name: str, runs: pd.DataFrame, names: dict[str, str]
         return []
     if refuse:
         return ["## Mixed evaluation protocols: no comparison tables", "",
-                "The runs below were evaluated with different protocols (sampler, NFE, guidance, number of "
+                "The runs below were evaluated with different protocols (sampler settings, guidance, number of "
                 "samples, FD network or image size), so their numbers are not comparable and no final table, "
                 "× faster table or convergence plot is drawn.", "", *_protocol_list(runs, names), "",
                 "To go on: make the protocols agree (one `eval.sampler` / `eval.guidance` / `eval.num_samples` "
@@ -367,8 +367,8 @@ SPEC = Spec(
     keys=(Key("grid", "the grid: its name, i.e. the folder <results>/<grid>/ (a grid YAML file's stem)",
               required=True, metavar="NAME", complete=config_names("grid")),
           Key("results", "the results folder that holds <grid>/", type="path", default="results"),
-          Key("allow_mixed_eval", "put runs evaluated with different protocols (sampler, NFE, guidance, samples) "
-              "into one comparison table, each row marked with its protocol", type="choice",
+          Key("allow_mixed_eval", "put runs evaluated with different protocols (sampler settings, guidance, "
+              "samples, scoring network) into one comparison table, each row marked with its protocol", type="choice",
               choices=("true", "false"), default="false")),
     names=(("grids", config_names("grid")),),
     examples=("python -m benchmarks.report grid=sfd_vs_redi",

@@ -76,8 +76,8 @@ SPEC = Spec(
         Key("stale", "a finished or partial run whose code changed since it ran: error (stop and list them), "
             "rerun (move the old folder aside and train again) or keep (reuse it; the report marks it stale)",
             type="choice", choices=STALE_POLICIES, default="error"),
-        Key("report.allow_mixed_eval", "put runs evaluated with different protocols (sampler, NFE, guidance, "
-            "samples) into one comparison table of the final report, each row marked with its protocol",
+        Key("report.allow_mixed_eval", "put runs evaluated with different protocols (sampler settings, guidance, "
+            "samples, scoring network) into one comparison table of the final report, each row marked with its protocol",
             type="choice", choices=("true", "false"), default="false"),
     ),
     flags=(
