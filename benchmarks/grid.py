@@ -44,8 +44,9 @@ class RunSpec:
 
     @property
     def group(self) -> str:
-        """Label without the seed: runs that differ only by seed are one curve."""
-        return ",".join(f"{k}={v}" for k, v in self.label.items() if k != "seed")
+        """Label without the replicate axes: runs that differ only by training seed or artifact build
+        (prepare.seed) are one curve."""
+        return ",".join(f"{k}={v}" for k, v in self.label.items() if k not in ("seed", "prepare.seed"))
 
 
 @dataclass
@@ -94,7 +95,7 @@ def validate(cfg: dict, check_files: bool = True) -> None:
     """Checks that need the registries: component keys and artifact fit() keys, basic ranges; with
     check_files, also that the dataset and every weights file exist (a dry run plans without them)."""
     from benchmarks.plugins import load_all
-    from benchmarks.prepare import artifact_order, eval_kinds, latent_requires
+    from benchmarks.prepare import BUILD_KEY, artifact_order, check_build, eval_kinds, latent_requires
     from core.registry import LATENTS
 
     from benchmarks.datasets import DATASETS
@@ -131,6 +132,9 @@ def validate(cfg: dict, check_files: bool = True) -> None:
             raise ConfigError(f"eval.adm_ref: ADM reference batch {e['adm_ref']} not found; pass "
                               "eval.adm_ref=<VIRTUAL_imagenet256_labeled.npz> (docs/paper_scale.md: where to get it)")
     for kind, fit_cfg in cfg["prepare"].items():
+        if kind == BUILD_KEY:          # prepare.seed: the artifact-build index, not a kind (benchmarks/prepare.py)
+            check_build(fit_cfg)
+            continue
         if kind not in ENCODERS:
             raise ConfigError(f"prepare.{kind}: unknown artifact kind; valid: {', '.join(ENCODERS.names())}")
         fit_cfg = dict(fit_cfg or {})
@@ -158,7 +162,9 @@ def resolve(profile: str, label: dict[str, Any], overrides: list[str] | None = N
     cfg = to_dict(structured(prof, {"profile": profile}, *first, OmegaConf.from_dotlist(list(overrides or [])),
                              *rest, OmegaConf.from_dotlist(list(cli or []))))
     validate(cfg, check_files)
-    return cfg
+    from benchmarks.prepare import canonical_prepare
+
+    return canonical_prepare(cfg)          # prepare.seed=0 is dropped: build 0 keeps today's run ids
 
 
 @functools.lru_cache(maxsize=8)
@@ -322,7 +328,12 @@ def _check_components(cfg: dict) -> None:
 
 
 def _resolved(cfg: dict, axis: str) -> Any:
-    """The resolved value of an axis key: `backbone` is the backbone's name, any other key a dotted path."""
+    """The resolved value of an axis key: `backbone` is the backbone's name, any other key a dotted path
+    (`prepare.seed` is 0 where resolve dropped it: benchmarks/prepare.py canonical_prepare)."""
+    if axis == "prepare.seed":
+        from benchmarks.prepare import prepare_build
+
+        return prepare_build(cfg)
     node: Any = cfg
     for part in ("backbone.name" if axis == "backbone" else axis).split("."):
         node = node[part]
@@ -457,6 +468,8 @@ def expand(grid_name: str, cli: list[str] | None = None, profile: str | None = N
         # any dotted key) is read back from the resolved config, so label.json agrees with the run id.
         label = {"method": label.get("method", method),
                  **{k: _resolved(cfg, k) for k in label if k != "method"}}
+        if "prepare.seed" not in label and _resolved(cfg, "prepare.seed"):
+            label["prepare.seed"] = _resolved(cfg, "prepare.seed")   # a build set on the command line: record it
         runs.append(RunSpec(run_id=run_id, label=label, cfg=cfg))
     ids = [r.run_id for r in runs]
     if len(set(ids)) != len(ids):

@@ -10,6 +10,7 @@ sharded, written by benchmarks/extract.py (docs/paper_scale.md).
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import time
@@ -34,6 +35,9 @@ from encoders.base import read_json, write_json
 log = logging.getLogger(__name__)
 
 FD_NET = "fd-net"          # the profile's FD feature network (never the semantic encoder)
+BUILD_KEY = "seed"         # prepare.seed: the artifact-build index (a reserved key of `prepare`, not a kind)
+BUILD_STRIDE = 1000        # build b adds 1000 * b to each artifact's fit seed
+MAX_BUILD = 999_999        # fit seeds stay below core/seed.py's 2**31 - 1 fold for base seeds up to ~1.1e9
 STATS_SAMPLES = 10_000     # per-channel stats from 10k random latents (docs/methods.md §5.2)
 STREAM_SAMPLE = 10_000     # training images a streamed dataset keeps in memory for artifact fits (PCA and
                            # SemVAE fit on 10k images by default)
@@ -142,6 +146,49 @@ def load_sample(cfg: dict, workers: int = READ_WORKERS) -> ImageData:
                          workers=workers)
 
 
+# ----------------------------------------------------------------------------- artifact builds
+# The artifact build (texture VAE, semantic encoder, PCA, SemVAE, ...) moves FDs more than training seeds
+# do (issue 17), so a grid replicates over builds with `prepare.seed` as an axis, like `seed`:
+#   axes: {prepare.seed: [0, 1], seed: [0, 1]}    # 2 artifact builds x 2 training seeds per method
+# Build b != 0 adds BUILD_STRIDE * b to the fit seed (configured, else fit()'s default) of every artifact
+# whose fit() takes a `seed`; artifacts without one (pretrained weights such as "dinov2") are the same in
+# every build. The FD network is never rebuilt: it is the evaluation's ruler, and FDs measured with
+# different rulers could not be compared or pooled across builds. Build 0 changes nothing at all (no key,
+# no seed, no folder name moves), so every existing cache, run id and reference result stays valid.
+def check_build(value: Any) -> int:
+    """prepare.seed as an int in [0, MAX_BUILD], or ConfigError (a bool is refused: true/false are typos)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_BUILD:
+        raise ConfigError(f"prepare.seed must be an integer in [0, {MAX_BUILD}] (the artifact-build index; "
+                          f"docs/grids.md), got {value!r}")
+    return value
+
+
+def prepare_build(cfg: dict) -> int:
+    """The run's artifact-build index (prepare.seed; 0 when absent, as in every config made before it)."""
+    return check_build((cfg.get("prepare") or {}).get(BUILD_KEY, 0))
+
+
+def canonical_prepare(cfg: dict) -> dict:
+    """Drop `prepare.seed: 0` from a resolved config in place: build 0 is the config as it was before the key
+    existed, so its run hash (the run id) is the same whether or not prepare.seed=0 was written."""
+    value = (cfg.get("prepare") or {}).get(BUILD_KEY)
+    if value is not None and check_build(value) == 0:      # (check first: `false == 0` is no build 0)
+        del cfg["prepare"][BUILD_KEY]
+    return cfg
+
+
+def _build_fit_cfg(kind: str, cls: Any, fit_cfg: dict, build: int) -> dict:
+    """fit() keywords of one artifact in build `build` (see the comment above: FD_NET and seedless classes
+    are unchanged; build 0 returns fit_cfg itself, so its cache key is exactly the old one)."""
+    if build == 0 or kind == FD_NET:
+        return fit_cfg
+    param = inspect.signature(cls.fit).parameters.get("seed")
+    if param is None:
+        return fit_cfg
+    base = fit_cfg.get("seed", 0 if param.default is inspect.Parameter.empty else param.default)
+    return {**fit_cfg, "seed": int(base) + BUILD_STRIDE * build}
+
+
 # ----------------------------------------------------------------------------- building
 @dataclass
 class Node:
@@ -158,15 +205,19 @@ class Node:
 
 
 def artifact_plan(cfg: dict) -> list[Node]:
-    """The artifacts a run needs, dependencies first; each key holds its dependencies' keys."""
+    """The artifacts a run needs, dependencies first; each key holds its dependencies' keys. With
+    prepare.seed = b != 0 the seeded artifacts other than the FD network get fit seed + 1000 b (their keys,
+    and so their dependents' keys and the latent cache's, change; the FD network's does not)."""
     names: dict[str, str] = {}
     nodes = []
+    build = prepare_build(cfg)
     for kind in artifact_order(latent_requires(cfg["method"]["latent"]) + eval_kinds(cfg), cfg["prepare"]):
         fit_cfg = dict(cfg["prepare"].get(kind, {}))
         # `use` fills a slot with another registered class, e.g. the semantic-encoder slot with the
         # pretrained timm DINOv2 ("dinov2") at paper scale; every consumer still reads the slot's name.
         use = fit_cfg.pop("use", kind)
         cls = ENCODERS.get(use)
+        fit_cfg = _build_fit_cfg(kind, cls, fit_cfg, build)
         key_obj = {"kind": kind, "fit": fit_cfg, "data": _data_key(cfg), "deps": {d: names[d] for d in cls.requires}}
         if use != kind:
             key_obj["use"] = use
