@@ -93,11 +93,18 @@ def read_label_file(path: Path) -> dict:
     return label
 
 
+# Replicate axes: draws of the same experiment, pooled within a group and never part of its name. `seed` is
+# the training seed, `prepare.seed` the artifact-build index (tokenizers, encoder, FD network built again
+# with another seed). Both move the final FD by chance, so the report's n, sd and CIs are over both
+# (benchmarks/stats.py); a grid axis over either adds runs to a group, not groups.
+REPLICATE_AXES = ("seed", "prepare.seed")
+
+
 def group_name(label: dict, constant: tuple[str, ...] = ()) -> str:
-    """Runs that differ only by seed form one group (one curve, one table row). Axes with one value in
-    the whole grid (`constant`) are left out of the name."""
+    """Runs that differ only by a replicate axis (REPLICATE_AXES) form one group (one curve, one table row).
+    Axes with one value in the whole grid (`constant`) are left out of the name."""
     return ",".join(f"{k}={v}" if k != "method" else str(v) for k, v in label.items()
-                    if k != "seed" and (k == "method" or k not in constant))
+                    if k not in REPLICATE_AXES and (k == "method" or k not in constant))
 
 
 def constant_axes(grid_root: Path) -> tuple[str, ...]:

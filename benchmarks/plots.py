@@ -3,7 +3,8 @@ bands, the "× faster convergence" chart with its confidence intervals, the Δt 
 
 Seed bands and error bars come from seaborn's error-bar machinery (`errorbar=`): the convergence band is
 the min–max range over seeds (`("pi", 100)`, the honest summary of 2–3 seeds); the × faster bars are
-bootstrap 95 % confidence intervals of the mean over seeds; the sweep's bars are ± one standard deviation.
+bootstrap 95 % confidence intervals of the mean over runs (seeds × builds; report.md's × faster table shows
+the same interval, benchmarks/stats.py bootstrap_ci); the sweep's bars are ± one standard deviation.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
+
+from benchmarks import stats  # noqa: E402   # the × faster CI: the table's resamples
 
 SECOND_PANEL = {"class_acc": "class accuracy of samples", "is": "Inception Score"}
 SEED_BAND = ("pi", 100)               # min–max over seeds
@@ -134,8 +137,8 @@ def faster(per_seed: pd.DataFrame, out: Path, baseline: str) -> Path:
     palette = _palette(order)
     if not reached.empty:
         sns.barplot(data=reached, y="group", x="ratio", order=order, hue="group", palette=palette,
-                    estimator="mean", errorbar=("ci", 95), n_boot=2000, seed=0, capsize=0.2, alpha=0.75, ax=ax,
-                    legend=False, err_kws={"linewidth": 1.5})
+                    estimator="mean", errorbar=("ci", stats.LEVEL), n_boot=stats.N_BOOT, seed=stats.BOOT_SEED,
+                    capsize=0.2, alpha=0.75, ax=ax, legend=False, err_kws={"linewidth": 1.5})
         sns.stripplot(data=reached, y="group", x="ratio", order=order, color="black", size=5, jitter=0.1, ax=ax)
     ax.axvline(1.0, color="grey", ls="--", lw=1.2)
     ax.set_xlim(0, max(1.15, ax.get_xlim()[1]))
@@ -146,7 +149,7 @@ def faster(per_seed: pd.DataFrame, out: Path, baseline: str) -> Path:
     ax.set_yticks(range(len(order)), ticks)
     ax.set_xlabel(f"× faster than {baseline} (steps to reach {baseline}'s final FD)")
     ax.set_ylabel("")
-    ax.set_title("Convergence speed-up: mean over seeds, 95 % bootstrap CI, dots = seeds", fontsize=10)
+    ax.set_title("Convergence speed-up: mean over runs (seeds × builds), 95 % bootstrap CI, dots = runs", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)

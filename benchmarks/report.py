@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks import plots
+from benchmarks import plots, stats
 from benchmarks.cli import Key, Spec, config_names, command, parse as parse_args
 from benchmarks.collect import constant_axes, group_name, load_curves, load_runs
 from benchmarks.grid import GRID_COPY, find_yaml, grid_source_name, load_yaml
@@ -31,6 +31,7 @@ def faster_convergence(curves: pd.DataFrame, runs: pd.DataFrame, baseline: str,
     same backbone). target = mean over the baseline's seeds of their final FD; baseline steps = the eval
     step of that final FD. For each run: the first eval step s with FD ≤ target; speed-up = baseline
     steps / s. Resolution is the eval interval (no interpolation). Runs that never reach it say so.
+    Mean, bootstrap 95 % CI and min–max are over the group's runs (seeds × builds) that reached it.
     """
     done = runs[runs["status"] == "done"]
     rows, per_seed = [], []                                     # per_seed: the × faster chart (plots.faster)
@@ -52,9 +53,10 @@ def faster_convergence(curves: pd.DataFrame, runs: pd.DataFrame, baseline: str,
         ok = [s for s in reached if s is not None]
         ratios = [base_steps / s for s in ok]
         rows.append({"group": group, "target FD": round(target, 3), "baseline steps": base_steps,
-                     "steps to reach (per seed)": ", ".join(str(s) if s else "not reached" for s in reached),
+                     "steps to reach (per run)": ", ".join(str(s) if s else "not reached" for s in reached),
                      "× faster (mean)": f"{np.mean(ratios):.2f}×" if len(ok) == len(reached) else "not reached"
-                     if not ok else f"{np.mean(ratios):.2f}× ({len(ok)}/{len(reached)} seeds)",
+                     if not ok else f"{np.mean(ratios):.2f}× ({len(ok)}/{len(reached)} runs)",
+                     "× faster 95 % CI": stats.ratio_ci(ratios),
                      "× faster (min–max)": f"{min(ratios):.2f}–{max(ratios):.2f}" if ok else "–"})
     out = pd.DataFrame(rows)
     out.attrs["per_seed"] = pd.DataFrame(per_seed, columns=["group", "run_id", "ratio"])   # one row per finished run
@@ -67,22 +69,30 @@ def _baseline_group(row: pd.Series, baseline: str, constant: tuple[str, ...]) ->
 
 
 def final_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per group (and protocol): n runs = seeds × builds (or fewer, if some are unfinished), mean
+    and sd of each metric, and for the final FD the 95 % t CI of the mean and the min–max (benchmarks/stats.py)."""
     done = runs[runs["status"] == "done"]
     if done.empty:
         return pd.DataFrame()
     agg = {"final.fd": ["mean", "std"], "final.kid": "mean", "final.sfid": "mean", "final.is": "mean",
            "final.precision": "mean", "final.recall": "mean", "final.class_acc": ["mean", "std"],
-           "first.fd": "mean", "seed": "count"}
-    agg = {k: v for k, v in agg.items() if k in done and (k == "seed" or done[k].notna().any())}   # this metric's columns
+           "first.fd": "mean"}
+    agg = {k: v for k, v in agg.items() if k in done and done[k].notna().any()}   # this metric's columns
     if "final.nfe" in done and done["final.nfe"].notna().any():
         agg["final.nfe"] = "max"
     keys = ["group", "protocol"] if "protocol" in done and done["protocol"].notna().any() else ["group"]
     t = done.groupby(keys, dropna=False).agg(agg)
     t.columns = [f"{a} {b}" if b not in ("mean",) else a for a, b in t.columns]
-    t["final/first FD"] = t["final.fd"] / t["first.fd"]
+    if "final.fd" in t and "first.fd" in t:
+        t["final/first FD"] = t["final.fd"] / t["first.fd"]
     if "stale" in done and done["stale"].fillna(False).astype(bool).any():
         t["stale runs †"] = done.groupby(keys, dropna=False)["stale"].apply(lambda s: int(s.fillna(False).astype(bool).sum()))
-    return t.rename(columns={"seed count": "seeds", "final.nfe max": "NFE"}).round(4).reset_index()
+    spread = stats.final_fd_columns(done, keys)            # n, seeds, builds, CI, min–max
+    t = spread[["n", "seeds", "builds"]].join(t.rename(columns={"final.nfe max": "NFE"}).round(4))
+    at = list(t.columns).index("final.fd std") + 1 if "final.fd std" in t else len(t.columns)
+    for i, col in enumerate(("final.fd 95 % CI", "final.fd min–max")):
+        t.insert(at + i, col, spread[col])
+    return t.reset_index()
 
 
 def _faster_with_protocols(fc: pd.DataFrame, runs: pd.DataFrame, plain: pd.DataFrame, mixed: bool) -> pd.DataFrame:
@@ -320,9 +330,13 @@ def write_report(grid_name: str, results_root: Path = Path("results"), allow_mix
           *_protocol_sections(grid_name, runs, names, refuse), *_stale_section(runs)]
     if not refuse:
         ft = final_table(runs)
-        md += ["## Final metrics (mean over seeds)", "", ft.to_markdown(index=False) if not ft.empty else "(no finished runs)",
+        md += ["## Final metrics (mean over seeds × builds)", "",
+               ft.to_markdown(index=False) if not ft.empty else "(no finished runs)", "", stats.STATS_NOTE,
                "", *(["Protocols (P1, ...): see *Evaluation protocols* above; rows of different protocols are not "
                       "comparable.", ""] if mixed else [])]
+        pairs = stats.comparisons(runs, meta.get("baseline"))
+        if pairs:
+            md += ["## Comparisons (final FD, lower is better)", "", stats.COMPARE_NOTE, "", *pairs, ""]
     if meta.get("baseline") and not curves.empty and not refuse:
         raw = faster_convergence(plain_curves, plain_runs, meta["baseline"], constant_axes(grid_root))
         fc = _faster_with_protocols(raw, runs, plain_runs, mixed)
@@ -345,11 +359,12 @@ def write_report(grid_name: str, results_root: Path = Path("results"), allow_mix
                "of their channels. An asynchronous schedule (SFD) moves only the semantic channels first "
                "(τ < Δt), then both, then only the texture (τ > 1).", ""]
         md += [f"**{g}**\n\n![{g}]({p})\n" for g, p in phase_pngs.items()]
-    cols = ["run_id", "group", "seed", "status", "step", "final.step", "protocol", "final.nfe", "first.fd", "final.fd",
+    md += ["## Reproducibility", "", *stats.reproducibility(runs)]
+    cols = ["run_id", "group", "seed", "build", "status", "step", "final.step", "protocol", "final.nfe", "first.fd", "final.fd",
             "final.class_acc", "sec_per_step", "failure"]
     if refuse:                                         # no metric side by side across protocols
         cols = [c for c in cols if c not in ("first.fd", "final.fd", "final.class_acc")]
-    shown = runs.assign(run_id=[f"{r} †" if pd.notna(s) and bool(s) else r
+    shown = runs.assign(build=stats.build_index(runs), run_id=[f"{r} †" if pd.notna(s) and bool(s) else r
                                 for r, s in zip(runs["run_id"], runs.get("stale", [False] * len(runs)))])
     md += ["## Runs", "", shown[[c for c in cols if c in shown]].round(4).to_markdown(index=False), "",
            "Samples at each run's last eval: `samples/<run_id>.png` (rows sorted by class).", ""]
