@@ -62,7 +62,7 @@ class TokenNet(nn.Module):
         super().__init__()
         if patch % 2 or image_size % patch:
             raise ValueError(f"patch must be even and divide image_size, got patch={patch}, image_size={image_size}")
-        self.grid = (image_size // patch, image_size // patch)
+        self.grid, self.dim = (image_size // patch, image_size // patch), dim
         num_tokens = self.grid[0] * self.grid[1]
         self.stem = nn.Sequential(nn.Conv2d(in_channels, dim // 2, 2, 2), nn.GELU(),
                                   nn.Conv2d(dim // 2, dim, patch // 2, patch // 2))
@@ -199,6 +199,14 @@ def linear_probe(train_feats: Tensor, train_y: Tensor, test_feats: Tensor, test_
         return float(((b @ weight + bias).argmax(1) == test_y).float().mean())
 
 
+def pixel_probe(data: ImageData, max_train: int) -> float:
+    """The same probe on raw pixels in [-1, 1] (C·H·W features): what an encoder must beat to carry semantics
+    the generator does not see directly (Fashion-MNIST 32×32, 20 000 images: 0.824)."""
+    flat = lambda u8: to_unit(u8).flatten(1).float()                              # (N, C·H·W)
+    return linear_probe(flat(data.train_x[:max_train]), data.train_y[:max_train].cpu(), flat(data.test_x),
+                        data.test_y.cpu(), data.num_classes)
+
+
 def probe_tokens(encoder, data: ImageData, max_train: int, device: torch.device | str) -> float:
     """Linear-probe accuracy of mean-pooled frozen tokens; labels are used here and nowhere else."""
     pool = lambda u8: encoder.tokens(to_unit(u8)).mean(1)                         # (B, D)
@@ -212,26 +220,16 @@ def probe_tokens(encoder, data: ImageData, max_train: int, device: torch.device 
 #                     Artifact "semantic-encoder" (stand-in)                    #
 #################################################################################
 
-@ENCODERS.register("semantic-encoder")
-class SemanticEncoder(ModuleArtifact):
-    """Self-supervised stand-in for DINOv2 on small images: an MLP-Mixer trained with SimCLR, no labels.
+class TokenArtifact(ModuleArtifact):
+    """A trained stand-in's token interface: `net(images) -> (N, T, D)` final-normalised patch tokens.
 
-    Why this network and objective: on 2 CPU cores the budget is ≈ 60 s, i.e. a few hundred steps. In that
-    budget the NT-Xent contrastive loss (SimCLR, https://arxiv.org/abs/2002.05709) gets a useful gradient from
-    the first step, while an EMA teacher (BYOL/DINO) must improve before its targets mean anything. Measured on
-    Fashion-MNIST (linear probe on mean-pooled tokens): untrained net 0.755; SimCLR, 400 steps of batch 128,
-    0.80 (≈ 40 s); a ViT of the same cost 0.75 (the Mixer's GEMM-only blocks are the fastest per FLOP on CPU);
-    on that ViT at 150 steps VICReg gave 0.71 against SimCLR's 0.73. The optional masked-token term
-    (`dense_weight` > 0) asks each masked token to identify its unmasked self; it is off by default: in the
-    same budget it cost 40 % more time and gave 0.79.
-    A different network (Mixer, self-supervised) from the FD feature net (a supervised CNN).
+    Shared by every stand-in trained in `prepare` (this module's SSL Mixer, encoders/supervised.py's CNN,
+    the FD-network oracle). `config` holds the network's constructor keywords, plus `cls_token` when set.
     """
-
-    net_cls = TokenNet
 
     requires: tuple[str, ...] = ()
 
-    def __init__(self, net: TokenNet, config: dict, summary: dict) -> None:
+    def __init__(self, net: nn.Module, config: dict, summary: dict) -> None:
         self.net = net.eval().requires_grad_(False)
         self.config = config
         self._summary = summary
@@ -239,9 +237,9 @@ class SemanticEncoder(ModuleArtifact):
         self.cls_token = bool(config.get("cls_token", False))
 
     @classmethod
-    def load(cls, out_dir: Path, device: torch.device | str = "cpu") -> "SemanticEncoder":
+    def load(cls, out_dir: Path, device: torch.device | str = "cpu") -> "TokenArtifact":
         state, config, summary = load_state(out_dir, device)
-        net = TokenNet(**{k: v for k, v in config.items() if k != "cls_token"}).to(device)
+        net = cls.net_cls(**{k: v for k, v in config.items() if k != "cls_token"}).to(device)
         net.load_state_dict(state)
         return cls(net, config, summary)
 
@@ -251,19 +249,19 @@ class SemanticEncoder(ModuleArtifact):
 
     @property
     def dim(self) -> int:
-        return self.config["dim"]
+        return int(self.net.dim)
 
     @property
     def device(self) -> torch.device:
-        return self.net.pos_embed.device
+        return next(self.net.parameters()).device
 
     @torch.no_grad()
     def encode_with_cls(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """images (N, C, H, W) in [-1, 1] -> (cls (N, D), patch tokens (N, T, D)), one forward.
 
-        The Mixer has no learned class token; its global image embedding is the mean of the final patch
-        tokens, the very vector SimCLR's loss trains (`train_ssl`: global_head(tokens.mean(1))), as DINO's
-        loss trains DINOv2's class token. So that mean is this stand-in's class token.
+        These stand-ins have no learned class token; their global image embedding is the mean of the final
+        patch tokens, the very vector their training loss reads (SimCLR's projection head, the supervised
+        classifier's head), as DINO's loss trains DINOv2's class token. So that mean is the class token.
         """
         patches = self.net(images.to(self.device, torch.float32))              # (N, T, D)
         return patches.mean(1), patches
@@ -276,6 +274,32 @@ class SemanticEncoder(ModuleArtifact):
             return self.net(images.to(self.device, torch.float32))
         cls, patches = self.encode_with_cls(images)
         return torch.cat([cls[:, None], patches], dim=1)
+
+    def probe_summary(self, data: ImageData, probe_images: int, device: torch.device | str) -> dict:
+        """Linear probe of the mean-pooled tokens next to the same probe on raw pixels (the bar to clear)."""
+        return dict(linear_probe_acc=round(probe_tokens(self, data, probe_images, device), 4),
+                    pixel_probe_acc=round(pixel_probe(data, probe_images), 4),
+                    probe_train_images=min(probe_images, data.train_x.shape[0]))
+
+
+@ENCODERS.register("semantic-encoder")
+class SemanticEncoder(TokenArtifact):
+    """Self-supervised stand-in for DINOv2 on small images: an MLP-Mixer trained with SimCLR, no labels.
+
+    Why this network and objective: on 2 CPU cores the budget is ≈ 60 s, i.e. a few hundred steps. In that
+    budget the NT-Xent contrastive loss (SimCLR, https://arxiv.org/abs/2002.05709) gets a useful gradient from
+    the first step, while an EMA teacher (BYOL/DINO) must improve before its targets mean anything. Measured on
+    Fashion-MNIST (linear probe on mean-pooled tokens): untrained net 0.755; SimCLR, 400 steps of batch 128,
+    0.80 (≈ 40 s); a ViT of the same cost 0.75 (the Mixer's GEMM-only blocks are the fastest per FLOP on CPU);
+    on that ViT at 150 steps VICReg gave 0.71 against SimCLR's 0.73. The optional masked-token term
+    (`dense_weight` > 0) asks each masked token to identify its unmasked self; it is off by default: in the
+    same budget it cost 40 % more time and gave 0.79.
+    A different network (Mixer, self-supervised) from the FD feature net (a supervised CNN).
+    Its probe (0.80) is below raw pixels' (0.824): the *weak* prior of the strength ablation
+    (docs/proxy.md); the default stand-in is encoders/supervised.py's.
+    """
+
+    net_cls = TokenNet
 
     @classmethod
     def fit(cls, data: ImageData, deps: dict, device: torch.device | str = "cpu", *, patch: int = 4,
@@ -303,9 +327,7 @@ class SemanticEncoder(ModuleArtifact):
                                mask_ratio=mask_ratio, dense_weight=dense_weight, seed=seed, device=device)
         train_seconds = time.perf_counter() - start
         encoder = cls(net, {**config, **({"cls_token": True} if cls_token else {})}, {})
-        acc = probe_tokens(encoder, data, probe_images, device)
-        encoder._summary = dict(kind="semantic-encoder", linear_probe_acc=round(acc, 4),
-                                probe_train_images=min(probe_images, data.train_x.shape[0]),
+        encoder._summary = dict(kind="semantic-encoder", **encoder.probe_summary(data, probe_images, device),
                                 final_loss=round(final_loss, 4), train_seconds=round(train_seconds, 1),
                                 seconds=round(time.perf_counter() - start, 1),
                                 params=sum(p.numel() for p in net.parameters()))
