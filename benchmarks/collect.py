@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from core.errors import CorruptFileError
+from core.machine import MACHINE_FILE, machine_text
 from core.rundir import read_jsonl
 
 # What a damaged file raises while read: OSError (unreadable), ValueError (bad JSON, bad UTF-8,
@@ -165,10 +166,21 @@ def _run_row(run: Path, const: tuple[str, ...]) -> dict:
     except (*READ_ERRORS, AttributeError) as e:   # a row of eval.jsonl / metrics.jsonl without its step
         raise UnreadableRun(f"eval.jsonl or metrics.jsonl: {_problem(e)}") from None
     row.update(_protocol_columns(read_file(run, "protocol.json", _json), evals))
+    row["machine"] = _machine(run)
     stale = read_file(run, "stale.json", _json)
     row["stale"] = stale is not None
     row["stale_modules"] = ", ".join(stale.get("changed", [])) if stale else None
     return row
+
+
+def _machine(run: Path) -> str | None:
+    """Where the run trained (core/machine.py); a damaged machine.json says so and never hides the run's
+    results (it describes, it does not score)."""
+    path = Path(run) / MACHINE_FILE
+    try:
+        return machine_text(json.loads(path.read_text())) if path.exists() else None
+    except (OSError, ValueError, TypeError):                 # JSONDecodeError is a ValueError
+        return "unknown (machine.json unreadable)"
 
 
 def _protocol_columns(protocol: dict | None, evals: list) -> dict:

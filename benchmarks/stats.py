@@ -215,14 +215,15 @@ def comparisons(runs: pd.DataFrame, baseline: str | None) -> list[str]:
 
 def reproducibility(runs: pd.DataFrame) -> list[str]:
     """The report's "Reproducibility" paragraph: what is bit-identical where, with the facts the runs
-    record (seeds, builds, device and thread count from their configs; they do not record the CPU model)."""
+    record (seeds, builds, device and thread count from their configs, the machine from machine.json)."""
     seeds = sorted({int(s) for s in runs["seed"].dropna()}) if "seed" in runs else []
     builds = sorted({str(b) for b in build_index(runs)})
     threads = sorted({str(t) for t in runs.get("cfg.train.threads", pd.Series(dtype=object)).dropna()})
     device = sorted({str(d) for d in runs.get("cfg.train.device", pd.Series(dtype=object)).dropna()})
     recorded = ", ".join(x for x in (f"train.device = {'/'.join(device)}" if device else "",
                                      f"train.threads = {'/'.join(threads)} (0: torch's default)" if threads else "")
-                         if x) or "nothing about the machine"
+                         if x) or "nothing about the threads"
+    machines = sorted({str(m) for m in runs.get("machine", pd.Series(dtype=object)).dropna()})
     return [
         f"This grid has {len(seeds)} training seed(s) ({', '.join(map(str, seeds)) or '–'}) × {len(builds)} "
         f"artifact build(s) (prepare.seed {', '.join(builds)}); the CIs above are over those runs.",
@@ -234,8 +235,9 @@ def reproducibility(runs: pd.DataFrame) -> list[str]:
         "MKL and oneDNN pick other kernels, floats round differently, so artifacts, latent caches and FDs differ; "
         "expect the difference to be within the seed × build spread above, not zero. Compare numbers from two "
         "machines only through their CIs (docs/results.md, \"Reproducibility: what is bit-identical where\").",
-        f"- **What these runs recorded:** {recorded}. The runs do not record the CPU model, so which machine made "
-        "them is known only from where the grid was run (docs/results.md names the machines of the reference "
-        "results).",
+        f"- **What these runs recorded:** {recorded}; machine(s): " + ("; ".join(machines) if machines else
+            "not recorded (runs made before machine.json existed; docs/results.md names the reference machines)")
+        + (". **Runs from more than one machine type are pooled here**: their differences include the "
+           "machines' arithmetic." if len(machines) > 1 else "."),
         "",
     ]

@@ -26,6 +26,7 @@ from benchmarks.prepare import FD_NET, prepare_run
 from benchmarks.status import PROGRESS_FILE
 from benchmarks.trackers import Trackers, current_lr, open_trackers
 from benchmarks.protocol import eval_protocol, record_protocol
+from core.machine import record_machine
 from core.cache import full_verification
 from core.compile import attention_context, compile_loss, compile_model, resolve_mode
 from core.dist import Dist, all_reduce_grads, barrier, mean_over_ranks, setup
@@ -327,6 +328,8 @@ def _run_job(cfg: dict, run_dir: str, d: Dist) -> dict:
     if t["threads"] > 0:
         torch.set_num_threads(t["threads"])
     device = resolve_device(t["device"], d.local_rank)
+    if d.main:
+        record_machine(rd.path, device)  # floats are bit-identical only on one machine type (core/machine.py)
     with full_verification(bool(rd.checkpoints())):   # resuming (after a crash?): caches checked in full (core/cache.py)
         prepared = prepare_run(cfg, device)
         parts = build_run(cfg, prepared, device)

@@ -145,8 +145,19 @@ def test_reproducibility_paragraph_states_seeds_builds_and_machine_facts(grid):
     para = md.split("## Reproducibility")[1].split("\n## ")[0]
     assert "2 training seed(s) (0, 1) × 2 artifact build(s) (prepare.seed 0, 1)" in para
     assert "byte-identical" in para and "scripts/prepare_twice.py" in para and "bit-identical when rerun" in para
-    assert "train.device = cpu" in para and "train.threads = 1" in para and "do not record the CPU model" in para
+    assert "train.device = cpu" in para and "train.threads = 1" in para and "machine(s): not recorded" in para
     assert re.search(r"Intel vs AMD", para)
+
+
+def test_reproducibility_names_the_machines_and_warns_when_pooled(grid):
+    runs = sorted(p for p in grid.iterdir() if (p / "config.yaml").exists())
+    for i, run in enumerate(runs):
+        cpu = "AMD EPYC 7B13" if i % 2 else "Intel(R) Xeon(R) Processor"
+        (run / "machine.json").write_text(json.dumps([{"cpu": cpu, "cores": 2, "torch": "2.x", "accelerator": "none"}]))
+    (runs[0] / "machine.json").write_text("{damaged")
+    para = report.write_report("g", grid.parent).read_text().split("## Reproducibility")[1].split("\n## ")[0]
+    assert "AMD EPYC 7B13 (2 cores)" in para and "Intel(R) Xeon(R) Processor (2 cores)" in para
+    assert "more than one machine type are pooled" in para and "machine.json unreadable" in para
 
 
 def test_welch_and_t_against_scipy_on_unequal_groups():
