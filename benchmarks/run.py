@@ -123,6 +123,7 @@ def prepare_stage(grid: Grid, results: Path) -> None:
 
     summary: dict = {"artifacts": {}, "latents": {}}
     seen: set[str] = set()
+    builds: dict[str, dict[str, dict]] = {}     # kind -> artifact folder -> summary
     t0 = time.time()
     device = resolve_device(grid.runs[0].cfg["train"]["device"])
     preps = prepare_grid([spec.cfg for spec in grid.runs], device)
@@ -132,8 +133,9 @@ def prepare_stage(grid: Grid, results: Path) -> None:
         if prep.latent_dir.name in seen:
             continue
         seen.add(prep.latent_dir.name)
-        summary["artifacts"].update({k: v for k, v in prep.summaries().items()})
-        summary["latents"][spec.label["method"]] = prep.latent_dir.name
+        for kind, summ in prep.summaries().items():
+            builds.setdefault(kind, {})[prep.artifact_dirs[kind].name] = summ
+        summary["latents"].setdefault(spec.label["method"], []).append(prep.latent_dir.name)
         if cfg["eval"]["metric"] != "fd-net":     # the ADM reference batch has its own precomputed statistics
             continue
         fd = load_artifacts({FD_NET: prep.artifact_dirs[FD_NET]}, device)[FD_NET]
@@ -141,6 +143,10 @@ def prepare_stage(grid: Grid, results: Path) -> None:
                             device, fd)
         summary["real_data_floor"] = json.loads((ref / "floor.json").read_text())
         summary["num_samples"] = cfg["eval"]["num_samples"]
+    # A kind built more than once (a grid axis over prepare.seed or the slot's class) lists every build by folder.
+    summary["artifacts"] = {(kind if len(dirs) == 1 else f"{kind} {name}"): summ
+                            for kind, dirs in builds.items() for name, summ in dirs.items()}
+    summary["latents"] = {m: d[0] if len(d) == 1 else d for m, d in summary["latents"].items()}
     atomic_write_text(results / grid.name / "prepare.json", json.dumps(summary, indent=2, sort_keys=True))
 
 

@@ -116,6 +116,7 @@ def test_oracle_is_the_fd_networks_map(tmp_path):
     h = fdnet.eval().stages[:-1](x).flatten(2).transpose(1, 2)             # (3, 64, 16)
     assert torch.allclose(oracle.tokens(x), F.layer_norm(h, (16,)), atol=1e-6)
     assert oracle.grid == (8, 8) and oracle.dim == 16 and oracle.summary()["oracle"] is True
+    assert oracle.summary()["not_applicable"] == {"train_half": 0}
     oracle.save(tmp_path)
     assert torch.equal(FDNetTokens.load(tmp_path).tokens(x), oracle.tokens(x))
     with pytest.raises(ValueError, match="patch must be 4"):
