@@ -6,7 +6,7 @@ from benchmarks.grid import available, expand, load_yaml
 from core.config import ConfigError
 
 EXPECTED = {"smoke": 1, "baseline": 4, "sfd_vs_redi": 6, "all_methods": 10, "sfd_delta_t": 6, "compositions": 4,
-            "residual_precision": 8}
+            "residual_precision": 8, "prior_strength": 12, "sfd_vs_redi_builds": 18}
 
 
 @pytest.mark.parametrize("grid", sorted(EXPECTED))
@@ -24,6 +24,15 @@ def test_residual_precision_grid_pairs_the_two_streams():
     for r in runs:
         by.setdefault((r.cfg["method"]["name"], r.cfg["seed"]), set()).add(r.cfg["train"]["precision"])
     assert len(by) == 4 and all(v == {"bf16", "bf16-residual"} for v in by.values())
+
+
+def test_prior_strength_swaps_only_the_semantic_slot():
+    """The strength ablation: each method once per class in the semantic-encoder slot, nothing else varies."""
+    runs = expand("prior_strength").runs
+    use = {(r.cfg["method"]["name"], r.cfg["prepare"]["semantic-encoder"]["use"]) for r in runs}
+    assert use == {(m, u) for m in ("sit", "repa", "redi", "sfd")
+                   for u in ("semantic-encoder", "supervised-encoder", "fdnet-oracle")}
+    assert expand("sfd_vs_redi").runs[0].cfg["prepare"]["semantic-encoder"]["use"] == "supervised-encoder"   # default
 
 
 def test_every_grid_is_tested():
