@@ -1,6 +1,6 @@
 """Pretrained tokenizers and encoders for paper scale (docs/architecture.md, "Profiles"): SD-VAE ft-ema / ft-mse (diffusers), the
 LDM-format f16d32 autoencoders of SFD and LightningDiT (converted by encoders/ldm_vae.py), the two DINOv2
-models the papers use (timm, through encoders/semantic.py's "dinov2"), and SFD's latent stats files.
+models the papers use (timm, through encoders/dinov2.py's "dinov2"), and SFD's latent stats files.
 
 Each entry fills a slot through `prepare.<slot>.use=<entry>` and behaves like the stand-in it replaces. It loads
 real weights or fails with one line saying where it looked and how to get the file: there is no fallback
@@ -23,7 +23,7 @@ from core.registry import ENCODERS
 from core.types import ImageData
 from encoders.base import read_json, write_json
 from encoders.ldm_vae import ldm_to_diffusers, read_checkpoint
-from encoders.semantic import DinoV2Encoder
+from encoders.dinov2 import DinoV2Encoder
 from encoders.texture_vae import TextureVAE, _init_kwargs
 
 log = logging.getLogger(__name__)

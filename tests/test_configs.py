@@ -6,7 +6,8 @@ from benchmarks.grid import available, expand, load_yaml
 from core.config import ConfigError
 
 EXPECTED = {"smoke": 1, "baseline": 4, "sfd_vs_redi": 6, "all_methods": 10, "sfd_delta_t": 6, "compositions": 4,
-            "residual_precision": 8, "prior_strength": 12, "sfd_vs_redi_builds": 18}
+            "residual_precision": 8, "prior_strength": 12, "sfd_vs_redi_builds": 18,
+            "sfd_vs_redi_long": 3}
 
 
 @pytest.mark.parametrize("grid", sorted(EXPECTED))

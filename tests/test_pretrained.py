@@ -18,7 +18,7 @@ from core.types import ImageData, to_unit
 from encoders.ldm_vae import convert_state, ldm_to_diffusers, read_checkpoint
 from encoders.pretrained import (DinoV2B14Reg, DinoV2L14, LDMf16d32, SDVAEftEMA, SDVAEftMSE, VAVAEf16d32,
                                  load_latent_stats, sfd_latent_stats)
-from encoders.semantic import IMAGENET_MEAN, IMAGENET_STD
+from encoders.dinov2 import IMAGENET_MEAN, IMAGENET_STD
 from encoders.texture_vae import autoencoder_config
 from methods.latents import VAELatent
 from ldm_ref import CH, MULT, Z, ref_model, write_ldm_ckpt, write_vavae_pt

@@ -298,7 +298,7 @@ def test_stand_in_class_token_is_its_trained_global_embedding(tmp_path):
 def test_dinov2_class_token_is_x_norm_clstoken():
     import timm
 
-    from encoders.semantic import DinoV2Encoder
+    from encoders.dinov2 import DinoV2Encoder
 
     torch.manual_seed(0)
     model = timm.create_model("vit_small_patch14_reg4_dinov2.lvd142m", pretrained=False, img_size=28, depth=1).eval()

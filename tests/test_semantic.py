@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from core.registry import ENCODERS
 from core.types import ImageData
-from encoders.semantic import (DinoV2Encoder, SemanticEncoder, TokenNet, augment, linear_probe, nt_xent,
-                               resolve_dinov2_weights)
+from encoders.dinov2 import DinoV2Encoder, resolve_dinov2_weights
+from encoders.semantic import SemanticEncoder, TokenNet, augment, linear_probe, nt_xent
 
 
 def tiny_data(n: int = 96, seed: int = 0) -> ImageData:
