@@ -275,6 +275,19 @@ class TokenArtifact(ModuleArtifact):
         cls, patches = self.encode_with_cls(images)
         return torch.cat([cls[:, None], patches], dim=1)
 
+    @classmethod
+    def trained(cls, net: nn.Module, config: dict, cls_token: bool, kind: str, data: ImageData, probe_images: int,
+                device: torch.device | str, start: float, final_loss: float) -> "TokenArtifact":
+        """The artifact of a freshly trained `net`, its probes and timings in the summary (start: perf_counter)."""
+        train_seconds = time.perf_counter() - start
+        encoder = cls(net, {**config, **({"cls_token": True} if cls_token else {})}, {})
+        encoder._summary = dict(kind=kind, **encoder.probe_summary(data, probe_images, device),
+                                final_loss=round(final_loss, 4), train_seconds=round(train_seconds, 1),
+                                seconds=round(time.perf_counter() - start, 1),
+                                params=sum(p.numel() for p in net.parameters()))
+        log.info("%s: %s", kind, encoder._summary)
+        return encoder
+
     def probe_summary(self, data: ImageData, probe_images: int, device: torch.device | str) -> dict:
         """Linear probe of the mean-pooled tokens next to the same probe on raw pixels (the bar to clear)."""
         return dict(linear_probe_acc=round(probe_tokens(self, data, probe_images, device), 4),
@@ -325,11 +338,4 @@ class SemanticEncoder(TokenArtifact):
         final_loss = train_ssl(net, images, steps=steps, batch_size=batch_size, lr=lr,
                                weight_decay=weight_decay, temperature=temperature, warmup=warmup,
                                mask_ratio=mask_ratio, dense_weight=dense_weight, seed=seed, device=device)
-        train_seconds = time.perf_counter() - start
-        encoder = cls(net, {**config, **({"cls_token": True} if cls_token else {})}, {})
-        encoder._summary = dict(kind="semantic-encoder", **encoder.probe_summary(data, probe_images, device),
-                                final_loss=round(final_loss, 4), train_seconds=round(train_seconds, 1),
-                                seconds=round(time.perf_counter() - start, 1),
-                                params=sum(p.numel() for p in net.parameters()))
-        log.info("semantic-encoder: %s", encoder._summary)
-        return encoder
+        return cls.trained(net, config, cls_token, "semantic-encoder", data, probe_images, device, start, final_loss)

@@ -15,7 +15,6 @@ features it is scored in is an upper bound on what a prior can buy, never a defa
 """
 from __future__ import annotations
 
-import logging
 import math
 import time
 
@@ -30,9 +29,6 @@ from core.types import ImageData, to_unit
 from encoders.fdnet import FDNet
 from encoders.semantic import TokenArtifact
 from encoders.texture_vae import match_channels
-
-log = logging.getLogger(__name__)
-
 
 def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
@@ -129,14 +125,7 @@ class SupervisedEncoder(TokenArtifact):
                                       batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                       label_smoothing=label_smoothing, flips=flips, bf16=bf16, seed=seed,
                                       device=device)
-        train_seconds = time.perf_counter() - start
-        encoder = cls(net, {**config, **({"cls_token": True} if cls_token else {})}, {})
-        encoder._summary = dict(kind="supervised-encoder", **encoder.probe_summary(data, probe_images, device),
-                                final_loss=round(final_loss, 4), train_seconds=round(train_seconds, 1),
-                                seconds=round(time.perf_counter() - start, 1),
-                                params=sum(p.numel() for p in net.parameters()))
-        log.info("supervised-encoder: %s", encoder._summary)
-        return encoder
+        return cls.trained(net, config, cls_token, "supervised-encoder", data, probe_images, device, start, final_loss)
 
 
 class FDNetTokenNet(nn.Module):

@@ -19,3 +19,16 @@ torch.set_num_threads(1)
 def smoke_cache(tmp_path_factory):
     """One prepare cache shared by every end-to-end test of the session (artifacts train once)."""
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures benchmarks/plots.py closes, kept for inspection (closed at teardown)."""
+    from benchmarks import plots
+
+    kept = []
+    real_close = plots.plt.close
+    monkeypatch.setattr(plots.plt, "close", lambda fig: kept.append(fig))
+    yield kept
+    for fig in kept:
+        real_close(fig)

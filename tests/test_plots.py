@@ -39,17 +39,6 @@ def _curves(steps=(0, 100, 200, 300)):
     return pd.DataFrame(rows)
 
 
-@pytest.fixture
-def figures(monkeypatch):
-    """The figures the plot functions close, kept for inspection."""
-    kept = []
-    real_close = plots.plt.close
-    monkeypatch.setattr(plots.plt, "close", lambda fig: kept.append(fig))
-    yield kept
-    for fig in kept:
-        real_close(fig)
-
-
 def test_convergence_band_is_the_seed_range_full_names_linear_axis(tmp_path, figures):
     curves = _curves()
     out = plots.convergence(curves, tmp_path / "c.png", "FD-fdnet")

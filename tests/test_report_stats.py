@@ -47,17 +47,6 @@ def grid(tmp_path):
     return root
 
 
-@pytest.fixture
-def figures(monkeypatch):
-    """The figures the plot functions close, kept for inspection."""
-    kept = []
-    real_close = plots.plt.close
-    monkeypatch.setattr(plots.plt, "close", lambda fig: kept.append(fig))
-    yield kept
-    for fig in kept:
-        real_close(fig)
-
-
 def _table(md: str, section: str) -> pd.DataFrame:
     """The first markdown table under `## section` as strings."""
     lines = [ln for ln in md.split(f"## {section}")[1].split("\n## ")[0].splitlines() if ln.startswith("|")]
