@@ -146,12 +146,28 @@ def _prepare_section(grid_root: Path) -> list[str]:
     lines = ["| artifact | summary |", "|---|---|"]
     for kind, summ in sorted(info.get("artifacts", {}).items()):
         lines.append(f"| {kind} | " + ", ".join(f"{k}={v}" for k, v in summ.items()) + " |")
+    lines += _probe_lines(info.get("artifacts", {}))
     floor = info.get("real_data_floor")
     if floor:
         lines += ["", f"Real-data floor: {len(floor) and ''}{FD_NAME} of {info.get('num_samples')} real training "
                       f"images against the test split = **{floor['fd']:.3f}** (KID {floor['kid']:.4f}, precision "
                       f"{floor['precision']:.3f}, recall {floor['recall']:.3f}, class acc {floor['class_acc']:.3f}). "
                       "A perfect generator scores about this."]
+    return lines
+
+
+def _probe_lines(artifacts: dict) -> list[str]:
+    """Each semantic stand-in's linear probe next to the same probe on raw pixels: the prior must beat pixels
+    to test what the methods assume (docs/proxy.md)."""
+    rows = [(kind, s) for kind, s in sorted(artifacts.items())
+            if isinstance(s, dict) and "linear_probe_acc" in s and "pixel_probe_acc" in s]
+    if not rows:
+        return []
+    lines = ["", "| semantic stand-in | linear probe | raw pixels | difference |", "|---|---:|---:|---:|"]
+    for kind, s in rows:
+        name = f"{kind} ({s.get('kind', '?')}{', ORACLE: upper bound' if s.get('oracle') else ''})"
+        diff = 100 * (s["linear_probe_acc"] - s["pixel_probe_acc"])
+        lines.append(f"| {name} | {s['linear_probe_acc']:.3f} | {s['pixel_probe_acc']:.3f} | {diff:+.1f} points |")
     return lines
 
 

@@ -139,3 +139,17 @@ def test_registry_and_slot_use(monkeypatch):
     assert kinds.index("fd-net") < kinds.index("semantic-encoder")
     node = plan[kinds.index("semantic-encoder")]
     assert node.key_obj["use"] == "fdnet-oracle" and node.key_obj["deps"] == {"fd-net": plan[kinds.index("fd-net")].name}
+
+
+def test_report_puts_each_probe_next_to_the_pixels(tmp_path):
+    from benchmarks.report import _prepare_section
+    arts = {"semantic-encoder semantic-encoder-aa": {"kind": "supervised-encoder", "linear_probe_acc": 0.904,
+                                                     "pixel_probe_acc": 0.8242},
+            "semantic-encoder semantic-encoder-bb": {"kind": "fdnet-oracle", "oracle": True, "linear_probe_acc": 0.889,
+                                                     "pixel_probe_acc": 0.8242},
+            "fd-net": {"kind": "fd-net", "test_accuracy": 0.889}}
+    (tmp_path / "prepare.json").write_text(__import__("json").dumps({"artifacts": arts}))
+    lines = _prepare_section(tmp_path)
+    assert "| semantic-encoder semantic-encoder-aa (supervised-encoder) | 0.904 | 0.824 | +8.0 points |" in lines
+    assert "| semantic-encoder semantic-encoder-bb (fdnet-oracle, ORACLE: upper bound) | 0.889 | 0.824 | +6.5 points |" in lines
+    assert not any(line.startswith("| fd-net (") for line in lines)
