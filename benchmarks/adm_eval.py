@@ -178,7 +178,13 @@ def frechet_distance(a: FDStats, b: FDStats, method: str = "scipy") -> float:
             covmean = covmean.real
         tr_covmean = float(np.trace(covmean))
     elif method == "eigh":
-        w, v = torch.linalg.eigh(torch.from_numpy(a.sigma))
+        try:
+            w, v = torch.linalg.eigh(torch.from_numpy(a.sigma))
+        except torch.linalg.LinAlgError:
+            # LAPACK's divide-and-conquer can fail to converge on a degenerate Σ (few samples, many exactly
+            # zero features), and whether it does depends on the CPU's LAPACK build (seen with MKL on an Intel
+            # Xeon, not on an AMD EPYC): fall back to ADM's own arithmetic, which is the reference anyway.
+            return frechet_distance(a, b, "scipy")
         keep = w > w.max() * 1e-12                   # Σa is often rank-deficient (N < D): drop its null space
         root = v[:, keep] * w[keep].sqrt()                                      # (D, r), Σa = root rootᵀ
         m = root.T @ torch.from_numpy(b.sigma) @ root                           # (r, r), PSD

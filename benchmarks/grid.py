@@ -157,6 +157,11 @@ def resolve(profile: str, label: dict[str, Any], overrides: list[str] | None = N
             cli: list[str] | None = None, check_files: bool = True) -> dict:
     """One fully resolved, validated run config: profile < method preset < overrides < other axes < cli."""
     prof = load_yaml("profile", profile)
+    relabel = [x for x in [*(overrides or []), *(cli or [])] if x.split("=", 1)[0].strip() == "profile"]
+    if relabel:
+        raise ConfigError(f"{relabel[0]!r} among the overrides would only relabel the run (its settings stay "
+                          f"profile {profile!r}'s); choose the profile with the grid's `profile:` key or profile=NAME "
+                          "on the command line")
     first = [x for k, v in label.items() if k == "method" for x in _axis_layer(k, v, profile)]
     rest = [x for k, v in label.items() if k != "method" for x in _axis_layer(k, v, profile)]
     cfg = to_dict(structured(prof, {"profile": profile}, *first, OmegaConf.from_dotlist(list(overrides or [])),
@@ -446,7 +451,13 @@ def expand(grid_name: str, cli: list[str] | None = None, profile: str | None = N
     """Resolve every run of a grid; `grid_name` is a grid name or a path to a grid file (grid_source);
     `cli` is a dotlist applied last to every run."""
     grid_name, source, g = load_grid(grid_name)
-    prof_name = profile or g.get("profile", "tiny")
+    # `profile=X` among the overrides chooses the profile (as the run command's key does): set as a config key it
+    # would only relabel the runs while every setting stayed the grid's profile's.
+    named = [x.split("=", 1)[1] for x in cli or [] if x.split("=", 1)[0].strip() == "profile"]
+    cli = [x for x in cli or [] if x.split("=", 1)[0].strip() != "profile"]
+    if len(set(named) | ({profile} if profile and named else set())) > 1:
+        raise ConfigError(f"two profiles asked for: {', '.join(sorted(set(named) | {profile} - {None}))}; give one")
+    prof_name = profile or (named[0] if named else None) or g.get("profile", "tiny")
     # by_profile: {<profile>: {axes: {...}, overrides: [...]}} replaces those axes / adds those overrides when
     # the grid runs at that profile (e.g. the XL/1 backbone at imagenet256 instead of the tiny one).
     # load_grid checked every key's type (validate_grid), so the parts below are mappings and lists.

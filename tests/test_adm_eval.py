@@ -178,6 +178,18 @@ def test_fd_methods_agree_with_closed_form():
         frechet_distance(sa, sb, "newton")
 
 
+def test_eigh_that_fails_to_converge_falls_back_to_adms_sqrtm(monkeypatch):
+    # Whether LAPACK's eigh converges on a degenerate Σ depends on the CPU's LAPACK build: force the failure.
+    rng = np.random.default_rng(1)
+    sa, sb = FDStats.of(rng.normal(size=(50, 16))), FDStats.of(rng.normal(size=(60, 16)) + 0.2)
+
+    def fail(_):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", fail)
+    assert frechet_distance(sa, sb, "eigh") == frechet_distance(sa, sb, "scipy")
+
+
 def test_inception_score_formula():
     assert inception_score(np.zeros((20, 1008), np.float32)) == pytest.approx(1.0)  # uniform p(y|x)
     logits = np.full((8, 1008), -50.0, np.float32)

@@ -314,3 +314,17 @@ def test_unreadable_image_in_a_folder_dataset(results, tmp_path, capsys, monkeyp
     assert code == 2 and err.startswith("error: ") and "\n" not in err, err
     assert f"{root / 'b' / 'bad.png'}: not a readable image" in err and "replace or delete it" in err, err
     assert _snapshot(results) == before
+
+
+def test_profile_as_an_override_chooses_the_profile_or_is_refused():
+    """profile=NAME among a grid's overrides used to set only the run's `profile` label: runs labelled `smoke`
+    trained with the tiny settings, without a word. In expand's list it now chooses the profile; in a grid's
+    overrides it is refused; two different profiles are refused."""
+    from benchmarks.grid import expand, resolve
+    from core.config import ConfigError
+
+    assert expand("sfd_vs_redi", ["profile=smoke"]).runs[0].cfg["data"]["limit_train"] == 2000
+    with pytest.raises(ConfigError, match="two profiles asked for: smoke, tiny"):
+        expand("sfd_vs_redi", ["profile=smoke"], profile="tiny")
+    with pytest.raises(ConfigError, match="would only relabel the run"):
+        resolve("tiny", {"method": "sit"}, ["profile=smoke"])

@@ -222,7 +222,8 @@ def test_bash_completion_offers_keys_flags_and_grid_names(capsys):
         return res.stdout.split()
 
     assert complete("python -m benchmarks.run grid=sm") == ["smoke"]            # bash splits at '='
-    assert complete("python -m benchmarks.run grid=sfd", wordbreaks=" ") == ["grid=sfd_delta_t", "grid=sfd_vs_redi"]
+    assert complete("python -m benchmarks.run grid=sfd", wordbreaks=" ") == ["grid=sfd_delta_t", "grid=sfd_vs_redi",
+                                                                                     "grid=sfd_vs_redi_builds", "grid=sfd_vs_redi_long"]
     assert complete("python -m benchmarks.run launcher=") == ["inline", "local", "slurm"]
     assert complete("python -m benchmarks.run --d") == ["--dry-run", "--debug"]
     assert "profile=" in complete("python -m benchmarks.run pro")

@@ -101,7 +101,7 @@ def test_shards_equal_the_in_memory_encodings_of_the_same_images(ref, tmp_path):
     arts = load_artifacts(dirs, CPU)
     mem = load_file(str(build_encodings(mem_cfg, data, ENCODER, dirs[ENCODER], CPU) / "tokens.safetensors"))
     for k in ("tokens", "tokens_flip"):
-        assert tok[k].dtype == torch.float16 and tok[k].shape == (22, 64, 64)
+        assert tok[k].dtype == torch.float16 and tok[k].shape == (22, 64, arts[ENCODER].dim)
         torch.testing.assert_close(tok[k], mem[k], rtol=1e-3, atol=1e-3)
     # texture: the posterior sample of image i (or its flip) with the generator seeded image_seed(split, i)
     x = to_unit(data.train_x)

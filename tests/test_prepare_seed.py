@@ -153,3 +153,36 @@ def test_command_line_build_changes_the_run_id_and_is_recorded():
     assert one.run_id != base.run_id and one.label["prepare.seed"] == 1
     assert {n.kind: n.name for n in artifact_plan(one.cfg)}[FD_NET] == \
         {n.kind: n.name for n in artifact_plan(base.cfg)}[FD_NET]
+
+
+class _Serial:
+    """A stand-in for ThreadPoolExecutor that runs the calls one after the other, in order."""
+
+    def __init__(self, max_workers=None):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, fn, *iterables):
+        return [fn(*args) for args in zip(*iterables)]
+
+
+def test_latent_cache_splits_in_threads_are_bit_identical_to_serial(tmp_path, monkeypatch):
+    """The images and their flips are composed in two threads; the cache must be byte for byte the serial one."""
+    import shutil
+    from core.cache import full_digest
+
+    monkeypatch.undo()                                          # real data fingerprint: this test reads the data
+    specs = [s for s in expand("sfd_vs_redi", ["profile=smoke", f"cache_dir={tmp_path / 'c'}"]).runs
+             if s.cfg["method"]["name"] == "sfd"]
+    cfg = specs[0].cfg
+    threaded = prepare.prepare_run(cfg).latent_dir
+    digest = full_digest(threaded / "train.safetensors")
+    shutil.rmtree(threaded)
+    monkeypatch.setattr(prepare, "ThreadPoolExecutor", _Serial)
+    serial = prepare.prepare_run(cfg).latent_dir
+    assert serial == threaded and full_digest(serial / "train.safetensors") == digest
