@@ -98,8 +98,8 @@ class SupervisedEncoder(TokenArtifact):
     on mean-pooled tokens, 20 000 training images, the 10 000 test images; raw pixels 0.824). width 24, dim 64:
     600 steps 0.886 (44 s), 1 200 steps 0.897 (95 s; with flips and label smoothing 0.1: 0.898, so both are off by
     default; EMA 0.99: no gain);
-    width 24, dim 128: 0.901; width 32, dim 128 (the defaults): 0.905 (≈ 110-135 s; 0.904 in the main job's prepare). Mixer tokens (the SSL
-    network) trained the same way: 0.874 at 1 000 steps. The test-set accuracy of a CNN on this half saturates
+    width 24, dim 128: 0.901; width 32, dim 128 (the defaults): 0.905 (≈ 110-135 s; 0.904 in the main job's
+    prepare). Mixer tokens (the SSL network) trained the same way: 0.874 at 1 000 steps. The test-set accuracy of a CNN on this half saturates
     near 0.92 (the FD network's recipe at 1 500 steps), so 0.90 on mean-pooled tokens is close to what the
     minute-scale budget allows.
     """
