@@ -48,6 +48,8 @@ class TokenCNN(nn.Module):
         if patch < 2 or 2 ** stages != patch or image_size % patch:
             raise ValueError(f"patch must be a power of 2 (>= 2) dividing image_size, got patch={patch}, "
                              f"image_size={image_size}")
+        if width < 1 or dim < 1:
+            raise ValueError(f"width and dim must be >= 1, got width={width}, dim={dim}")
         self.grid, self.dim = (image_size // patch, image_size // patch), dim
         layers, c = [], in_channels
         for k in range(stages):
@@ -94,7 +96,8 @@ def train_supervised(net: TokenCNN, images_u8: Tensor, labels: Tensor, num_class
 class SupervisedEncoder(TokenArtifact):
     """The default stand-in (docs/proxy.md): a CNN whose mean-pooled tokens were trained to classify.
 
-    Measured on Fashion-MNIST 32×32, even half (2-core Intel Xeon, 1 thread, bf16 autocast, batch 128; linear probe
+    Exploratory measurements (ad-hoc scripts, not committed; the defaults' figure is reproduced by the prepare
+    summary of `python -m benchmarks.run grid=sfd_vs_redi`) on Fashion-MNIST 32×32, even half (2-core Intel Xeon, 1 thread, bf16 autocast, batch 128; linear probe
     on mean-pooled tokens, 20 000 training images, the 10 000 test images; raw pixels 0.824). width 24, dim 64:
     600 steps 0.886 (44 s), 1 200 steps 0.897 (95 s; with flips and label smoothing 0.1: 0.898, so both are off by
     default; EMA 0.99: no gain);
@@ -116,6 +119,9 @@ class SupervisedEncoder(TokenArtifact):
         the FD network can learn from the other half: docs/architecture.md, "Profiles")."""
         if train_half not in (None, 0, 1):
             raise ValueError(f"train_half must be None, 0 or 1, got {train_half!r}")
+        if steps < 1 or batch_size < 1 or probe_images < 1:
+            raise ValueError(f"steps, batch_size and probe_images must be >= 1, "
+                             f"got {steps}, {batch_size}, {probe_images}")
         start = time.perf_counter()
         config = dict(in_channels=data.channels, image_size=data.image_size, patch=patch, dim=dim, width=width)
         with seeded_init(seed):

@@ -34,6 +34,10 @@ def test_tokencnn_shapes_grid_and_final_norm():
     for bad in (3, 1, 64):
         with pytest.raises(ValueError, match="patch must be a power of 2"):
             TokenCNN(1, 32, patch=bad, dim=8, width=4)
+    with pytest.raises(ValueError, match="width and dim must be >= 1"):
+        TokenCNN(1, 32, patch=4, dim=8, width=0)
+    with pytest.raises(ValueError, match="steps, batch_size and probe_images must be >= 1"):
+        SupervisedEncoder.fit(tiny_data(), {}, "cpu", **{**FIT, "steps": 0})
 
 
 def test_tokencnn_tokens_are_row_major():
