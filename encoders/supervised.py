@@ -97,14 +97,14 @@ class SupervisedEncoder(TokenArtifact):
     """The default stand-in (docs/proxy.md): a CNN whose mean-pooled tokens were trained to classify.
 
     Exploratory measurements (ad-hoc scripts, not committed; the defaults' figure is reproduced by the prepare
-    summary of `python -m benchmarks.run grid=sfd_vs_redi`) on Fashion-MNIST 32×32, even half (2-core Intel Xeon, 1 thread, bf16 autocast, batch 128; linear probe
-    on mean-pooled tokens, 20 000 training images, the 10 000 test images; raw pixels 0.824). width 24, dim 64:
-    600 steps 0.886 (44 s), 1 200 steps 0.897 (95 s; with flips and label smoothing 0.1: 0.898, so both are off by
-    default; EMA 0.99: no gain);
-    width 24, dim 128: 0.901; width 32, dim 128 (the defaults): 0.905 (≈ 110-135 s; 0.904 in the main job's
-    prepare). Mixer tokens (the SSL network) trained the same way: 0.874 at 1 000 steps. The test-set accuracy of a CNN on this half saturates
-    near 0.92 (the FD network's recipe at 1 500 steps), so 0.90 on mean-pooled tokens is close to what the
-    minute-scale budget allows.
+    summary of `python -m benchmarks.run grid=sfd_vs_redi`) on Fashion-MNIST 32×32, even half (2-core Intel Xeon,
+    1 thread, bf16 autocast, batch 128; linear probe on mean-pooled tokens, 20 000 training images, the 10 000 test
+    images; raw pixels 0.824). Width 24, dim 64: 600 steps 0.886 (44 s), 1 200 steps 0.897 (95 s; with flips and
+    label smoothing 0.1: 0.898, so both are off by default; EMA 0.99: no gain). Width 24, dim 128: 0.901. Width 32,
+    dim 128 (the defaults): 0.905 (≈ 110-135 s; 0.904 in the main job's prepare). Mixer tokens (the SSL network)
+    trained the same way: 0.874 at 1 000 steps. The test-set accuracy of a CNN on this half saturates near 0.92
+    (the FD network's recipe at 1 500 steps), so 0.90 on mean-pooled tokens is close to what the minute-scale
+    budget allows.
     """
 
     net_cls = TokenCNN
