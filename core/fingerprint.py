@@ -86,9 +86,8 @@ def _entry(registry: Any, name: Any) -> Any | None:
 
 def run_components(cfg: dict) -> dict[str, Any]:
     """role -> registered class or function, for every component a resolved run config uses
-    (registries from core.registry and methods.guidance; plugins must be loaded first)."""
-    from core.registry import BACKBONES, ENCODERS, LATENTS, LOSSES, SAMPLERS, SCHEDULES
-    from methods.guidance import GUIDANCE
+    (registries from core.registry; plugins must be loaded first)."""
+    from core.registry import BACKBONES, ENCODERS, GUIDANCE, LATENTS, LOSSES, SAMPLERS, SCHEDULES
 
     m, e = cfg["method"], cfg["eval"]
     found: dict[str, Any] = {

@@ -53,17 +53,16 @@ class Method:
 
 
 def _build(registry: Registry, cfg: dict, kind: str, deps: dict[str, Any]) -> Any:
-    """Build cfg["name"] from registry passing only the dependencies its constructor accepts."""
+    """Build cfg["name"] from registry, its keys checked first; `Registry.wire` passes it only the
+    dependencies its constructor declares (the one wiring rule, guidance's `null_label` included)."""
     if "name" not in cfg:
         raise ConfigError(f"method.{kind} needs a 'name'; valid: {', '.join(registry.names())}")
     try:
         ctor = registry.get(cfg["name"])
     except KeyError as e:
         raise ConfigError(f"method.{kind}: {e.args[0]}") from None
-    params = inspect.signature(ctor).parameters
-    given = {k: v for k, v in deps.items() if k in params}
     check_keys(f"method.{kind} {cfg['name']!r}", ctor, cfg, deps=tuple(deps))
-    return registry.build(cfg, **given)
+    return registry.wire(cfg, **deps)
 
 
 def sampler_families(name: str) -> tuple[str, ...]:

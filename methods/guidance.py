@@ -14,14 +14,12 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from core.registry import Registry
+from core.registry import GUIDANCE  # in core/registry.py; importable from here as before
 from core.types import Groups
 from methods.base import ModelFn
 
 # (model_fn, x, t_model, t_groups, y, groups) -> out (N, C_out, H, W)
 Guidance = Callable[..., Tensor]
-
-GUIDANCE: Registry = Registry("guidance")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,7 +89,7 @@ class ClassifierFreeGuidance:
 
     Args:
         scale: guidance scale s (DiT/SiT 1.5, REPA 1.8, ReDi 2.4, LightningDiT 6.7 / 10.0)
-        null_label: the unconditional class index (dependency; backbone.null_label)
+        null_label: the unconditional class index (a dependency, wired by name: backbone.null_label)
         interval: [low, high] in PROJECT time; group g is guided where low <= t_g <= high, each group
             with its own time (SFD `semfirst_infer_interval_mode: both`). Conversions:
             REPA guides t_REPA in [0, 0.7] (t_REPA = 1 − t) -> interval [0.3, 1.0];
@@ -99,8 +97,6 @@ class ClassifierFreeGuidance:
         channels: "all" (REPA, SFD) | "start:stop" | list of indices. DiT/SiT/LightningDiT legacy: "0:3";
             ReDi `cfg-vae`: "0:4". Learned-σ channels (C_out = 2C) stay conditional unless listed.
     """
-
-    deps = ("null_label",)
 
     def __init__(self, scale: float, null_label: int, interval: Sequence[float] = (0.0, 1.0),
                  channels: str | Sequence[int] = "all") -> None:
@@ -221,12 +217,11 @@ def build_guidance(cfg: Mapping[str, Any] | None, null_label: int) -> Guidance |
 
     Args:
         cfg: e.g. {"name": "cfg", "scale": 1.8, "interval": [0.3, 1.0]}
-        null_label: the backbone's unconditional class index, passed to the kinds that need it
+        null_label: the backbone's unconditional class index, passed to the kinds whose constructor
+            declares it (`Registry.wire`, as every component gets its dependencies)
     """
     if cfg is None:
         return None
     if "name" not in cfg:
         raise ValueError(f"guidance config needs a 'name'; valid: {', '.join(GUIDANCE.names())}")
-    ctor = GUIDANCE.get(cfg["name"])                     # KeyError listing the valid names
-    deps = {"null_label": null_label} if "null_label" in getattr(ctor, "deps", ()) else {}
-    return GUIDANCE.build(cfg, **deps)
+    return GUIDANCE.wire(cfg, null_label=null_label)      # KeyError listing the valid names

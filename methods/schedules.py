@@ -1,12 +1,12 @@
 """Linear-flow noise schedules: the synchronous flow (SiT, arXiv 2401.08740) and SFD's asynchronous
-flow (arXiv 2512.04926), plus the time helpers every sampler shares (timestep shift, REPA conversion).
+flow (arXiv 2512.04926), plus the time helpers every sampler shares (timestep shift).
 
 Project convention (docs/methods.md §0.1): x_t = t·x1 + (1 − t)·x0, t = 0 noise, t = 1 data, target
-u = x1 − x0. REPA's convention (t = 0 data, v = ε − x) is converted here and nowhere else.
+u = x1 − x0. Everything here is in project time. REPA's convention (t = 0 data, v = ε − x) is converted
+at its boundaries, not here: REPA's released weights when imported (`fold_repa_time`, the benchmarks'
+checkpoint importers) and its guidance interval in its method preset (`repa.yaml`: t_REPA ≤ 0.7 -> t ≥ 0.3).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
@@ -56,20 +56,6 @@ def shift_tau(tau: Tensor, s: float, tau_max: float) -> Tensor:
     """SFD's shift on the global time τ ∈ [0, tau_max]: divide by tau_max, shift, multiply back
     (docs/methods.md §6.6), so the endpoints stay 0 and tau_max."""
     return shift_time(tau / tau_max, s) * tau_max
-
-
-def repa_to_project(t_repa: Tensor, v_repa: Tensor) -> tuple[Tensor, Tensor]:
-    """REPA (t = 0 data, x_t = (1−t)x + tε, v = ε − x) -> project (t = 1 data, u = x1 − x0).
-
-    The time axis is reversed and the velocity flips sign (docs/methods.md §0.1, §11.2):
-    t = 1 − t_REPA, v = −v_REPA. Shapes are unchanged.
-    """
-    return 1 - t_repa, -v_repa
-
-
-def project_to_repa(t: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """Inverse of `repa_to_project` (the map is an involution)."""
-    return 1 - t, -v
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,12 +228,3 @@ class AsyncFlow(_LinearFlow):
         τ ≥ Δt, semantics until τ ≤ 1), so a clamped group keeps its value exactly."""
         s = tau[:, None] - self._lags(tau)                          # (N, G)
         return (s >= 0) & (s <= 1)
-
-
-def clamp_probability(delta_t: float, mean: float = 0.0, std: float = 1.0) -> float:
-    """P(t_tex = 0) under logit-normal(mean, std) for SFD lag Δt: Φ((logit(Δt/(1+Δt)) − mean)/std).
-
-    With mean 0, std 1 this is Φ(ln Δt) (docs/methods.md §6.3, §11.4); by symmetry it is also P(t_sem = 1).
-    """
-    z = (math.log(delta_t) - mean) / std                       # logit(Δt/(1+Δt)) = ln Δt
-    return 0.5 * (1 + math.erf(z / math.sqrt(2)))

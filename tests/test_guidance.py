@@ -9,7 +9,7 @@ from core.registry import SCHEDULES
 from core.types import Groups
 from methods.guidance import GUIDANCE, AutoGuidance, build_guidance
 from methods.samplers import ODESampler
-from methods.schedules import repa_to_project
+from repa_ref import repa_to_project
 
 GROUPS = Groups(("texture", "semantic"), (3, 2))
 NULL = 10

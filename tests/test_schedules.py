@@ -8,8 +8,8 @@ from core.registry import SCHEDULES
 from core.types import BackboneOut, Batch, Groups
 from methods import base
 from methods.losses import FlowLoss
-from methods.schedules import (AsyncFlow, Flow, clamp_probability, linear_path, project_to_repa,
-                               repa_to_project, shift_tau, shift_time)
+from methods.schedules import AsyncFlow, Flow, linear_path, shift_tau, shift_time
+from repa_ref import project_to_repa, repa_to_project
 
 SFD_GROUPS = Groups(("texture", "semantic"), (32, 16))
 SMALL = Groups(("texture", "semantic"), (3, 2))
@@ -84,6 +84,15 @@ def test_drift_mask_phases():
 
 
 # -- §11.4 clamp probabilities -----------------------------------------------------------------------
+
+def clamp_probability(delta_t: float, mean: float = 0.0, std: float = 1.0) -> float:
+    """P(t_tex = 0) under logit-normal(mean, std) for SFD lag Δt: Φ((logit(Δt/(1+Δt)) − mean)/std).
+
+    With mean 0, std 1 this is Φ(ln Δt) (docs/methods.md §6.3, §11.4); by symmetry it is also P(t_sem = 1).
+    """
+    z = (math.log(delta_t) - mean) / std                       # logit(Δt/(1+Δt)) = ln Δt
+    return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
 
 def test_clamp_probability_logit_normal():
     assert clamp_probability(0.3) == pytest.approx(0.1143, abs=1e-4)
