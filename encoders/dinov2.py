@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from core.registry import ENCODERS
 from core.types import ImageData
-from encoders.base import read_json, write_json
+from encoders.base import Artifact
 
 #################################################################################
 #                       Artifact "dinov2" (timm, paper scale)                   #
@@ -52,7 +52,7 @@ def resolve_dinov2_weights(name: str, weights: str | None) -> str:
 
 
 @ENCODERS.register("dinov2")
-class DinoV2Encoder:
+class DinoV2Encoder(Artifact):
     """Frozen timm DINOv2 with the papers' preprocessing: [-1, 1] -> (x+1)/2 -> ImageNet mean/std ->
     bicubic resize to 224 -> patch tokens after the final norm, CLS and registers dropped -> (N, 256, D).
 
@@ -123,18 +123,19 @@ class DinoV2Encoder:
         cls_token: `tokens` prepends `x_norm_clstoken` (REG)."""
         return cls.from_pretrained(name, weights, device, img_size, cls_token)
 
-    def save(self, out_dir: Path) -> None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+    # ------------------------------------------------------------------ persistence (Artifact hooks)
+    stores_weights = False      # config.json records the name and weights path, not a copy of the checkpoint
+
+    def artifact_config(self) -> dict:
         config = dict(name=self.name, weights=self.weights, img_size=self.img_size)
         if self.cls_token:    # only when set: configs written before the knob stay byte-identical
             config["cls_token"] = True
-        write_json(out_dir / "config.json", config)
-        write_json(out_dir / "summary.json", self._summary)
+        return config
 
     @classmethod
-    def load(cls, out_dir: Path, device: torch.device | str = "cpu") -> "DinoV2Encoder":
-        config = read_json(Path(out_dir) / "config.json")
+    def from_saved(cls, out_dir: str | Path, state: dict[str, Tensor] | None, config: dict, summary: dict,
+                   device: torch.device | str) -> "DinoV2Encoder":
+        """Load the recorded model again; its summary is recomputed from it, not read back."""
         return cls.from_pretrained(config["name"], config["weights"], device, config["img_size"],
                                    config.get("cls_token", False))
 

@@ -22,7 +22,7 @@ from core.progress import track
 from core.registry import ENCODERS
 from core.seed import seeded_init
 from core.types import ImageData, to_unit
-from encoders.base import batched, load_state, save_module
+from encoders.base import Artifact, batched
 from encoders.texture_vae import lr_at, match_channels, shuffled_batches
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
 
 
 @ENCODERS.register("fd-net")
-class FDNet(nn.Module):
+class FDNet(nn.Module, Artifact):
     """Three conv stages (each halving the side) -> 4×4 pool -> Linear -> ReLU features (F) -> Linear logits.
 
     Input: uint8 images (N, C, H, W); C may be 1 or 3 whatever the net was trained on (grey <-> RGB).
@@ -166,16 +166,14 @@ class FDNet(nn.Module):
         return {"kind": self.kind, "feature_dim": self.feature_dim,
                 "params": sum(p.numel() for p in self.parameters()), **self._summary}
 
-    # ------------------------------------------------------------------ persistence
-    def save(self, out_dir: str | Path) -> None:
-        save_module(self, {"kind": self.kind, "net": self.config, "fit": self.fit_args}, self.summary(),
-                    Path(out_dir))
+    # ------------------------------------------------------------------ persistence (Artifact hooks)
+    def artifact_config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "net": self.config, "fit": self.fit_args}
 
     @classmethod
-    def load(cls, out_dir: str | Path, device: torch.device | str = "cpu") -> "FDNet":
-        state, config, summary = load_state(Path(out_dir), device)
-        if config.get("kind") != cls.kind:
-            raise ValueError(f"{out_dir} holds a {config.get('kind')!r} artifact, not {cls.kind!r}")
+    def from_saved(cls, out_dir: str | Path, state: dict[str, Tensor] | None, config: dict, summary: dict,
+                   device: torch.device | str) -> "FDNet":
+        cls.check_kind(out_dir, config.get("kind"))
         net = cls(**config["net"], fit_args=config["fit"])
         net.load_state_dict(state)
         net._summary = {k: v for k, v in summary.items() if k != "kind"}

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from core.registry import ENCODERS
 from core.types import ImageData, to_unit
-from encoders.base import batched, load_state, save_module
+from encoders.base import Artifact, batched
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def fit_pca(rows: Tensor) -> dict[str, Tensor]:
 
 
 @ENCODERS.register("pca")
-class TokenPCA(nn.Module):
+class TokenPCA(nn.Module, Artifact):
     """PCA of semantic tokens. `project(tokens (N, T, D), rank) -> (N, rank, h, w)` on the encoder's grid."""
 
     requires: tuple[str, ...] = ("semantic-encoder",)
@@ -114,12 +114,13 @@ class TokenPCA(nn.Module):
         log.info("pca: %s", pca._summary)
         return pca.to(device)
 
-    def save(self, out_dir: Path) -> None:
-        save_module(self, dict(dim=self.dim, grid=list(self.grid)), self._summary, out_dir)
+    # ------------------------------------------------------------------ persistence (Artifact hooks)
+    def artifact_config(self) -> dict:
+        return dict(dim=self.dim, grid=list(self.grid))      # the statistics are buffers: in the weights file
 
     @classmethod
-    def load(cls, out_dir: Path, device: torch.device | str = "cpu") -> "TokenPCA":
-        state, config, summary = load_state(out_dir, device)
+    def from_saved(cls, out_dir: str | Path, state: dict[str, Tensor] | None, config: dict, summary: dict,
+                   device: torch.device | str) -> "TokenPCA":
         pca = cls(config["dim"], config["grid"], summary)
         pca.load_state_dict(state)
         return pca.to(device)

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from core.registry import ENCODERS
 from core.types import ImageData
-from encoders.base import read_json, write_json
 from encoders.ldm_vae import ldm_to_diffusers, read_checkpoint
 from encoders.dinov2 import DinoV2Encoder
 from encoders.texture_vae import TextureVAE, _init_kwargs
@@ -153,27 +152,24 @@ class PretrainedVAE(TextureVAE):
     def decode(self, z: Tensor) -> Tensor:
         return self._chunked(lambda x: TextureVAE.decode(self, x), z)
 
-    # ------------------------------------------------------------------ persistence
-    def save(self, out_dir: str | Path) -> None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(out_dir / "config.json", {"kind": self.kind, "source": self.source, "vae": self.vae_config,
-                                             "fingerprint": self._summary["fingerprint"]})
-        write_json(out_dir / "summary.json", self.summary())
+    # ------------------------------------------------------------------ persistence (Artifact hooks)
+    stores_weights = False      # config.json records the source and a fingerprint, not a 300 MB copy
+
+    def artifact_config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "source": self.source, "vae": self.vae_config,
+                "fingerprint": self._summary["fingerprint"]}
 
     @classmethod
-    def load(cls, out_dir: str | Path, device: torch.device | str = "cpu") -> "PretrainedVAE":
+    def from_saved(cls, out_dir: str | Path, state: dict[str, Tensor] | None, config: dict, summary: dict,
+                   device: torch.device | str) -> "PretrainedVAE":
         """Reload from the recorded source; weights that changed since the cache was built are an error."""
         out_dir = Path(out_dir)
-        config = read_json(out_dir / "config.json")
-        if config["kind"] != cls.kind:
-            raise ValueError(f"{out_dir} holds a {config['kind']!r} artifact, not {cls.kind!r}")
+        cls.check_kind(out_dir, config["kind"])
         model = cls.from_source(config["source"], device)
         if model._summary["fingerprint"] != config["fingerprint"]:
             raise ValueError(f"{cls.kind}: the weights at {config['source']} changed since {out_dir} was built "
                              f"(fingerprint {model._summary['fingerprint']} != {config['fingerprint']}); delete "
                              f"that folder and the latent caches made from it to rebuild them")
-        summary = read_json(out_dir / "summary.json")
         model._summary = {k: v for k, v in summary.items() if k not in ("kind", "latent_channels", "downsample",
                                                                         "params")}
         return model
@@ -338,10 +334,3 @@ def load_latent_stats(path: str | Path, channels: int | None = None) -> tuple[Te
     if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
         raise ValueError(f"{path}: stats must be finite with std > 0")
     return mean, std
-
-
-def sfd_latent_stats(texture: str | Path, semantic: str | Path) -> tuple[Tensor, Tensor]:
-    """SFD's composite-latent stats (1, 32 + 16, 1, 1): latents_stats.pt then latents_sv_stats.pt, in the
-    latent's channel order (texture first, semantic last, docs/methods.md §6.1)."""
-    (m_tex, s_tex), (m_sem, s_sem) = load_latent_stats(texture), load_latent_stats(semantic)
-    return torch.cat([m_tex, m_sem], dim=1), torch.cat([s_tex, s_sem], dim=1)

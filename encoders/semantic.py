@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +22,7 @@ from core.progress import track
 from core.registry import ENCODERS
 from core.seed import seeded_init
 from core.types import ImageData, to_unit
-from encoders.base import ModuleArtifact, batched, load_state
+from encoders.base import ModuleArtifact, batched
 
 log = logging.getLogger(__name__)
 
@@ -237,11 +236,8 @@ class TokenArtifact(ModuleArtifact):
         self.cls_token = bool(config.get("cls_token", False))
 
     @classmethod
-    def load(cls, out_dir: Path, device: torch.device | str = "cpu") -> "TokenArtifact":
-        state, config, summary = load_state(out_dir, device)
-        net = cls.net_cls(**{k: v for k, v in config.items() if k != "cls_token"}).to(device)
-        net.load_state_dict(state)
-        return cls(net, config, summary)
+    def net_config(cls, config: dict) -> dict:
+        return {k: v for k, v in config.items() if k != "cls_token"}
 
     @property
     def grid(self) -> tuple[int, int]:

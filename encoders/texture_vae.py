@@ -22,7 +22,7 @@ from core.progress import track
 from core.registry import ENCODERS
 from core.seed import seeded_init
 from core.types import ImageData, to_unit
-from encoders.base import batched, load_state, save_module
+from encoders.base import Artifact, batched
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def match_channels(images: Tensor, channels: int) -> Tensor:
 
 
 @ENCODERS.register("texture-vae")
-class TextureVAE(nn.Module):
+class TextureVAE(nn.Module, Artifact):
     """KL-autoencoder: images in [-1, 1] (N, C, H, W) <-> latents (N, c, H/f, W/f), f = `downsample`."""
 
     kind = "texture-vae"
@@ -224,24 +224,18 @@ class TextureVAE(nn.Module):
         return {"kind": self.kind, "latent_channels": self.latent_channels, "downsample": self.downsample,
                 "params": sum(p.numel() for p in self.parameters()), **self._summary}
 
-    # ------------------------------------------------------------------ persistence
-    def save(self, out_dir: str | Path) -> None:
-        save_module(self, {"kind": self.kind, "vae": self.vae_config, "fit": self.fit_args}, self.summary(),
-                    Path(out_dir))
+    # ------------------------------------------------------------------ persistence (Artifact hooks)
+    def artifact_config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "vae": self.vae_config, "fit": self.fit_args}
 
     @classmethod
-    def load(cls, out_dir: str | Path, device: torch.device | str = "cpu") -> "TextureVAE":
-        state, config, summary = load_state(Path(out_dir), device)
-        if config.get("kind", cls.kind) != cls.kind:
-            raise ValueError(f"{out_dir} holds a {config['kind']!r} artifact, not {cls.kind!r}")
-        model = cls._from_config(config)
+    def from_saved(cls, out_dir: str | Path, state: dict[str, Tensor] | None, config: dict, summary: dict,
+                   device: torch.device | str) -> "TextureVAE":
+        cls.check_kind(out_dir, config.get("kind", cls.kind))      # folders written without a kind load
+        model = cls(config["vae"], config["fit"])
         model.load_state_dict(state)
         model._summary = {k: v for k, v in summary.items() if k not in ("kind",)}
         return model.to(device).eval().requires_grad_(False)
-
-    @classmethod
-    def _from_config(cls, config: dict[str, Any]) -> "TextureVAE":
-        return cls(config["vae"], config["fit"])
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str, subfolder: str | None = None,

@@ -247,13 +247,13 @@ def test_a_damaged_safetensors_file_is_a_corrupt_file_error_with_its_path(tmp_pa
 
 def test_artifact_weights_and_shards_truncated_are_corrupt_file_errors(tmp_path):
     from benchmarks.shards import ShardWriter, open_sharded, write_index
-    from encoders.base import load_state, save_module
+    from encoders.base import read_artifact, write_artifact
 
-    save_module(torch.nn.Linear(30, 30), {}, {}, tmp_path / "art")
+    write_artifact(tmp_path / "art", {}, {}, torch.nn.Linear(30, 30).state_dict())
     with open(tmp_path / "art" / "weights.safetensors", "r+b") as f:
         f.truncate(50)
     with pytest.raises(CorruptFileError, match="weights.safetensors: not a readable safetensors file"):
-        load_state(tmp_path / "art")
+        read_artifact(tmp_path / "art")
     folder = tmp_path / "sharded"
     folder.mkdir()
     w = ShardWriter(folder / "train-00000.safetensors", {"x1": (torch.float32, (4,))}, 10, {"start": "0", "stop": "10"})

@@ -17,7 +17,7 @@ from core.registry import ENCODERS
 from core.types import ImageData, to_unit
 from encoders.ldm_vae import convert_state, ldm_to_diffusers, read_checkpoint
 from encoders.pretrained import (DinoV2B14Reg, DinoV2L14, LDMf16d32, SDVAEftEMA, SDVAEftMSE, VAVAEf16d32,
-                                 load_latent_stats, sfd_latent_stats)
+                                 load_latent_stats)
 from encoders.dinov2 import IMAGENET_MEAN, IMAGENET_STD
 from encoders.texture_vae import autoencoder_config
 from methods.latents import VAELatent
@@ -214,6 +214,13 @@ def test_fills_the_texture_slot_in_prepare_and_the_latent_builder(tmp_path):
     latent.set_stats(*load_latent_stats(tmp_path / "latents_stats.pt", channels=Z))
     x1 = latent.normalize(latent.encode(to_unit(data.train_x[:2]))["x1"])    # (2, 32, 2, 2)
     assert latent.decode(x1).shape == (2, 3, 32, 32)
+
+
+def sfd_latent_stats(texture, semantic) -> tuple[torch.Tensor, torch.Tensor]:
+    """SFD's composite-latent stats (1, 32 + 16, 1, 1): latents_stats.pt then latents_sv_stats.pt, in the
+    latent's channel order (texture first, semantic last, docs/methods.md §6.1)."""
+    (m_tex, s_tex), (m_sem, s_sem) = load_latent_stats(texture), load_latent_stats(semantic)
+    return torch.cat([m_tex, m_sem], dim=1), torch.cat([s_tex, s_sem], dim=1)
 
 
 def test_latent_stats_files(tmp_path):
