@@ -2,9 +2,11 @@
 
 results/<grid>/<run_id>/
   config.yaml  metrics.jsonl  eval.jsonl  checkpoints/step_0000500.pt (+ .sha256)  samples/  done.json  failed.json
-Checkpoints are written atomically (temp file `.<name>.tmp<pid>` + rename) with a sha256 beside them; a
-checkpoint whose checksum does not match is skipped in favour of the previous one. They load with
-weights_only=True. A temp file left by a killed write is removed when the run resumes (remove_stale_tmp).
+Checkpoints are written atomically (temp file `.<name>.tmp<pid>` + fsync + rename) with a sha256 beside them;
+torch.save streams into the temp file and the sha256 is computed on the way, so a checkpoint (Adam state
+included) is never held in host memory a second time. A checkpoint whose checksum does not match is skipped
+in favour of the previous one. They load with weights_only=True. A temp file left by a killed write is
+removed when the run resumes (remove_stale_tmp).
 
 metrics.jsonl and eval.jsonl are append-only, one JSON object per line. A job killed mid-append leaves at
 most a torn LAST line (no trailing newline, or not parseable): readers drop it and a resume rewrites the
@@ -19,7 +21,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import torch
 from omegaconf import OmegaConf
@@ -28,18 +30,69 @@ from core.errors import CorruptFileError
 
 log = logging.getLogger(__name__)
 _CKPT = re.compile(r"^step_(\d{7})\.pt$")
-_TMP = re.compile(r"^\..+\.tmp(\d+)$")       # what atomic_write_bytes writes before its rename
+_TMP = re.compile(r"^\..+\.tmp(\d+)$")       # what _tmp_path names: the atomic writes' file before its rename
+
+
+def _tmp_path(path: Path) -> Path:
+    """Where an atomic write of `path` goes before its rename (`.<name>.tmp<pid>`, matched by _TMP)."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _tmp_path(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+class _HashingWriter:
+    """A write-only binary file that feeds every chunk to a sha256 on its way to the real file. torch.save
+    writes a buffer through write() and flush() only, in order and never seeking back, so the digest is
+    that of the file's bytes. A tensor's data arrives as a view of its (CPU) storage: hashed and written
+    without a copy."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.sha256 = hashlib.sha256()
+        self.error: BaseException | None = None
+
+    def write(self, chunk: bytes | memoryview) -> int:
+        self.sha256.update(chunk)
+        try:
+            return self._f.write(chunk)     # a buffered file writes it all or raises (never a short write)
+        except BaseException as e:
+            self.error = e                  # torch.save's exit replaces it with "unexpected pos": kept to re-raise
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def atomic_write_stream(path: Path, write: Callable[[BinaryIO], None]) -> str:
+    """Write `path` by calling `write(file)` on a temp file beside it, fsync, then rename; returns the sha256
+    (hex) of the bytes written. Memory use does not grow with the file's size. If `write` raises, the temp
+    file is removed and `path` is untouched; a killed process leaves the temp file to remove_stale_tmp."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    out = None
+    try:
+        with open(tmp, "wb") as f:
+            out = _HashingWriter(f)
+            write(out)                  # type: ignore[arg-type]  (write/flush is all torch.save needs)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if out is not None and out.error is not None and e is not out.error:
+            raise out.error from None   # the file's own error (a full disk), as the in-memory write raised it
+        raise
+    os.replace(tmp, path)
+    return out.sha256.hexdigest()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -138,9 +191,6 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
 
-    def read_config(self) -> dict:
-        return OmegaConf.to_container(OmegaConf.load(self.path / "config.yaml"), resolve=True)  # type: ignore
-
     def append(self, name: str, row: dict) -> None:
         """Append one JSON line and flush it (metrics.jsonl, eval.jsonl)."""
         self.path.mkdir(parents=True, exist_ok=True)
@@ -186,14 +236,13 @@ class RunDir:
         return sorted(found)
 
     def save_checkpoint(self, step: int, state: dict[str, Any], keep: int = 2) -> Path:
-        import io
-
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        data = buf.getvalue()
+        """checkpoints/step_<step>.pt and its .sha256 (hex digest, no newline), then prune to the newest
+        `keep`. The .pt is renamed into place before its .sha256 is written: a kill between the two leaves a
+        checkpoint without a digest, which valid_checkpoints skips."""
         path = self.ckpt_dir / f"step_{step:07d}.pt"
-        atomic_write_bytes(path, data)
-        atomic_write_text(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest())
+        # torch.save to a file object (not a path) writes the same bytes it wrote into the BytesIO before
+        digest = atomic_write_stream(path, lambda f: torch.save(state, f))
+        atomic_write_text(path.with_suffix(".sha256"), digest)
         for _, old in self.checkpoints()[:-keep]:
             old.unlink(missing_ok=True)
             old.with_suffix(".sha256").unlink(missing_ok=True)
