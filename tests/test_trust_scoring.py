@@ -3,6 +3,7 @@
 Unit tests on small tensors and files, plus smoke runs (the session `smoke_cache`) for the paths through
 the training job: NaN samples fail the run at its evaluation, a damaged log row stops a resume without
 touching the file, a killed checkpoint write is cleaned up when the run resumes."""
+import io
 import json
 import subprocess
 import sys
@@ -321,21 +322,24 @@ def test_killed_checkpoint_write_is_cleaned_on_resume(tmp_path, smoke_cache, mon
 
     cfg = _smoke(smoke_cache)
     run = tmp_path / "run"
-    real_write = rundir.atomic_write_bytes
+    real_write = rundir.atomic_write_stream
     dead = _dead_pid()
 
-    def killed_at_step_4(path, data):
+    def killed_at_step_4(path, write):
         if path.name == "step_0000004.pt":             # the process dies after writing half its temp file
+            buf = io.BytesIO()
+            write(buf)
+            data = buf.getvalue()
             path.parent.mkdir(parents=True, exist_ok=True)
             (path.parent / f".{path.name}.tmp{dead}").write_bytes(data[: len(data) // 2])
             raise RuntimeError("killed")
-        return real_write(path, data)
+        return real_write(path, write)
 
-    monkeypatch.setattr(rundir, "atomic_write_bytes", killed_at_step_4)
+    monkeypatch.setattr(rundir, "atomic_write_stream", killed_at_step_4)
     with pytest.raises(RuntimeError, match="killed"):
         train.run_job(cfg, str(run))
     assert [p.name for p in (run / "checkpoints").iterdir()] == [f".step_0000004.pt.tmp{dead}"]
-    monkeypatch.setattr(rundir, "atomic_write_bytes", real_write)
+    monkeypatch.setattr(rundir, "atomic_write_stream", real_write)
     assert train.run_job(cfg, str(run))["step"] == 6
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "step_0000004.pt", "step_0000004.sha256", "step_0000006.pt", "step_0000006.sha256"]
