@@ -19,15 +19,23 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.cli import Flag, Key, Spec, command, config_names, parse as parse_args
-from benchmarks.grid import Grid, expand
-from benchmarks.launch import LAUNCHERS, SLURM_DIR, check_partition, get_launcher, load_slurm_profile, pending, run_dirs
-from benchmarks.grid import check_grid_folder, record_grid_file
-from benchmarks.report import refused_mix, unreadable_runs, write_report
-from benchmarks.stale import POLICIES as STALE_POLICIES, find_stale, handle_stale, stale_message
-from benchmarks.status import StatusBoard
+from benchmarks.config.cli import Flag, Key, Spec, command, config_names, parse as parse_args
+from benchmarks.config.grid import Grid, check_grid_folder, expand, record_grid_file
+from benchmarks.config.plugins import load_all
+from benchmarks.config.presets import presets
+from benchmarks.data.prepare import FD_NET, load_artifacts
+from benchmarks.data.prepare_grid import prepare_grid
+from benchmarks.evaluation.scoring import reference_dir
+from benchmarks.execution.launch import (LAUNCHERS, SLURM_DIR, check_partition, get_launcher, load_slurm_profile,
+                                         pending, run_dirs)
+from benchmarks.execution.stale import POLICIES as STALE_POLICIES, find_stale, handle_stale, stale_message
+from benchmarks.execution.status import StatusBoard
+from benchmarks.execution.train import resolve_device
+from benchmarks.reporting.estimate import assumptions, estimate, load_speed_table
+from benchmarks.reporting.report import refused_mix, unreadable_runs, write_report
 from core import runlock
 from core.config import ConfigError
+from core.registry import BACKBONES
 from core.rundir import RunDir, atomic_write_text
 
 log = logging.getLogger("benchmarks.run")
@@ -35,17 +43,11 @@ DEFAULT_LAUNCHER = "local"     # submitit LocalExecutor: runs in parallel subpro
 
 
 def _methods() -> list[str]:
-    from benchmarks.api import presets
-    from benchmarks.plugins import load_all
-
     load_all()
     return presets()
 
 
 def _backbones() -> list[str]:
-    from benchmarks.plugins import load_all
-    from core.registry import BACKBONES
-
     load_all()
     return BACKBONES.names()
 
@@ -99,7 +101,7 @@ FLAGS = tuple(f.name for f in SPEC.flags)
 
 
 def parse(argv: list[str]) -> tuple[dict[str, str], list[str], set[str]]:
-    """(the command's own keys, the config overrides in order, the flags): benchmarks.cli.parse with SPEC."""
+    """(the command's own keys, the config overrides in order, the flags): benchmarks.config.cli.parse with SPEC."""
     args = parse_args(SPEC, argv)
     return args.values, args.overrides, args.flags
 
@@ -117,10 +119,6 @@ def write_run_stubs(grid: Grid, results: Path) -> None:
 
 def prepare_stage(grid: Grid, results: Path) -> None:
     """Build every distinct cache the grid needs, once, in this process (with the same locks the jobs use)."""
-    from benchmarks.evaluate import reference_dir
-    from benchmarks.prepare import FD_NET, load_artifacts, prepare_grid
-    from benchmarks.train import resolve_device
-
     summary: dict = {"artifacts": {}, "latents": {}}
     seen: set[str] = set()
     builds: dict[str, dict[str, dict]] = {}     # kind -> artifact folder -> summary
@@ -153,8 +151,6 @@ def prepare_stage(grid: Grid, results: Path) -> None:
 def dry_run(grid: Grid, meta: dict[str, str], results: Path) -> None:
     """The jobs, the GPUs each asks for and an estimate of GPU-hours from the measured speed table.
     Data and weight files are not checked (plan before downloading); everything else is validated."""
-    from benchmarks.estimate import assumptions, estimate, load_speed_table
-
     if meta.get("launcher") == "slurm":
         prof = load_slurm_profile(meta.get("slurm", "local-ci"))
         gpus = int(prof.get("nodes") or 1) * int(prof.get("gpus_per_node") or 0)
@@ -243,7 +239,7 @@ def main(argv: list[str]) -> int:
             print(f"note: {stale_message(grid, stale)}")
         return 0
     check_grid_folder(grid, results)                 # two grid files with one stem: refused before any write
-    handle_stale(grid, results, meta.get("stale"))   # runs made with other code: error / rerun / keep (benchmarks/stale.py)
+    handle_stale(grid, results, meta.get("stale"))   # runs made with other code: error / rerun / keep (benchmarks/execution/stale.py)
     write_run_stubs(grid, results)
     record_grid_file(grid, results)                  # results/<grid>/grid.yaml: what benchmarks.report reads
     t0 = time.time()
@@ -257,7 +253,7 @@ def main(argv: list[str]) -> int:
         with StatusBoard(board_runs, f"grid {grid.name}"), sigterm_as_interrupt():
             launcher(todo, folder=results / grid.name / ".submitit", parallel=parallel,
                      slurm=meta.get("slurm", "local-ci"), wait="--no-wait" not in flags)
-    except KeyboardInterrupt:                        # the launcher has cancelled its jobs (benchmarks/launch.py)
+    except KeyboardInterrupt:                        # the launcher has cancelled its jobs (benchmarks/execution/launch.py)
         print(f"interrupted: the grid's running jobs were stopped; rerun to resume ({time.time() - t0:.0f}s)",
               file=sys.stderr)
         return 130

@@ -11,7 +11,7 @@ checks it (`check_folder`):
 - quick (default): every listed file present with its size and quick digest, and no unlisted file. It reads
   ≈ 2 MiB per file whatever the file's size (docs/decisions.md has the measured cost).
 - full: every byte against the sha256. Asked for with `SEMPRIOR_VERIFY_CACHE=full`, `verify="full"`, or
-  inside `full_verification()`; chosen by itself after a crash: `benchmarks.train.run_job` opens its
+  inside `full_verification()`; chosen by itself after a crash: `benchmarks.execution.train.run_job` opens its
   caches inside `full_verification()` when the run resumes from a checkpoint (the one hook: the process
   that crashed may have been writing caches too), and a process that finds a stale `.<name>.building`
   folder (a killed build, its lock free) under a cache root verifies every folder of that root in full.
@@ -345,9 +345,9 @@ def read_safetensors(path: str | Path, device: str = "cpu") -> dict:
 
 # ----------------------------------------------------------------------------- command line
 def cli_spec():
-    """The command line of `python -m core.cache` (benchmarks.cli.Spec; imported here, not at the top: core
+    """The command line of `python -m core.cache` (benchmarks.config.cli.Spec; imported here, not at the top: core
     does not depend on benchmarks)."""
-    from benchmarks.cli import Spec
+    from benchmarks.config.cli import Spec
 
     return Spec(
         prog="python -m core.cache",
@@ -361,7 +361,7 @@ def cli_spec():
 
 
 def _check_folders(argv: list[str]) -> int:
-    from benchmarks.cli import parse
+    from benchmarks.config.cli import parse
     from core.config import ConfigError
 
     args = parse(cli_spec(), argv).positional
@@ -382,7 +382,7 @@ def _check_folders(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`python -m core.cache [quick|full] FOLDER...` (`--help`): check finished cache folders against their
     manifests (nothing is rebuilt or written; a folder without a manifest is reported), with the time each took."""
-    from benchmarks.cli import command
+    from benchmarks.config.cli import command
 
     return command(_check_folders, spec=cli_spec())(argv)
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 MODES = ("auto", "regions", "blocks", "full", "off")
-PRECISIONS = ("auto", "fp32", "bf16", "bf16-residual")    # train.precision (benchmarks/train.py autocast_ctx)
+PRECISIONS = ("auto", "fp32", "bf16", "bf16-residual")    # train.precision (benchmarks/execution/train.py autocast_ctx)
 SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
 

@@ -1,6 +1,6 @@
 """Structured run configs: defaults live here (and in plugin constructor signatures), YAML is merged on top.
 
-Precedence when a grid expands (benchmarks/grid.py): schema defaults < profile < method preset <
+Precedence when a grid expands (benchmarks/config/grid.py): schema defaults < profile < method preset <
 grid overrides < axis values < command-line dotlist. Unknown keys fail at load with the valid names.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataCfg:
-    name: str = "fashion-mnist"        # benchmarks.datasets.DATASETS
-    root: Optional[str] = None         # None: search the default places (see benchmarks/datasets.py)
+    name: str = "fashion-mnist"        # benchmarks.data.datasets.DATASETS
+    root: Optional[str] = None         # None: search the default places (see benchmarks/data/datasets.py)
     image_size: int = 32               # Fashion-MNIST 28 px is zero-padded to 32
     flips: bool = True                 # cache horizontal flips and pick one with p = 0.5 (LightningDiT/SFD, docs/methods.md §5.2)
     limit_train: Optional[int] = None  # use only the first N training images (smoke tests); None = all
@@ -82,7 +82,7 @@ class EvalCfg:
 
 @dataclass
 class LogCfg:
-    """Experiment trackers (benchmarks/trackers.py); they change no result, so they are not in the run hash."""
+    """Experiment trackers (benchmarks/execution/trackers.py); they change no result, so they are not in the run hash."""
     tensorboard: bool = True           # TensorBoard event files under <run>/tb/ (tensorboard --logdir results/<grid>)
     wandb: bool = False                # also log to Weights & Biases (needs `pip install wandb`)
     wandb_project: str = "semprior-bench"

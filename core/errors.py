@@ -11,5 +11,10 @@ class CorruptFileError(ValueError):
     what is wrong, and how to get a good one (rebuild, delete, re-download)."""
 
 
+class CheckpointError(ValueError):
+    """An official checkpoint file that does not fit the suite model; the message names the offending keys
+    (benchmarks/evaluation/importers.py)."""
+
+
 class NonFiniteError(ValueError):
     """A tensor that would be scored, saved as a statistic or trained on holds NaN or ±inf."""

@@ -108,7 +108,7 @@ def run_components(cfg: dict) -> dict[str, Any]:
 
 def _artifact_kinds(cfg: dict) -> list[str]:
     """Every artifact slot the run builds (latent tokenizers and encoders, the FD network) in dependency order."""
-    from benchmarks.prepare import artifact_order, eval_kinds, latent_requires
+    from benchmarks.data.prepare import artifact_order, eval_kinds, latent_requires
 
     try:
         return artifact_order(latent_requires(cfg["method"]["latent"]) + eval_kinds(cfg), cfg.get("prepare"))
@@ -118,7 +118,7 @@ def _artifact_kinds(cfg: dict) -> list[str]:
 
 def fingerprint(cfg: dict) -> dict:
     """{"modules": {module name: source sha1}, "roles": {role: [modules]}, "hash": sha1 of the modules}
-    for the components of a resolved run config (benchmarks.plugins.load_all() must have run)."""
+    for the components of a resolved run config (benchmarks.config.plugins.load_all() must have run)."""
     roles = {role: sorted(modules_of(obj)) for role, obj in run_components(cfg).items()}
     modules = {name: module_hash(name) for name in sorted({m for ms in roles.values() for m in ms})}
     digest = hashlib.sha1(json.dumps(modules, sort_keys=True).encode()).hexdigest()[:16]

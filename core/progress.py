@@ -2,8 +2,8 @@
 one helper for all of them, so every stage reports the same way.
 
 A `Progress` writes a log line at most every `every_s` seconds (and always at the start and the end), and
-keeps its current state in `active()`, which the live table (benchmarks/status.py) shows. Inside
-`publish(path)` (a training job's run folder: benchmarks/train.py run_job) the state of the stage
+keeps its current state in `active()`, which the live table (benchmarks/execution/status.py) shows. Inside
+`publish(path)` (a training job's run folder: benchmarks/execution/train.py run_job) the state of the stage
 running in this thread's process is also written to `path` as JSON, so a live table in another process
 (local or SLURM launcher) sees a job that is still preparing.
 

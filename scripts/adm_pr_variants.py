@@ -8,9 +8,9 @@ wide: norms summed exactly and rounded once; f32: the old float32 port. Syntheti
 import sys, time
 import numpy as np, torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from benchmarks import adm_eval
-from benchmarks.adm_eval import _add16, _tf_row_sum16, _to_half, _sqdist
-from benchmarks.cli import Key, Spec, command, parse
+from benchmarks.evaluation import adm as adm_eval
+from benchmarks.evaluation.adm import _add16, _tf_row_sum16, _to_half, _sqdist
+from benchmarks.config.cli import Key, Spec, command, parse
 
 SPEC = Spec(
     prog="python scripts/adm_pr_variants.py",

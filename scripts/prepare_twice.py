@@ -5,7 +5,7 @@ twice from empty caches, in two processes at the same time, and compare every sa
 
 Prints one line per file and exits 1 if any differs (docs/results.md). ≈ 8½ min for sfd_vs_redi on 2 cores.
 A bad argument or grid, or a prepare that fails for a known reason (data, files, disk), is one `error:` line
-and exit status 2 (benchmarks/cli.py).
+and exit status 2 (benchmarks/config/cli.py).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.cli import Key, Spec, config_names, command, is_known, message, parse as parse_args
+from benchmarks.config.cli import Key, Spec, config_names, command, is_known, message, parse as parse_args
 
 
 SPEC = Spec(
@@ -35,8 +35,8 @@ KEYS = tuple(SPEC.key_names)
 
 
 def _prepare(grid: str, cache_dir: str) -> None:
-    from benchmarks.grid import expand
-    from benchmarks.prepare import prepare_grid
+    from benchmarks.config.grid import expand
+    from benchmarks.data.prepare_grid import prepare_grid
 
     try:
         prepare_grid([r.cfg for r in expand(grid, [f"cache_dir={cache_dir}"]).runs])
@@ -48,9 +48,9 @@ def _prepare(grid: str, cache_dir: str) -> None:
 
 
 def parse(argv: list[str]) -> dict[str, str]:
-    """grid=NAME keep=0|1 (benchmarks.cli.parse with SPEC); the grid is expanded here once, so a bad one fails
+    """grid=NAME keep=0|1 (benchmarks.config.cli.parse with SPEC); the grid is expanded here once, so a bad one fails
     before any process starts."""
-    from benchmarks.grid import expand
+    from benchmarks.config.grid import expand
 
     args = parse_args(SPEC, argv).values
     expand(args.get("grid", "sfd_vs_redi"), [])

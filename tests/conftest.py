@@ -23,8 +23,8 @@ def smoke_cache(tmp_path_factory):
 
 @pytest.fixture
 def figures(monkeypatch):
-    """The figures benchmarks/plots.py closes, kept for inspection (closed at teardown)."""
-    from benchmarks import plots
+    """The figures benchmarks/reporting/plots.py closes, kept for inspection (closed at teardown)."""
+    from benchmarks.reporting import plots
 
     kept = []
     real_close = plots.plt.close

@@ -9,12 +9,11 @@ import torch
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from PIL import Image
 
-from benchmarks import adm_eval
-from benchmarks.adm_eval import (ADMInception, FDStats, Reference, frechet_distance, inception_score,
-                                 load_reference, precision_recall, reference_self_check, score)
-from benchmarks.adm_npz import (balanced_labels, load_samples, merge_shards, pack_npz, read_png_folder,
-                                shuffle_order, write_shard)
-from benchmarks.datasets import load_image_folder
+from benchmarks.evaluation import adm as adm_eval
+from benchmarks import adm_eval as adm_eval_cmd
+from benchmarks.evaluation.adm import (ADMInception, FDStats, Reference, frechet_distance, inception_score, load_reference, precision_recall, reference_self_check, score)
+from benchmarks.evaluation.adm_npz import (balanced_labels, load_samples, merge_shards, pack_npz, read_png_folder, shuffle_order, write_shard)
+from benchmarks.data.datasets import load_image_folder
 from core.errors import CorruptFileError, NonFiniteError
 from official_ref import (adm_distance_block, adm_inception_score, adm_manifold_radii, adm_precision_recall,
                           tf_gpu_row_sum)
@@ -345,7 +344,7 @@ def test_cli_end_to_end(tmp_path, weights, data, capsys):
     pack_npz(images, labels, tmp_path / "samples.npz")
     np.savez(tmp_path / "ref.npz", arr_0=val_images)  # no mu/sigma: statistics come from arr_0
     out = tmp_path / "metrics.json"
-    rc = adm_eval.main([f"samples={tmp_path / 'samples.npz'}", f"ref={tmp_path / 'ref.npz'}",
+    rc = adm_eval_cmd.main([f"samples={tmp_path / 'samples.npz'}", f"ref={tmp_path / 'ref.npz'}",
                         f"inception={weights}", f"out={out}", "device=cpu", "batch_size=8", "fd=eigh"])
     assert rc == 0, capsys.readouterr().err
     m = json.loads(out.read_text())
@@ -363,10 +362,10 @@ def test_missing_weights_and_reference_say_where(tmp_path, weights, capsys):
     with pytest.raises(ValueError, match="not torch-fidelity's Inception-v3 state_dict"):
         ADMInception(tmp_path / "bad.pth")
     np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, SIZE, SIZE, 3), np.uint8))
-    rc = adm_eval.main([f"samples={tmp_path / 's.npz'}", f"ref={tmp_path / 'VIRTUAL_imagenet256_labeled.npz'}",
+    rc = adm_eval_cmd.main([f"samples={tmp_path / 's.npz'}", f"ref={tmp_path / 'VIRTUAL_imagenet256_labeled.npz'}",
                         f"inception={weights}", "device=cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1
     assert "VIRTUAL_imagenet256_labeled.npz not found" in err and "openaipublic.blob.core.windows.net" in err
-    assert adm_eval.main([f"samples={tmp_path / 's.npz'}", "ref=x", "inceptoin=y"]) == 2
+    assert adm_eval_cmd.main([f"samples={tmp_path / 's.npz'}", "ref=x", "inceptoin=y"]) == 2
     assert "valid: samples, ref, inception" in capsys.readouterr().err

@@ -189,7 +189,7 @@ FILE_CASES = [
 def test_bad_config_file(name, files, argv, pattern, results, tmp_path, capsys, monkeypatch):
     """Grids, presets and profiles the user adds (SEMPRIOR_CONFIG_PATH; slurm profiles from the launcher's
     folder, pointed at a temporary one): one line with the file, the line where YAML gives one, the fix."""
-    from benchmarks import launch
+    from benchmarks.execution import launch
 
     user = tmp_path / "configs"
     files = {"grid/user.yaml": "profile: smoke\naxes: {method: [mine]}\n", "method/mine.yaml": GOOD_PRESET, **files}
@@ -205,7 +205,7 @@ def test_bad_config_file(name, files, argv, pattern, results, tmp_path, capsys, 
 def test_user_grid_and_preset_are_accepted(tmp_path, monkeypatch):
     """The same user files without the fault expand (so each case above fails for its fault alone), and a
     YAML merge key may still override what it merges (not a duplicate)."""
-    from benchmarks.grid import expand
+    from benchmarks.config.grid import expand
 
     user = tmp_path / "configs"
     (user / "grid").mkdir(parents=True)
@@ -224,7 +224,7 @@ def test_user_grid_and_preset_are_accepted(tmp_path, monkeypatch):
 def test_label_agrees_with_the_run_id():
     """An axis value replaced on the command line (seed=3 on a grid whose seed axis is [0]) is what the label
     records, as the run id does."""
-    from benchmarks.grid import expand
+    from benchmarks.config.grid import expand
 
     (run,) = expand("smoke", ["seed=3", "backbone.name=dit-tiny"], check_files=False).runs
     assert run.label == {"method": "sit", "backbone": "dit-tiny", "seed": 3}
@@ -320,7 +320,7 @@ def test_profile_as_an_override_chooses_the_profile_or_is_refused():
     """profile=NAME among a grid's overrides used to set only the run's `profile` label: runs labelled `smoke`
     trained with the tiny settings, without a word. In expand's list it now chooses the profile; in a grid's
     overrides it is refused; two different profiles are refused."""
-    from benchmarks.grid import expand, resolve
+    from benchmarks.config.grid import expand, resolve
     from core.config import ConfigError
 
     assert expand("sfd_vs_redi", ["profile=smoke"]).runs[0].cfg["data"]["limit_train"] == 2000

@@ -177,10 +177,10 @@ def test_a_stale_build_folder_makes_the_process_verify_that_root_in_full(tmp_pat
 
 
 def test_a_resumed_run_opens_its_caches_in_full(tmp_path, monkeypatch):
-    """benchmarks.train.run_job is the hook: with a checkpoint in the run folder, prepare runs inside
+    """benchmarks.execution.train.run_job is the hook: with a checkpoint in the run folder, prepare runs inside
     full_verification(); a fresh run does not."""
-    from benchmarks import train
-    from benchmarks.grid import expand
+    from benchmarks.execution import train
+    from benchmarks.config.grid import expand
     from core.rundir import RunDir
 
     seen = []
@@ -246,7 +246,7 @@ def test_a_damaged_safetensors_file_is_a_corrupt_file_error_with_its_path(tmp_pa
 
 
 def test_artifact_weights_and_shards_truncated_are_corrupt_file_errors(tmp_path):
-    from benchmarks.shards import ShardWriter, open_sharded, write_index
+    from benchmarks.data.shards import ShardWriter, open_sharded, write_index
     from encoders.base import read_artifact, write_artifact
 
     write_artifact(tmp_path / "art", {}, {}, torch.nn.Linear(30, 30).state_dict())
@@ -303,8 +303,8 @@ def test_a_damaged_latent_cache_is_detected_rebuilt_and_scores_the_same(tmp_path
     with open(train_file, "r+b") as f:
         f.truncate(size // 2)
     # the rebuilt cache is byte-identical (so a run on it scores as above): prepare alone, no second run
-    from benchmarks.grid import expand
-    from benchmarks.prepare import prepare_run
+    from benchmarks.config.grid import expand
+    from benchmarks.data.prepare import prepare_run
 
     (spec,) = expand("smoke", [f"cache_dir={cache_root}"]).runs
     caplog.clear()

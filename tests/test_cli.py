@@ -1,4 +1,4 @@
-"""The one command-line layer (benchmarks/cli.py): every entry point answers `--help` with its purpose, keys,
+"""The one command-line layer (benchmarks/config/cli.py): every entry point answers `--help` with its purpose, keys,
 accepted names and examples (exit 0), and every bad argument with one `error:` line and exit 2.
 
 The decorated `main([...])` is called in-process (fast); two real subprocesses check the `python -m` and
@@ -17,8 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import adm_eval, cli, evaluate, extract, report, run, speed
-from benchmarks.grid import available
+from benchmarks import adm_eval
+from benchmarks.config import cli
+from benchmarks import evaluate
+from benchmarks import extract
+from benchmarks import report
+from benchmarks import run
+from benchmarks import speed
+from benchmarks.config.grid import available
 from core import cache
 from core.config import ConfigError
 
@@ -87,7 +93,7 @@ def test_help_lists_the_accepted_names_computed_at_help_time(capsys, tmp_path, m
     """The grids, profiles, methods, backbones and launchers of run's help come from the config folders and
     registries when the help is printed: a grid added through SEMPRIOR_CONFIG_PATH shows up."""
     from benchmarks import api
-    from benchmarks.launch import LAUNCHERS
+    from benchmarks.execution.launch import LAUNCHERS
     from core.registry import BACKBONES
 
     (tmp_path / "grid").mkdir()
@@ -151,8 +157,8 @@ def test_bad_argument_is_one_error_line_and_exit_2(name, argv, pattern, capsys, 
 
 def test_every_entry_point_uses_the_layer():
     """Every module with `if __name__ == "__main__"` under benchmarks/, core/, scripts/ is in COMMANDS (its main
-    has a spec), except benchmarks.localjob: the launcher's internal job controller (one folder argument)."""
-    internal = {"benchmarks/localjob.py", "benchmarks/cli.py"}   # cli.py: only in its docstring's example
+    has a spec), except benchmarks.execution.localjob: the launcher's internal job controller (one folder argument)."""
+    internal = {"benchmarks/execution/localjob.py", "benchmarks/config/cli.py"}   # cli.py: only in its docstring's example
     found = set()
     for folder in ("benchmarks", "core", "scripts"):
         for f in (ROOT / folder).glob("*.py"):

@@ -2,7 +2,7 @@
 import pytest
 
 from benchmarks.api import preset, presets
-from benchmarks.grid import available, expand, load_yaml
+from benchmarks.config.grid import available, expand, load_yaml
 from core.config import ConfigError
 
 EXPECTED = {"smoke": 1, "baseline": 4, "sfd_vs_redi": 6, "all_methods": 10, "sfd_delta_t": 6, "compositions": 4,

@@ -1,4 +1,4 @@
-"""Contract over every method preset (the timm pattern): the public check (benchmarks/contract.py: built
+"""Contract over every method preset (the timm pattern): the public check (benchmarks/execution/contract.py: built
 from the real smoke-profile caches, training steps give a finite loss and a gradient on every trainable
 parameter, sampling gives finite latents and images of the right shape, a save/load round trip reproduces
 the outputs), plus the phase figure and the no-host-sync promise of every preset."""
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from benchmarks.api import presets
-from benchmarks.components import build_run
-from benchmarks.contract import check_method
-from benchmarks.grid import resolve
-from benchmarks.prepare import prepare_run
+from benchmarks.build.components import build_run
+from benchmarks.execution.contract import check_method
+from benchmarks.config.grid import resolve
+from benchmarks.data.prepare import prepare_run
 from host_traffic import HostTraffic
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,7 @@ def built(smoke_cache):
 
 @pytest.mark.parametrize("name", presets())
 def test_preset_train_step_sample_and_roundtrip(name, smoke_cache):
-    """The public contract (benchmarks/contract.py, the same check a plugin author runs) on every preset."""
+    """The public contract (benchmarks/execution/contract.py, the same check a plugin author runs) on every preset."""
     out = check_method(name, cache_dir=smoke_cache, n_samples=4)
     assert out["image_shape"] == (4, 1, 32, 32) and out["sample_shape"][0] == 4
     assert math.isfinite(out["loss"])
@@ -45,7 +45,7 @@ def test_preset_train_step_sample_and_roundtrip(name, smoke_cache):
 def test_preset_phase_figure(name, built, tmp_path):
     """The end of every training job draws the per-phase sampling figure with the method's own sampler
     (DiT's DDPM chain included): it must work for every preset, not only the flow ones."""
-    from benchmarks.phases import phase_figure
+    from benchmarks.evaluation.phases import phase_figure
 
     _, parts = built(name)
     path = phase_figure(parts.method, parts.model.eval(), parts.latent, parts.latent_shape, tmp_path / "p.png", n=2)

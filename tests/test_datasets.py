@@ -7,9 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks import datasets
-from benchmarks.datasets import (DATASETS, ImageFolderDataset, center_crop_adm, load_dataset, load_fashion_mnist,
-                                 load_image_folder, read_idx)
+from benchmarks.data import datasets
+from benchmarks.data.datasets import (DATASETS, ImageFolderDataset, center_crop_adm, load_dataset, load_fashion_mnist, load_image_folder, read_idx)
 
 REAL_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -166,10 +165,10 @@ def test_load_dataset_unknown_name_lists_valid():
 
 def test_fingerprint_is_what_not_where(tmp_path):
     """Cache keys carry a content fingerprint: a moved copy keeps it, different data under the same name
-    (a class subset, an added or re-encoded image) does not (benchmarks/prepare.py _data_key)."""
+    (a class subset, an added or re-encoded image) does not (benchmarks/data/prepare.py _data_key)."""
     import shutil
 
-    from benchmarks.prepare import _data_key
+    from benchmarks.data.prepare import data_key as _data_key
 
     a = tmp_path / "a"
     write_folder(a)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from benchmarks.grid import expand
+from benchmarks.config.grid import expand
 from core.rundir import RunDir
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, run_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from benchmarks.train import run_job
+    from benchmarks.execution.train import run_job
 
     run_job(cfg, run_dir)
     torch.distributed.destroy_process_group()
@@ -33,7 +33,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, run_dir: str) -> None:
 def test_two_processes_match_one_process(tmp_path, smoke_cache):
     (spec,) = expand("smoke", [f"cache_dir={smoke_cache}", "train.micro_batches=2", "train.steps=4",
                                "train.ckpt_every=2", "eval.batch_size=50"]).runs     # 2 sample chunks
-    from benchmarks.train import run_job
+    from benchmarks.execution.train import run_job
 
     run_job(spec.cfg, str(tmp_path / "one"))
     mp.spawn(_worker, args=(2, _free_port(), spec.cfg, str(tmp_path / "two")), nprocs=2, join=True)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from benchmarks import run as cli
-from benchmarks.grid import expand
-from benchmarks.launch import guarded_run
+from benchmarks.config.grid import expand
+from benchmarks.execution.launch import guarded_run
 from core.rundir import RunDir
 
 pytestmark = pytest.mark.slow
@@ -40,7 +40,7 @@ def test_smoke_grid_inline_report_and_rerun(tmp_path, smoke_cache):
 
 
 def test_resume_after_crash_is_bit_identical(tmp_path, smoke_cache, monkeypatch):
-    from benchmarks import train
+    from benchmarks.execution import train
 
     (spec,) = expand("smoke", [f"cache_dir={smoke_cache}"]).runs
     ref = tmp_path / "uninterrupted"

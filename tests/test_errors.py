@@ -1,4 +1,4 @@
-"""One error path for every command (benchmarks/cli.py): a bad argument, file or folder is one
+"""One error path for every command (benchmarks/config/cli.py): a bad argument, file or folder is one
 `error: <message>` line and exit status 2, with the traceback only under --debug / SEMPRIOR_DEBUG=1; a bug
 keeps its traceback. Also: a report that survives an unreadable run folder, folders checked for writing
 before anything is written, and official files loaded safely (core/torchfile.py)."""
@@ -15,7 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import adm_eval, cli, evaluate, extract, report, speed
+from benchmarks import adm_eval
+from benchmarks.config import cli
+from benchmarks import evaluate
+from benchmarks import extract
+from benchmarks import report
+from benchmarks import speed
 from benchmarks import run as run_cmd
 from core.config import structured, to_dict
 from core.errors import CorruptFileError
@@ -267,7 +272,7 @@ def test_no_readable_run_is_one_line(tmp_path, capsys):
 def test_run_exits_nonzero_when_a_finished_run_is_unreadable(tmp_path, monkeypatch, capsys, cpu_only):
     """benchmarks.run on a grid whose runs are all finished, one with a garbled config.yaml: nothing is
     trained, the report is written, the run is named, exit status 1."""
-    from benchmarks.grid import expand
+    from benchmarks.config.grid import expand
 
     configs = tmp_path / "configs" / "grid"
     configs.mkdir(parents=True)
@@ -295,7 +300,7 @@ def test_an_omegaconf_config_loads_without_trust_pickle(tmp_path):
     """What LightningDiT/SFD's train.py saves: weights plus the OmegaConf.load config it trained with."""
     from omegaconf import OmegaConf
 
-    from benchmarks.importers import read_checkpoint
+    from benchmarks.evaluation.importers import read_checkpoint
 
     (tmp_path / "config.yaml").write_text(
         "model:\n  model_type: LightningDiT-XL/1\n  use_qknorm: true\n"

@@ -11,14 +11,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from benchmarks import extract
-from benchmarks.components import LatentFeed, ShardedLatentFeed, build_run
-from benchmarks.datasets import load_image_folder
-from benchmarks.grid import resolve
-from benchmarks.prepare import (ENCODER, artifact_order, artifact_plan, build_encodings, build_latent,
-                                build_latent_cache, load_artifacts, load_latent_cache, prepare_run,
-                                stream_cache_dirs)
-from benchmarks.shards import ShardWriter, open_sharded
+from benchmarks.data import extract
+from benchmarks import extract as extract_cmd
+from benchmarks.build.components import LatentFeed, ShardedLatentFeed, build_run
+from benchmarks.data.datasets import load_image_folder
+from benchmarks.config.grid import resolve
+from benchmarks.data.prepare import (ENCODER, artifact_order, artifact_plan, build_encodings, build_latent, build_latent_cache, load_artifacts, load_latent_cache, prepare_run, stream_cache_dirs)
+from benchmarks.data.shards import ShardWriter, open_sharded
 from core.cache import MARKER
 from core.config import ConfigError
 from core.registry import ENCODERS
@@ -232,15 +231,15 @@ def test_cli_grid_and_config(ref, tmp_path, capsys):
     root, cache = ref["cfg"]["data"]["root"], fresh_cache(ref["base"] / "cache", tmp_path)
     args = ["data.name=image-folder", f"data.root={root}", "data.stream=true", "data.limit_train=null",
             "data.limit_test=null", f"cache_dir={cache}", "workers=0", "batch_size=3", "shard_images=5", "device=cpu"]
-    assert extract.main(["grid=smoke", "rank=0", "world=1", *args]) == 0       # SiT: texture latents only
+    assert extract_cmd.main(["grid=smoke", "rank=0", "world=1", *args]) == 0       # SiT: texture latents only
     assert "complete" in capsys.readouterr().out
     (out,) = cache.glob("latents-*")
     assert json.loads((out / "info.json").read_text())["aux"] == {} and not list(cache.glob("enc-semantic-*"))
     cfg_file = tmp_path / "config.yaml"
     cfg_file.write_text(json.dumps(ref["cfg"]))                                # a run folder's config.yaml
-    assert extract.main([f"config={cfg_file}", "workers=0"]) == 0              # already complete: a no-op
-    assert extract.main(["grid=smoke", f"cache_dir={cache}"]) == 2            # not streamed
-    assert extract.main(["grid=smoke", "rank=1", *args]) == 2                  # rank without world
+    assert extract_cmd.main([f"config={cfg_file}", "workers=0"]) == 0              # already complete: a no-op
+    assert extract_cmd.main(["grid=smoke", f"cache_dir={cache}"]) == 2            # not streamed
+    assert extract_cmd.main(["grid=smoke", "rank=1", *args]) == 2                  # rank without world
     assert "data.stream is false" in capsys.readouterr().err
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks import run as cli
-from benchmarks.grid import expand
+from benchmarks.config.grid import expand
 from core.config import ConfigError, check_keys
 from core.registry import SAMPLERS, SCHEDULES
 from core.types import Groups

@@ -67,7 +67,7 @@ def _steps(rows):
 def warm(tmp_path_factory, smoke_cache):
     """Prepare the shared cache and FD reference once, in this process, so that two launchers started at
     once find them built (their prepare stages would otherwise wait on each other's file locks)."""
-    from benchmarks.grid import expand
+    from benchmarks.config.grid import expand
 
     out = tmp_path_factory.mktemp("warm")
     (out / "smoke").mkdir()
@@ -191,7 +191,8 @@ def test_parallel_must_be_a_positive_integer(tmp_path, capsys, value):
 def test_local_jobs_see_the_machines_gpus(tmp_path, monkeypatch):
     """submitit's local jobs see `gpus_per_node` GPUs, 0 unless set: the launcher must pass the machine's
     count, or a GPU machine's jobs train on the CPU under train.device=auto without a word."""
-    from benchmarks import launch, localjob
+    from benchmarks.execution import launch
+    from benchmarks.execution import localjob
 
     seen = {}
     monkeypatch.setattr("torch.cuda.device_count", lambda: 2)

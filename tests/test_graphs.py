@@ -14,8 +14,8 @@ import torch
 
 import core.graphs
 from benchmarks import api
-from benchmarks.components import RunParts
-from benchmarks.train import Trainer
+from benchmarks.build.components import RunParts
+from benchmarks.execution.train import Trainer
 from core.config import TrainCfg
 from core.types import Batch
 

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks import report
-from benchmarks.grid import (GRID_COPY, GRID_SOURCE, Grid, check_grid_folder, grid_source, grid_source_name,
-                             key_lines, load_grid, record_grid_file)
+from benchmarks.reporting import report
+from benchmarks.config.grid import (GRID_COPY, GRID_SOURCE, Grid, check_grid_folder, grid_source, grid_source_name, key_lines, load_grid, record_grid_file)
 from core.config import ConfigError
 
 GOOD = "description: d\nprofile: smoke\naxes:\n  method: [sit, sfd]\n  seed: [0]\nbaseline: sit\n"
@@ -62,7 +61,7 @@ def test_schema_errors_name_file_line_and_key(tmp_path, text, key, line, needle)
 
 
 def test_every_shipped_grid_passes_the_schema():
-    from benchmarks.grid import available
+    from benchmarks.config.grid import available
 
     for name in available("grid"):
         load_grid(name)
@@ -116,7 +115,7 @@ def test_report_reads_the_grid_copy_without_the_config_path(tmp_path, monkeypatc
 
 
 def test_a_grid_without_axes_has_no_runs(tmp_path):
-    from benchmarks.grid import expand
+    from benchmarks.config.grid import expand
 
     path = _file(tmp_path, "description: nothing to run\nprofile: smoke\n")
     with pytest.raises(ConfigError, match=r"^grid 'my_grid' has no runs: it needs axes: with at least one key: "

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from benchmarks import train
-from benchmarks.components import build_run
-from benchmarks.grid import resolve
-from benchmarks.prepare import prepare_run
+from benchmarks.execution import train
+from benchmarks.build.components import build_run
+from benchmarks.config.grid import resolve
+from benchmarks.data.prepare import prepare_run
 from core.config import ConfigError
 
 pytestmark = pytest.mark.slow

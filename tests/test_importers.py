@@ -1,4 +1,4 @@
-"""Official checkpoint import (benchmarks/importers.py; docs/checkpoints.md, docs/methods.md §0.2, §5.3, §6.4, §7).
+"""Official checkpoint import (benchmarks/evaluation/importers.py; docs/checkpoints.md, docs/methods.md §0.2, §5.3, §6.4, §7).
 
 The released files are 0.5-4 GB, so the tests write random-weight files in the official layouts at a reduced
 size (depth 2, width 64, 4 heads), with the stored position/RoPE tables computed here independently of the
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from backbones.layers import RoPE2D, sincos_pos_embed_2d
-from benchmarks import importers as imp
+from benchmarks.evaluation import importers as imp
 from official_ref import (CONTAINER, FULL, PUBLISHED, official_name, parse_table, random_official, ref_forward,
                           ref_layout, ref_pos_embed, ref_rope, ref_time, shown_part, small, suite_backbone,
                           suite_projector, write_official)
@@ -66,7 +66,8 @@ def test_reference_layout_is_the_published_one(kind):
 def test_importer_expects_the_official_layout_at_full_size(kind):
     """The layout the importer derives from the suite's full-size preset model (meta device: no memory)
     is the official one, so a released file loads with nothing missing, extra or mis-shaped."""
-    layout = imp.expected_layout(kind)
+    backbone = imp.suite_backbone(kind, "meta")     # the full-size model on the meta device: no memory
+    layout = imp.official_layout(kind, backbone, imp.suite_projector(kind, backbone.hidden_size, "meta"))
     assert layout == ref_layout(FULL[kind])
     k = imp.KINDS[kind]
     assert (len(layout), sum(math.prod(s) for s in layout.values())) == (k.tensors, k.values)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from benchmarks import run as cli
-from benchmarks import train
-from benchmarks.grid import expand
+from benchmarks.execution import train
+from benchmarks.config.grid import expand
 from core.rundir import RunDir
 
 pytestmark = pytest.mark.slow
@@ -125,7 +125,7 @@ def test_preemption_signal_writes_a_checkpoint_and_resume_is_exact(tmp_path, ref
 
 def _signal_at(trainer, step, real_step):
     """Run the real step; when it has finished step `step`, deliver the preemption like submitit does."""
-    from benchmarks.launch import Resumable
+    from benchmarks.execution.launch import Resumable
 
     out = real_step(trainer)
     if trainer.step == step:
@@ -136,7 +136,7 @@ def _signal_at(trainer, step, real_step):
 
 def test_preemption_between_optimizer_and_ema_completes_the_step(tmp_path, reference, smoke_cache, monkeypatch):
     """The signal lands after optimizer.step() but before the EMA update: the handler finishes the step."""
-    from benchmarks.launch import Resumable
+    from benchmarks.execution.launch import Resumable
 
     (spec,) = expand("smoke", [f"cache_dir={smoke_cache}"]).runs
     run_dir = tmp_path / "smoke" / spec.run_id

@@ -6,9 +6,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from benchmarks import evaluate, importers
-from benchmarks.adm_npz import pack_npz
-from benchmarks.datasets import load_image_folder
+from benchmarks.evaluation import scoring as evaluate
+from benchmarks import evaluate as evaluate_cmd
+from benchmarks.evaluation import importers
+from benchmarks.evaluation.adm_npz import pack_npz
+from benchmarks.data.datasets import load_image_folder
 from test_adm_eval import weights, tree  # noqa: F401  (fixtures: random Inception, tiny ImageFolder)
 from official_ref import random_official, small, suite_backbone, suite_projector, write_official
 from ldm_ref import ref_model, write_ldm_ckpt
@@ -19,8 +21,8 @@ KIND = "sfd-xl-1"
 @pytest.fixture
 def files(tmp_path, tree, weights, monkeypatch):  # noqa: F811
     a = small(KIND)                                  # 4×4 latent tokens: 64×64 images through the f16 decoder
-    monkeypatch.setattr(importers, "build_backbone", lambda kind, device="cpu": suite_backbone(a).to(device))
-    monkeypatch.setattr(importers, "build_projector", lambda kind, hidden, device="cpu": suite_projector(a))
+    monkeypatch.setattr(importers, "suite_backbone", lambda kind, device="cpu": suite_backbone(a).to(device))
+    monkeypatch.setattr(importers, "suite_projector", lambda kind, hidden, device="cpu": suite_projector(a))
     ckpt = write_official(tmp_path / "sfd.pt", random_official(a, seed=0), "ema")
     write_ldm_ckpt(tmp_path / "ldm.ckpt", ref_model())
     torch.save({"mean": torch.zeros(1, 32, 1, 1), "std": torch.ones(1, 32, 1, 1)}, tmp_path / "latents_stats.pt")
@@ -38,7 +40,7 @@ def _args(files, **extra):
 
 
 def test_checkpoint_to_fid_end_to_end(files, capsys):
-    assert evaluate.main(_args(files)) == 0
+    assert evaluate_cmd.main(_args(files)) == 0
     out = capsys.readouterr().out
     assert "fid=" in out and "sfid=" in out and "precision=" in out
     npz = np.load(files["out"] / "samples.npz")
@@ -52,11 +54,11 @@ def test_checkpoint_to_fid_end_to_end(files, capsys):
 
 
 def test_rerun_reuses_chunks_and_gives_the_same_npz(files):
-    assert evaluate.main(_args(files)) == 0
+    assert evaluate_cmd.main(_args(files)) == 0
     first = np.load(files["out"] / "samples.npz")["arr_0"].copy()
     (files["out"] / "chunks" / "samples_rank1.npz").unlink()                    # a killed job lost one chunk
     stamp = (files["out"] / "chunks" / "samples_rank0.npz").stat().st_mtime_ns
-    assert evaluate.main(_args(files)) == 0
+    assert evaluate_cmd.main(_args(files)) == 0
     assert (files["out"] / "chunks" / "samples_rank0.npz").stat().st_mtime_ns == stamp   # not redone
     assert np.array_equal(np.load(files["out"] / "samples.npz")["arr_0"], first)       # same seeds, same images
 
@@ -68,7 +70,7 @@ def test_rerun_reuses_chunks_and_gives_the_same_npz(files):
     ({"guidance": "loud:2"}, "valid: method, none"),
 ])
 def test_bad_inputs_are_one_line_errors(files, capsys, change, message):
-    assert evaluate.main(_args(files, **change)) == 2
+    assert evaluate_cmd.main(_args(files, **change)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and "\n" not in err
 
@@ -78,7 +80,7 @@ def eigh_fd(monkeypatch):
     """The training job scores with ADM's sqrtm Fréchet distance; on a 2048-dim covariance that takes ~20 s
     on some CPUs of this kind, four times per run. These tests are about the job's wiring, not the FD
     method: score with the eigh form of the same trace (tests/test_adm_eval.py checks the two agree)."""
-    from benchmarks import adm_eval
+    from benchmarks.evaluation import adm as adm_eval
 
     real = adm_eval.score
     monkeypatch.setattr(adm_eval, "score", lambda acts, ref, fd="scipy", device="cpu", **kw:
@@ -88,9 +90,9 @@ def eigh_fd(monkeypatch):
 def test_training_job_scores_with_the_adm_protocol(tmp_path, smoke_cache, weights, eigh_fd):  # noqa: F811
     """eval.metric=adm: the training job's periodic evaluation reports Inception FID/sFID/IS/PR (here on
     the smoke profile with a random-weight Inception and a reference batch made from the test split)."""
-    from benchmarks import train
-    from benchmarks.datasets import load_fashion_mnist
-    from benchmarks.grid import expand
+    from benchmarks.execution import train
+    from benchmarks.data.datasets import load_fashion_mnist
+    from benchmarks.config.grid import expand
     from core.rundir import RunDir
 
     test_x = load_fashion_mnist(pad_to=32).test_x[:48]

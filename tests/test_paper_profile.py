@@ -3,8 +3,8 @@ dry run's GPU-hour estimate from the measured speed table (no data or weights ne
 import pytest
 
 from benchmarks import run
-from benchmarks.estimate import estimate, load_speed_table, sampler_nfe
-from benchmarks.grid import expand
+from benchmarks.reporting.estimate import estimate, load_speed_table, sampler_nfe
+from benchmarks.config.grid import expand
 from core.config import ConfigError
 
 

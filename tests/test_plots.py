@@ -1,10 +1,11 @@
-"""benchmarks/plots.py (seaborn) and the phase figure's labels: the step-axis rule, seed bands from
+"""benchmarks/reporting/plots.py (seaborn) and the phase figure's labels: the step-axis rule, seed bands from
 seaborn's error bars, the × faster chart, the Δt sweep, full group names."""
 import numpy as np
 import pandas as pd
 import pytest
 
-from benchmarks import phases, plots
+from benchmarks.evaluation import phases
+from benchmarks.reporting import plots
 
 GROUPS = ("sfd,method.schedule.delta_t.texture=0.2", "sit,backbone=lightningdit-tiny")
 

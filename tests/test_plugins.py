@@ -141,7 +141,7 @@ def test_example_plugin_adds_a_prediction_type_that_trains_and_samples(tmp_path,
 
 
 def test_example_plugin_passes_the_contract(tmp_path, monkeypatch, smoke_cache):
-    from benchmarks.contract import check_method
+    from benchmarks.execution.contract import check_method
 
     _install_example(tmp_path, monkeypatch)
     info = check_method("xpred_displacement", cache_dir=smoke_cache)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-import benchmarks.prepare as prepare
-from benchmarks.grid import expand, resolve
-from benchmarks.plugins import load_all
-from benchmarks.prepare import FD_NET, artifact_plan, canonical_prepare, prepare_build, stream_cache_dirs
+import benchmarks.data.prepare as prepare
+from benchmarks.config.grid import expand, resolve
+from benchmarks.config.plugins import load_all
+from benchmarks.data.prepare import FD_NET, artifact_plan, canonical_prepare, prepare_build, stream_cache_dirs
 from core.config import ConfigError
 
 load_all()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
-from benchmarks.prepare import artifact_class, artifact_plan, build_encodings, build_node
+from benchmarks.data.prepare import artifact_class, artifact_plan, build_encodings, build_node
 from core.config import ConfigError, check_keys
 from core.registry import ENCODERS
 from core.types import ImageData, to_unit

@@ -1,4 +1,4 @@
-"""Each run records its evaluation protocol (benchmarks/protocol.py) and the report refuses to put runs of
+"""Each run records its evaluation protocol (benchmarks/evaluation/protocol.py) and the report refuses to put runs of
 different protocols in one comparison table unless allow_mixed_eval=true, then marks every row.
 
 Run folders are written by hand (config.yaml, label.json, eval.jsonl, done.json, protocol.json): the
@@ -9,10 +9,10 @@ import json
 import pytest
 import yaml
 
-from benchmarks import report
-from benchmarks.grid import load_yaml
-from benchmarks.protocol import (PROTOCOL_FILE, ProtocolChanged, eval_protocol, protocol_id, protocol_tag,
-                                 record_protocol)
+from benchmarks.reporting import report
+from benchmarks import report as report_cmd
+from benchmarks.config.grid import load_yaml
+from benchmarks.evaluation.protocol import (PROTOCOL_FILE, ProtocolChanged, eval_protocol, protocol_id, protocol_tag, record_protocol)
 
 
 def _protocol(steps: int, nfe: int, solver: str = "euler") -> dict:
@@ -90,7 +90,7 @@ def test_unread_settings_put_the_nfe_in_the_identity():
         def __init__(self, n_steps: int = 50) -> None:
             self.n = n_steps
 
-    from benchmarks.protocol import component_args
+    from benchmarks.evaluation.protocol import component_args
 
     assert component_args(Hidden(8)) == ({}, ["n_steps"])
     assert protocol_id(_protocol(4, 3)) == protocol_id(_protocol(4, 7))
@@ -110,7 +110,7 @@ def test_runs_with_different_eval_nfe_are_not_put_in_one_table(tmp_path, capsys)
     assert "allow_mixed_eval=true" in md and not (root / "convergence.png").exists()
     msg = report.refused_mix(root)
     assert msg.startswith("grid 'g': the runs were evaluated with 2 different protocols") and "plug-b" in msg
-    assert report.main(["grid=g", f"results={tmp_path / 'results'}"]) == 1
+    assert report_cmd.main(["grid=g", f"results={tmp_path / 'results'}"]) == 1
     err = capsys.readouterr().err
     assert "error: grid 'g': the runs were evaluated with 2 different protocols" in err and "sit-a" in err
 
@@ -119,7 +119,7 @@ def test_allow_mixed_eval_puts_them_in_one_table_marked(tmp_path, monkeypatch):
     root = _grid(tmp_path, nfe_b=99)
     charted = []
     monkeypatch.setattr(report.plots, "faster", lambda per_seed, *a, **k: charted.append(per_seed))
-    assert report.main(["grid=g", f"results={tmp_path / 'results'}", "allow_mixed_eval=true"]) == 0
+    assert report_cmd.main(["grid=g", f"results={tmp_path / 'results'}", "allow_mixed_eval=true"]) == 0
     md = (root / "report.md").read_text()
     assert "## Evaluation protocols (mixed, allowed by allow_mixed_eval: rows are marked)" in md
     final = md.split("## Final metrics")[1].split("##")[0]

@@ -1,9 +1,9 @@
-"""The report's statistics over training seeds × artifact builds (benchmarks/stats.py): n, sd, t CI of the
+"""The report's statistics over training seeds × artifact builds (benchmarks/reporting/stats.py): n, sd, t CI of the
 final FD, the × faster CI, the Welch comparisons and their wording, the Reproducibility paragraph.
 
 Run folders are written by hand from fixed curves (as in tests/test_protocol.py): 2 seeds × 2 builds
 (`prepare.seed`) for the baseline `sit` and two methods; the expected numbers are computed here with scipy
-and numpy, independently of benchmarks/stats.py."""
+and numpy, independently of benchmarks/reporting/stats.py."""
 import json
 import re
 
@@ -13,7 +13,10 @@ import pytest
 import yaml
 from scipy import stats as sps
 
-from benchmarks import collect, plots, report, stats
+from benchmarks.reporting import collect
+from benchmarks.reporting import plots
+from benchmarks.reporting import report
+from benchmarks.reporting import stats
 
 # final FD per (seed, build): sfd and redi overlap each other, both are clearly below sit
 FINAL = {"sit": [60.0, 62.0, 61.0, 63.0], "sfd": [50.0, 52.0, 51.5, 49.0], "redi": [51.0, 53.5, 48.0, 52.5]}

@@ -15,7 +15,7 @@ import submitit
 from omegaconf import OmegaConf
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
-from benchmarks.launch import profile_parameters
+from benchmarks.execution.launch import profile_parameters
 from slurm_util import cluster_down_reason as _cluster_down_reason
 
 PROFILE = Path(__file__).resolve().parents[1] / "slurm" / "local-ci.yaml"

@@ -7,8 +7,8 @@ import time
 import pytest
 
 from benchmarks import run as cli
-from benchmarks.grid import expand
-from benchmarks.launch import launch_slurm, run_dirs
+from benchmarks.config.grid import expand
+from benchmarks.execution.launch import launch_slurm, run_dirs
 from core.rundir import RunDir
 from slurm_util import cluster_down_reason as _cluster_down_reason
 
@@ -48,7 +48,7 @@ def test_cancelled_run_finishes_on_relaunch(tmp_path, smoke_cache):
 
 
 def test_absent_partition_fails_before_submitting(tmp_path, monkeypatch):
-    from benchmarks import launch
+    from benchmarks.execution import launch
 
     (tmp_path / "nope.yaml").write_text("partition: gpu-a100\ntimeout_min: 5\n")
     monkeypatch.setattr(launch, "SLURM_DIR", tmp_path)
@@ -58,7 +58,7 @@ def test_absent_partition_fails_before_submitting(tmp_path, monkeypatch):
 
 def test_two_task_job_trains_data_parallel(tmp_path, smoke_cache, monkeypatch):
     """tasks_per_node: 2 makes one run a 2-rank gloo group inside one SLURM job (core/dist.py)."""
-    from benchmarks import launch
+    from benchmarks.execution import launch
 
     (tmp_path / "ddp.yaml").write_text(
         "partition: debug\ngpus_per_node: 0\ncpus_per_task: 1\nmem_gb: 2\ntimeout_min: 10\nnodes: 1\n"

@@ -94,7 +94,7 @@ def test_changed_plugin_makes_its_run_stale(tmp_path, monkeypatch, smoke_cache, 
         (old,) = root.glob(f"{run.name}.stale-*")
         assert (old / "done.json").exists() and (old / "metrics.jsonl").read_text() == metrics
         assert (run / "done.json").exists() and not (run / "stale.json").exists()
-        import benchmarks.grid as grid_mod
+        import benchmarks.config.grid as grid_mod
         cfg = grid_mod.expand(str(grid), [f"cache_dir={smoke_cache}"], check_files=False).runs[0].cfg
         assert json.loads((run / "fingerprint.json").read_text())["hash"] == fingerprint(cfg)["hash"]
         assert "## Stale runs" not in (root / "report.md").read_text()

@@ -1,11 +1,11 @@
-"""The live table (benchmarks/status.py) and the progress of long stages (core/progress.py)."""
+"""The live table (benchmarks/execution/status.py) and the progress of long stages (core/progress.py)."""
 import json
 import logging
 
 import pytest
 from rich.console import Console
 
-from benchmarks import status
+from benchmarks.execution import status
 from core import progress
 from core.rundir import RunDir
 from core.runlock import RunLock

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.plugins import load_all
-from benchmarks.prepare import artifact_plan
+from benchmarks.config.plugins import load_all
+from benchmarks.data.prepare import artifact_plan
 from core.registry import ENCODERS
 from core.types import ImageData, to_unit
 from encoders.fdnet import FDNet
@@ -129,7 +129,7 @@ def test_oracle_is_the_fd_networks_map(tmp_path):
 
 
 def test_registry_and_slot_use(monkeypatch):
-    import benchmarks.prepare as prepare
+    import benchmarks.data.prepare as prepare
     monkeypatch.setattr(prepare, "_fingerprint", lambda name, root: "fixed-fingerprint")   # no data read
     assert {"semantic-encoder", "supervised-encoder", "fdnet-oracle"} <= set(ENCODERS.names())
     # The oracle in the semantic-encoder slot pulls the FD network in before it, with its key in the slot's key.
@@ -146,7 +146,7 @@ def test_registry_and_slot_use(monkeypatch):
 
 
 def test_report_puts_each_probe_next_to_the_pixels(tmp_path):
-    from benchmarks.report import _prepare_section
+    from benchmarks.reporting.report import _prepare_section
     arts = {"semantic-encoder semantic-encoder-aa": {"kind": "supervised-encoder", "linear_probe_acc": 0.904,
                                                      "pixel_probe_acc": 0.8242},
             "semantic-encoder semantic-encoder-bb": {"kind": "fdnet-oracle", "oracle": True, "linear_probe_acc": 0.889,

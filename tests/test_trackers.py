@@ -1,4 +1,4 @@
-"""Experiment trackers (benchmarks/trackers.py): the TensorBoard event files of a tiny run, read back with
+"""Experiment trackers (benchmarks/execution/trackers.py): the TensorBoard event files of a tiny run, read back with
 TensorBoard's own reader, hold the same scalars as metrics.jsonl / eval.jsonl, the sample grids and the
 HParams; a resumed run leaves exactly one value per tag and step; W&B in offline mode; config checks."""
 import time
@@ -6,8 +6,8 @@ import time
 import numpy as np
 import pytest
 
-from benchmarks import trackers
-from benchmarks.grid import expand
+from benchmarks.execution import trackers
+from benchmarks.config.grid import expand
 from core.config import ConfigError
 from core.rundir import RunDir
 
@@ -35,7 +35,7 @@ def _scalar_rows(acc, tag):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, smoke_cache):
-    from benchmarks import train
+    from benchmarks.execution import train
 
     run = tmp_path_factory.mktemp("tb") / "run"
     train.run_job(_cfg(smoke_cache).cfg, str(run))
@@ -83,7 +83,7 @@ def test_a_resumed_run_has_one_value_per_step(tmp_path, smoke_cache, monkeypatch
     """Killed at step 6 after a checkpoint at 4 (rows 5, 6 and the eval at 5 were written, then cut by
     restore()); the resumed attempt writes them again: the reader shows each step once, equal to the logs
     and to the uninterrupted run."""
-    from benchmarks import train
+    from benchmarks.execution import train
 
     spec = _cfg(smoke_cache)
     run = tmp_path / "crashed"
@@ -114,7 +114,7 @@ def test_a_resumed_run_has_one_value_per_step(tmp_path, smoke_cache, monkeypatch
 
 
 def test_tensorboard_off_writes_no_event_files(tmp_path, smoke_cache):
-    from benchmarks import train
+    from benchmarks.execution import train
 
     spec = _cfg(smoke_cache, "log.tensorboard=false", "train.steps=2", "eval.at=[0]")
     train.run_job(spec.cfg, str(tmp_path / "run"))
@@ -123,7 +123,7 @@ def test_tensorboard_off_writes_no_event_files(tmp_path, smoke_cache):
 
 def test_wandb_offline_logs_the_run(tmp_path, smoke_cache, monkeypatch):
     pytest.importorskip("wandb")
-    from benchmarks import train
+    from benchmarks.execution import train
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     spec = _cfg(smoke_cache, "log.wandb=true", "log.wandb_mode=offline", "train.steps=2", "eval.at=[0]")

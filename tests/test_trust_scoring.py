@@ -59,7 +59,7 @@ def test_fidelity_checked_pipeline_equals_torch_fidelity(tmp_path):
     (same computation, same shapes, same thread), and the same cache files."""
     import torch_fidelity
 
-    from benchmarks.evaluate import REF_NAME, U8Images, fidelity
+    from benchmarks.evaluation.scoring import REF_NAME, U8Images, fidelity
     from core.seed import generator
     from encoders.fdnet import make_fidelity_extractor
 
@@ -80,7 +80,7 @@ def test_fidelity_checked_pipeline_equals_torch_fidelity(tmp_path):
 
 
 def test_nan_fdnet_weights_are_refused_not_scored(tmp_path):
-    from benchmarks.evaluate import fidelity
+    from benchmarks.evaluation.scoring import fidelity
 
     net, ref, images = _fdnet_and_images()
     with torch.no_grad():
@@ -90,7 +90,7 @@ def test_nan_fdnet_weights_are_refused_not_scored(tmp_path):
 
 
 def test_nan_in_cached_reference_features_names_the_cache(tmp_path):
-    from benchmarks.evaluate import fidelity
+    from benchmarks.evaluation.scoring import fidelity
 
     net, ref, images = _fdnet_and_images()
     fidelity(images, ref, net, tmp_path, torch.device("cpu"))          # caches the reference features
@@ -105,7 +105,7 @@ def test_nan_in_cached_reference_features_names_the_cache(tmp_path):
 
 
 def test_nan_in_cached_reference_statistics_is_refused(tmp_path):
-    from benchmarks.evaluate import fidelity
+    from benchmarks.evaluation.scoring import fidelity
 
     net, ref, images = _fdnet_and_images()
     fidelity(images, ref, net, tmp_path, torch.device("cpu"))
@@ -137,7 +137,7 @@ class _Identity:
 
 
 def test_generate_counts_every_nonfinite_sample():
-    from benchmarks.evaluate import generate
+    from benchmarks.evaluation.scoring import generate
 
     labels = torch.arange(10) % 2
     kw = dict(seed=0, batch_size=4, device=torch.device("cpu"))
@@ -147,7 +147,7 @@ def test_generate_counts_every_nonfinite_sample():
 
 
 def test_paper_eval_refuses_a_nan_chunk_and_writes_nothing_of_it(tmp_path):
-    from benchmarks.paper_eval import sample_npz
+    from benchmarks.evaluation.paper import sample_npz
 
     labels = np.arange(6) % 2
     with pytest.raises(NonFiniteError, match=r"3 of 3 decoded samples hold NaN/inf in chunk 1 \(samples 3-5\)"):
@@ -204,7 +204,7 @@ def test_truncate_after_drops_later_rows_and_the_torn_line_only(tmp_path):
 
 
 def test_status_board_lists_a_damaged_run_and_goes_on(tmp_path):
-    from benchmarks.status import snapshot
+    from benchmarks.execution.status import snapshot
 
     bad, good = tmp_path / "bad", tmp_path / "good"
     for d in (bad, good):
@@ -239,14 +239,14 @@ def test_remove_stale_tmp_keeps_live_writers(tmp_path):
 
 # ------------------------------------------------------------------------------------------ the training job
 def _smoke(smoke_cache, *extra):
-    from benchmarks.grid import expand
+    from benchmarks.config.grid import expand
 
     (spec,) = expand("smoke", [f"cache_dir={smoke_cache}", *extra]).runs
     return spec.cfg
 
 
 def test_the_hint_names_nonfinite_settings():
-    from benchmarks.train import nonfinite_settings
+    from benchmarks.execution.train import nonfinite_settings
 
     cfg = {"eval": {"guidance": {"name": "cfg", "scale": float("nan")}, "every": 0}, "train": {"lr": 1e-4}}
     assert [k for k, _ in nonfinite_settings(cfg)] == ["eval.guidance.scale"]
@@ -257,7 +257,7 @@ def test_nan_samples_fail_the_run_and_are_not_scored(tmp_path, smoke_cache, monk
     """NaN EMA weights (the sampling model) make every sample NaN at the step-0 evaluation: a cause the
     up-front config checks cannot see (`eval.guidance.scale=nan` did the same before they refused it)."""
     from benchmarks import run as cli
-    from benchmarks import train
+    from benchmarks.execution import train
 
     real_ema = train.make_ema
 
@@ -285,8 +285,8 @@ def test_nan_samples_fail_the_run_and_are_not_scored(tmp_path, smoke_cache, monk
 
 @pytest.mark.slow
 def test_resume_with_a_damaged_log_row_fails_and_changes_nothing(tmp_path, smoke_cache, monkeypatch):
-    from benchmarks import train
-    from benchmarks.launch import guarded_run
+    from benchmarks.execution import train
+    from benchmarks.execution.launch import guarded_run
 
     cfg = _smoke(smoke_cache, "eval.at=[0,2,4]")
     run = tmp_path / "run"
@@ -317,7 +317,7 @@ def test_resume_with_a_damaged_log_row_fails_and_changes_nothing(tmp_path, smoke
 
 @pytest.mark.slow
 def test_killed_checkpoint_write_is_cleaned_on_resume(tmp_path, smoke_cache, monkeypatch):
-    from benchmarks import train
+    from benchmarks.execution import train
     from core import rundir
 
     cfg = _smoke(smoke_cache)

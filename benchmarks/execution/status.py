@@ -17,7 +17,7 @@ from core import progress, runlock
 from core.errors import CorruptFileError
 from core.rundir import read_jsonl
 
-PROGRESS_FILE = "progress.json"          # a job's prepare stages, published while it runs (benchmarks/train.py)
+PROGRESS_FILE = "progress.json"          # a job's prepare stages, published while it runs (benchmarks/execution/train.py)
 
 
 def _row(run: Path, steps: int) -> dict:

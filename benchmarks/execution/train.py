@@ -16,16 +16,17 @@ from typing import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
 from torchvision.utils import save_image
 
-from benchmarks.components import RunParts, build_run
-from benchmarks.evaluate import ADMScorer, FDNetScorer, eval_labels, generate, reference_dir
-from benchmarks.phases import phase_figure
-from benchmarks.plugins import load_all
-from benchmarks.prepare import FD_NET, prepare_run
-from benchmarks.status import PROGRESS_FILE
-from benchmarks.trackers import Trackers, current_lr, open_trackers
-from benchmarks.protocol import eval_protocol, record_protocol
+from benchmarks.build.components import RunParts, build_run
+from benchmarks.evaluation.scoring import ADMScorer, FDNetScorer, eval_labels, generate, reference_dir
+from benchmarks.evaluation.phases import phase_figure
+from benchmarks.config.plugins import load_all
+from benchmarks.data.prepare import FD_NET, prepare_run
+from benchmarks.execution.status import PROGRESS_FILE
+from benchmarks.execution.trackers import Trackers, current_lr, open_trackers
+from benchmarks.evaluation.protocol import eval_protocol, record_protocol
 from core.machine import record_machine
 from core.cache import full_verification
 from core.compile import attention_context, compile_loss, compile_model, resolve_mode
@@ -232,7 +233,7 @@ class Trainer:
             raise NonFiniteError(f"step {self.step}: {err}") from None
         row = {"step": self.step, **scores,
                "nfe": p.method.last_nfe, "sec": round(time.time() - t0, 2)}
-        # protocol.json at the first evaluation; every later one (a resume too) must match it (benchmarks/protocol.py)
+        # protocol.json at the first evaluation; every later one (a resume too) must match it (benchmarks/evaluation/protocol.py)
         record_protocol(self.rd.path, eval_protocol(self.cfg, p.method, self.scorer, row["nfe"]))
         self.rd.samples_dir.mkdir(parents=True, exist_ok=True)
         order = torch.argsort(self.labels[: e["grid_images"]], stable=True)
@@ -301,8 +302,6 @@ def _run_lock(d: Dist, run_dir: str):
         except RunHeld as e:
             held = e
     if d.world > 1:
-        import torch.distributed as tdist
-
         box = [None if held is None else held.holder]
         tdist.broadcast_object_list(box, src=0)
         if box[0] is not None and held is None:

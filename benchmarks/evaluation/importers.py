@@ -18,14 +18,14 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from benchmarks.config import presets as api
+from core.errors import CheckpointError
 from core.torchfile import UntrustedFileError, load_weights_file
 from core.types import Groups
+from methods.compose import build_method
+from methods.losses import RepaCfg, build_projector as build_mlp
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-    """An official file that does not fit the suite model; the message names the offending keys."""
 
 
 # ---------------------------------------------------------------------------- the official kinds
@@ -254,7 +254,7 @@ def _listing(names: Sequence[str], limit: int = 12) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def load_state(state: Mapping[str, Tensor], kind: str | OfficialKind, backbone: nn.Module,
+def load_official_state(state: Mapping[str, Tensor], kind: str | OfficialKind, backbone: nn.Module,
                projector: nn.Module | None = None) -> dict[str, Any]:
     """Load an unwrapped official state dict into a suite backbone (and the loss's projector), strictly:
     CheckpointError lists unexpected, missing or mis-shaped keys, or names a stored table that differs.
@@ -290,16 +290,12 @@ def load_state(state: Mapping[str, Tensor], kind: str | OfficialKind, backbone: 
 
 def method_config(kind: str | OfficialKind, overrides: Sequence[str] = ()) -> dict:
     """The kind's method preset (resolved `method` block), e.g. `sfd` for the SFD models."""
-    from benchmarks import api      # lazily: loading and checking a file needs no config stack (OmegaConf)
-
     return api.preset(get_kind(kind).method, overrides=list(overrides))
 
 
-def build_backbone(kind: str | OfficialKind, device: str | torch.device = "cpu") -> nn.Module:
+def suite_backbone(kind: str | OfficialKind, device: str | torch.device = "cpu") -> nn.Module:
     """The suite backbone at the kind's full size, built from its presets exactly as a run builds it
     (backbone preset + the method's `backbone:` overrides, output width and time inputs from the schedule)."""
-    from benchmarks import api
-
     kind = get_kind(kind)
     c, h, _ = kind.latent_shape
     with torch.device(device):
@@ -307,22 +303,14 @@ def build_backbone(kind: str | OfficialKind, device: str | torch.device = "cpu")
                             num_classes=1000, groups=kind.group_spec)
 
 
-def build_projector(kind: str | OfficialKind, hidden_size: int, device: str | torch.device = "cpu") -> nn.Module | None:
+def suite_projector(kind: str | OfficialKind, hidden_size: int, device: str | torch.device = "cpu") -> nn.Module | None:
     """The REPA projector the kind's method loss builds (methods/losses.py), or None without one."""
-    from methods.losses import RepaCfg, build_projector as build_mlp
-
     kind = get_kind(kind)
     if kind.projector is None:
         return None
     repa = RepaCfg(**method_config(kind)["loss"]["repa"])
     with torch.device(device):
         return build_mlp(hidden_size, repa.projector_dim, kind.encoder_dim)
-
-
-def expected_layout(kind: str | OfficialKind) -> dict[str, tuple[int, ...]]:
-    """The full-size official layout the importer expects (built on the meta device: no memory)."""
-    backbone = build_backbone(kind, "meta")
-    return official_layout(kind, backbone, build_projector(kind, backbone.hidden_size, "meta"))
 
 
 @dataclass
@@ -347,8 +335,6 @@ class ImportedModel:
                      guidance: Any = "method") -> Any:
         """The kind's method preset for this model, the imported projector loaded into its loss. `overrides`:
         a dotlist on the preset; `sampler_overrides`, `guidance`: as in methods.compose.build_method."""
-        from methods.compose import build_method
-
         method = build_method(method_config(self.kind, overrides), groups=self.kind.group_spec,
                               hidden_size=self.model.hidden_size, encoder_dim=self.kind.encoder_dim,
                               null_label=self.model.null_label, sampler_overrides=sampler_overrides,
@@ -371,10 +357,10 @@ def load_official(path: str | Path, kind: str | OfficialKind, *, device: str | t
     kind = get_kind(kind)
     state, info = read_checkpoint(path, trust_pickle=trust_pickle)
     if backbone is None:
-        backbone = build_backbone(kind, device)
+        backbone = suite_backbone(kind, device)
     if projector is None and kind.projector is not None:
-        projector = build_projector(kind, backbone.hidden_size, device)
-    info.update(load_state(state, kind, backbone, projector))
+        projector = suite_projector(kind, backbone.hidden_size, device)
+    info.update(load_official_state(state, kind, backbone, projector))
     backbone.eval().requires_grad_(False)
     if projector is not None:
         projector.eval().requires_grad_(False)

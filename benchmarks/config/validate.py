@@ -1,104 +1,59 @@
-"""Stage 1 (docs/architecture.md, "The stages of a grid"): expand a grid YAML (axes × overrides) into fully resolved run configs.
+"""Stage 1, second half: the checks a resolved run config must pass before anything runs (docs/grids.md).
 
-Grid file (benchmarks/configs/grid/<name>.yaml):
-    profile: tiny                  # benchmarks/configs/profile/<profile>.yaml
-    axes:                          # the cartesian product of these
-      method: [sit, redi, sfd]     #   presets in benchmarks/configs/method/
-      backbone: [lightningdit-tiny]#   registry names
-      seed: [0, 1]
-      method.schedule.delta_t.texture: [0.1, 0.3]   # any dotted key of the run config
-    overrides: ["train.steps=2000"]
-    by_profile:                    # per-profile axes / extra overrides (e.g. the XL backbone at imagenet256)
-      imagenet256: {axes: {backbone: [lightningdit-xl-1]}}
-    baseline: sit                  # the label the "× faster convergence" table compares with
-Precedence: schema < profile < method preset < grid overrides < axis values < command line.
-`grid=` also takes a path to a grid file (ending in .yaml/.yml, or containing a '/'). Every key, its type
-and default: docs/grids.md; `validate_grid` checks them with the file and line of the offending key.
+`validate(cfg)` needs the registries and the lower layers (datasets, artifact kinds, components): it builds the
+method's components and the backbone on the meta device, checks ranges, dataset and weights files, and the
+limits each artifact fit needs. benchmarks/config/grid.py's `resolve` calls it for every run it expands.
 """
 from __future__ import annotations
 
 import functools
-import itertools
+import inspect
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+import torch
 
+from benchmarks.build.components import build_backbone
+from benchmarks.config.plugins import load_all
+from benchmarks.data.datasets import DATASETS, check_dataset, image_size_rule
+from benchmarks.data.prepare import BUILD_KEY, artifact_order, check_build, eval_kinds, latent_requires
 from core.compile import MODES, PRECISIONS, SDPA_BACKENDS
-from core.config import ConfigError, check_keys, run_hash, structured, to_dict
-from core.registry import ENCODERS
-
-# Grid and config files live in benchmarks/gridfile.py; re-exported here, where callers have always found them.
-from benchmarks.gridfile import (CONFIG_ROOT, GRID_COPY, GRID_KEYS, GRID_SOURCE, available, check_grid_folder,  # noqa: F401
-                                 config_roots, dotlist, find_yaml, grid_source, grid_source_name, is_grid_path,
-                                 key_lines, load_grid, load_yaml, record_grid_file, validate_grid)
-
-
-@dataclass
-class RunSpec:
-    run_id: str
-    label: dict[str, Any]            # the axis values that identify this run (seed included)
-    cfg: dict
-
-    @property
-    def group(self) -> str:
-        """Label without the replicate axes: runs that differ only by training seed or artifact build
-        (prepare.seed) are one curve."""
-        return ",".join(f"{k}={v}" for k, v in self.label.items() if k not in ("seed", "prepare.seed"))
+from core.config import ConfigError, check_keys
+from core.errors import CorruptFileError
+from core.registry import BACKBONES, ENCODERS, LATENTS
+from core.types import Groups
+from methods.compose import build_method, build_schedule
+from methods.guidance import build_guidance
 
 
-@dataclass
-class Grid:
-    name: str
-    profile: str
-    runs: list[RunSpec]
-    baseline: str | None = None
-    sweep: str | None = None           # an axis to plot final FD against (e.g. the Δt sweep)
-    meta: dict = field(default_factory=dict)
-    source: Path | None = None         # the grid YAML file it was expanded from
+# The trackers' own rules (benchmarks/execution/trackers.py), checked here so that a bad `log` section fails at load.
+WANDB_MODES = ("online", "offline", "disabled")
 
 
-def _dot(key: str, value: Any) -> dict:
-    """'a.b.c', v -> {'a': {'b': {'c': v}}}."""
-    out: Any = value
-    for part in reversed(key.split(".")):
-        out = {part: out}
-    return out
+def _wandb_installed() -> bool:
+    try:
+        import wandb  # noqa: F401 - optional dependency: only probed
+    except ImportError:
+        return False
+    return True
 
 
-def _axis_layer(key: str, value: Any, profile: str) -> list:
-    """Config layers for one axis value. A method preset holds the paper's settings in `method:` and,
-    under `profiles: {<profile>: [dotlist]}`, the values a small profile must scale (e.g. the REPA
-    depth on a 4-block backbone), each with its reason next to it in the YAML."""
-    if key == "method":
-        preset = load_yaml("method", str(value))
-        where = f"method preset {value!r} ({find_yaml('method', str(value))})"
-        unknown = set(preset) - {"method", "profiles"}
-        if unknown:
-            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; valid: method, profiles")
-        if not isinstance(preset.get("method"), dict):
-            raise ConfigError(f"{where}: needs `method:` as a mapping (name, latent, schedule, loss, sampler, ...), "
-                              f"got {preset.get('method')!r}")
-        profiles = preset.get("profiles") or {}
-        if not isinstance(profiles, dict):
-            raise ConfigError(f"{where}: `profiles:` must map a profile name to a list of key=value strings")
-        scaled = dotlist(f"{where}: profiles.{profile}", profiles.get(profile))
-        return [{"method": preset["method"]}, OmegaConf.from_dotlist(scaled)]
-    if key == "backbone":
-        return [{"backbone": {"name": str(value)}}]
-    return [_dot(key, value)]
+def check_log_cfg(log_cfg: dict) -> list[tuple[bool, str]]:
+    """(ok, message) checks of the `log` section, checked at load (validate) and when a run opens its trackers."""
+    mode = log_cfg.get("wandb_mode")
+    return [
+        (mode is None or mode in WANDB_MODES,
+         f"log.wandb_mode must be one of {', '.join(WANDB_MODES)} or null, got {mode!r}"),
+        (not log_cfg.get("wandb") or _wandb_installed(),
+         "log.wandb=true needs the wandb package, which is not installed: `pip install wandb` "
+         "(or `pip install -e .[wandb]`), or set log.wandb=false"),
+    ]
 
 
 def validate(cfg: dict, check_files: bool = True) -> None:
     """Checks that need the registries: component keys and artifact fit() keys, basic ranges; with
     check_files, also that the dataset and every weights file exist (a dry run plans without them)."""
-    from benchmarks.plugins import load_all
-    from benchmarks.prepare import BUILD_KEY, artifact_order, check_build, eval_kinds, latent_requires
-    from core.registry import LATENTS
-
-    from benchmarks.datasets import DATASETS
 
     load_all()
     if cfg["data"]["name"] not in DATASETS:
@@ -111,7 +66,6 @@ def validate(cfg: dict, check_files: bool = True) -> None:
         raise ConfigError(f"train.steps must be ≥ 1, got {cfg['train']['steps']}")
     if cfg["train"]["batch_size"] < 1:
         raise ConfigError(f"train.batch_size must be ≥ 1, got {cfg['train']['batch_size']}")
-    from core.registry import BACKBONES
 
     if cfg["backbone"]["name"] not in BACKBONES:
         raise ConfigError(f"unknown backbone {cfg['backbone']['name']!r}; valid: {', '.join(BACKBONES.names())}")
@@ -153,32 +107,12 @@ def validate(cfg: dict, check_files: bool = True) -> None:
     _check_limits(cfg, order, sizes)
 
 
-def resolve(profile: str, label: dict[str, Any], overrides: list[str] | None = None,
-            cli: list[str] | None = None, check_files: bool = True) -> dict:
-    """One fully resolved, validated run config: profile < method preset < overrides < other axes < cli."""
-    prof = load_yaml("profile", profile)
-    relabel = [x for x in [*(overrides or []), *(cli or [])] if x.split("=", 1)[0].strip() == "profile"]
-    if relabel:
-        raise ConfigError(f"{relabel[0]!r} among the overrides would only relabel the run (its settings stay "
-                          f"profile {profile!r}'s); choose the profile with the grid's `profile:` key or profile=NAME "
-                          "on the command line")
-    first = [x for k, v in label.items() if k == "method" for x in _axis_layer(k, v, profile)]
-    rest = [x for k, v in label.items() if k != "method" for x in _axis_layer(k, v, profile)]
-    cfg = to_dict(structured(prof, {"profile": profile}, *first, OmegaConf.from_dotlist(list(overrides or [])),
-                             *rest, OmegaConf.from_dotlist(list(cli or []))))
-    validate(cfg, check_files)
-    from benchmarks.prepare import canonical_prepare
-
-    return canonical_prepare(cfg)          # prepare.seed=0 is dropped: build 0 keeps today's run ids
-
 
 @functools.lru_cache(maxsize=8)
 def _check_dataset(name: str, root: str | None, image_size: int, stream: bool = False) -> tuple[int, int] | None:
     """Load the dataset once per process (a streamed one: scan its folder) so a missing one fails at load
     with where it looked, and a damaged one (core.errors.CorruptFileError) names its file. Returns the
     (train, test) image counts where the loader knows them."""
-    from benchmarks.datasets import check_dataset
-    from core.errors import CorruptFileError
 
     try:
         return check_dataset(name, root, image_size, stream)
@@ -259,7 +193,6 @@ def _check_eval(cfg: dict) -> list[tuple[bool, str]]:
 
 
 def _check_log(cfg: dict) -> list[tuple[bool, str]]:
-    from benchmarks.trackers import check_log_cfg   # the trackers' own rules (log.wandb needs wandb installed)
 
     return check_log_cfg(cfg.get("log", {}))
 
@@ -296,13 +229,7 @@ def _check_components(cfg: dict) -> None:
     """Build every component once with stand-in shapes (backbone on the meta device: no memory, no
     compute), so a bad value (Δt ≥ 1, an unknown solver, a REPA depth past the last block, a bad
     time_embed_order) fails at load with one line instead of minutes later inside a job."""
-    import torch
 
-    from benchmarks.components import build_backbone
-    from core.registry import LATENTS
-    from core.types import Groups
-    from methods.compose import build_method, build_schedule
-    from methods.guidance import build_guidance
 
     names = LATENTS.get(cfg["method"]["latent"]["name"]).group_names
     groups = Groups(tuple(names), (2,) * len(names))
@@ -331,29 +258,12 @@ def _check_components(cfg: dict) -> None:
         raise ConfigError(f"method.loss: hidden states requested after block(s) {too_deep} but backbone "
                           f"{cfg['backbone']['name']!r} has {model.depth} blocks (set e.g. method.loss.repa.depth)")
 
-
-def _resolved(cfg: dict, axis: str) -> Any:
-    """The resolved value of an axis key: `backbone` is the backbone's name, any other key a dotted path
-    (`prepare.seed` is 0 where resolve dropped it: benchmarks/prepare.py canonical_prepare)."""
-    if axis == "prepare.seed":
-        from benchmarks.prepare import prepare_build
-
-        return prepare_build(cfg)
-    node: Any = cfg
-    for part in ("backbone.name" if axis == "backbone" else axis).split("."):
-        node = node[part]
-    return node
-
-
-# Downsampling factors of the pretrained tokenizers (their weights are not read at validation time): the
-# SD-VAEs are f8, the LDM-format checkpoints f16 (encoders/pretrained.py). Trained tokenizers give theirs
 # from `block_out_channels` (2^(levels - 1), encoders/texture_vae.py autoencoder_config).
 PRETRAINED_DOWNSAMPLE = {"sd-vae-ft-ema": 8, "sd-vae-ft-mse": 8, "ldm-f16d32": 16, "vavae-f16d32": 16}
 
 
 def _fit_args(cfg: dict, kind: str) -> tuple[str, dict]:
     """(class name filling the slot, its fit() keywords: defaults overridden by prepare.<kind>)."""
-    import inspect
 
     slot = dict(cfg["prepare"].get(kind) or {})
     use = slot.pop("use", kind)
@@ -365,9 +275,7 @@ def _fit_args(cfg: dict, kind: str) -> tuple[str, dict]:
 def _tokenizer_factor(cfg: dict) -> tuple[str, int] | None:
     """(tokenizer slot, its downsampling factor) of the run's latent, or None where it cannot be known
     before the artifact exists (a plugin latent or tokenizer)."""
-    import inspect
 
-    from core.registry import LATENTS
 
     lat = cfg["method"]["latent"]
     param = inspect.signature(LATENTS.get(lat["name"]).__init__).parameters.get("tokenizer")
@@ -385,7 +293,6 @@ def _check_image_size(cfg: dict, patch: int | None) -> None:
     """data.image_size against the dataset (datasets.image_size_rule: padding, a memory-safe maximum),
     the texture tokenizer's downsampling factor f (the latent grid is image_size / f) and the backbone's
     patch size p (the token grid is image_size / f / p): a size that breaks any of them fails here."""
-    from benchmarks.datasets import image_size_rule
 
     size, d = cfg["data"]["image_size"], cfg["data"]
     rule = image_size_rule(d["name"], size)
@@ -444,46 +351,3 @@ def _check_limits(cfg: dict, kinds: list[str], sizes: tuple[int, int] | None) ->
                 raise ConfigError(f"data.limit_{split}={n} is fewer than eval.num_samples={e['num_samples']}: the FD "
                                   f"reference's real-data floor compares eval.num_samples training images with the "
                                   f"test split (use data.limit_{split} ≥ {e['num_samples']} or fewer eval samples)")
-
-
-def expand(grid_name: str, cli: list[str] | None = None, profile: str | None = None,
-           check_files: bool = True) -> Grid:
-    """Resolve every run of a grid; `grid_name` is a grid name or a path to a grid file (grid_source);
-    `cli` is a dotlist applied last to every run."""
-    grid_name, source, g = load_grid(grid_name)
-    # `profile=X` among the overrides chooses the profile (as the run command's key does): set as a config key it
-    # would only relabel the runs while every setting stayed the grid's profile's.
-    named = [x.split("=", 1)[1] for x in cli or [] if x.split("=", 1)[0].strip() == "profile"]
-    cli = [x for x in cli or [] if x.split("=", 1)[0].strip() != "profile"]
-    if len(set(named) | ({profile} if profile and named else set())) > 1:
-        raise ConfigError(f"two profiles asked for: {', '.join(sorted(set(named) | {profile} - {None}))}; give one")
-    prof_name = profile or (named[0] if named else None) or g.get("profile", "tiny")
-    # by_profile: {<profile>: {axes: {...}, overrides: [...]}} replaces those axes / adds those overrides when
-    # the grid runs at that profile (e.g. the XL/1 backbone at imagenet256 instead of the tiny one).
-    # load_grid checked every key's type (validate_grid), so the parts below are mappings and lists.
-    where = f"grid {grid_name!r} ({source})"
-    by_profile = (g.get("by_profile") or {}).get(prof_name) or {}
-    axes: dict[str, list] = {**(g.get("axes") or {}), **(by_profile.get("axes") or {})}
-    overrides = dotlist(f"{where}: overrides", g.get("overrides")) + \
-        dotlist(f"{where}: by_profile.{prof_name}.overrides", by_profile.get("overrides"))
-    if not axes:
-        raise ConfigError(f"grid {grid_name!r} has no runs: it needs axes: with at least one key: [values] "
-                          f"({source}; docs/grids.md)")
-    runs = []
-    for values in itertools.product(*axes.values()):
-        label = dict(zip(axes.keys(), values))
-        cfg = resolve(prof_name, label, overrides, cli, check_files)
-        method, backbone = cfg["method"]["name"], cfg["backbone"]["name"]
-        run_id = f"{label.get('method', method)}-{backbone}-s{cfg['seed']}-{run_hash(cfg)[:8]}"
-        # The label says what the run IS: an axis value the command line replaced (backbone.name=..., seed=...,
-        # any dotted key) is read back from the resolved config, so label.json agrees with the run id.
-        label = {"method": label.get("method", method),
-                 **{k: _resolved(cfg, k) for k in label if k != "method"}}
-        if "prepare.seed" not in label and _resolved(cfg, "prepare.seed"):
-            label["prepare.seed"] = _resolved(cfg, "prepare.seed")   # a build set on the command line: record it
-        runs.append(RunSpec(run_id=run_id, label=label, cfg=cfg))
-    ids = [r.run_id for r in runs]
-    if len(set(ids)) != len(ids):
-        raise ConfigError(f"grid {grid_name!r}: two runs resolve to the same config (duplicate axis values?)")
-    return Grid(name=grid_name, profile=prof_name, runs=runs, baseline=g.get("baseline"), sweep=g.get("sweep"),
-                meta={"description": g.get("description", "")}, source=source)

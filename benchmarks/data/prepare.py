@@ -22,11 +22,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from benchmarks.datasets import READ_WORKERS, cached_sample, check_streamable, fingerprint, load_dataset
-from benchmarks.shards import is_sharded, open_sharded
+from benchmarks.data.datasets import READ_WORKERS, cached_sample, check_streamable, fingerprint, load_dataset
+from benchmarks.data.shards import is_sharded, open_sharded
 from core.cache import MARKER, cache_key, cached_dir, read_safetensors, verify_dir
 from core.config import ConfigError
-from core.dag import run_dag
 from core.progress import track
 from core.registry import ENCODERS, LATENTS
 from core.seed import generator
@@ -93,7 +92,7 @@ def streamed(cfg: dict) -> bool:
     return bool(cfg["data"].get("stream", False))
 
 
-def _data_key(cfg: dict) -> dict:
+def data_key(cfg: dict) -> dict:
     """What the data is (name, size, limits, a content fingerprint), not where (data.root is left out, so a
     moved copy keeps its caches; datasets.fingerprint)."""
     d = cfg["data"]
@@ -142,7 +141,7 @@ def load_sample(cfg: dict, workers: int = READ_WORKERS) -> ImageData:
         check_streamable(d["name"], d["root"])             # the folder itself is scanned only to build it
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return cached_sample(cfg["cache_dir"], {"data": _data_key(cfg), "train_images": STREAM_SAMPLE}, d["root"],
+    return cached_sample(cfg["cache_dir"], {"data": data_key(cfg), "train_images": STREAM_SAMPLE}, d["root"],
                          d["image_size"], STREAM_SAMPLE, limit_train=d["limit_train"], limit_test=d["limit_test"],
                          workers=workers)
 
@@ -219,7 +218,7 @@ def artifact_plan(cfg: dict) -> list[Node]:
         use = fit_cfg.pop("use", kind)
         cls = ENCODERS.get(use)
         fit_cfg = _build_fit_cfg(kind, cls, fit_cfg, build)
-        key_obj = {"kind": kind, "fit": fit_cfg, "data": _data_key(cfg), "deps": {d: names[d] for d in cls.requires}}
+        key_obj = {"kind": kind, "fit": fit_cfg, "data": data_key(cfg), "deps": {d: names[d] for d in cls.requires}}
         if use != kind:
             key_obj["use"] = use
         node = Node(kind, cls, fit_cfg, key_obj)
@@ -286,7 +285,7 @@ def _splits(cfg: dict, data: ImageData) -> dict[str, torch.Tensor]:
 
 def encodings_key(cfg: dict, art_dir: Path) -> dict:
     """Cache key of one network's encodings of the training set (in memory or sharded)."""
-    return {"artifact": Path(art_dir).name, "data": _data_key(cfg), "flips": cfg["data"]["flips"]}
+    return {"artifact": Path(art_dir).name, "data": data_key(cfg), "flips": cfg["data"]["flips"]}
 
 
 def encoding_kinds(cfg: dict) -> tuple[str, ...]:
@@ -382,7 +381,7 @@ def stream_cache_dirs(cfg: dict, dirs: dict[str, Path]) -> tuple[dict[str, Path]
 
 def prepare_run(cfg: dict, device: torch.device | str = "cpu") -> Prepared:
     """Everything `train` needs, built once and cached; cheap when the caches exist. A streamed dataset's
-    latent cache must have been extracted (benchmarks/extract.py; prepare_grid does it on one machine)."""
+    latent cache must have been extracted (benchmarks/data/extract.py; benchmarks/data/prepare_grid.py does it on one machine)."""
     device = torch.device(device)
     data = load_data(cfg)
     dirs = build_artifacts(cfg, data, device)
@@ -420,45 +419,3 @@ def load_latent_cache(latent_dir: Path) -> tuple[dict[str, Any], torch.Tensor, t
         # aux targets live once in the encodings cache next door (the REPA tokens are ~0.5 GB per split)
         tensors.update(read_safetensors(latent_dir.parent / enc_dir / f"{key}.safetensors"))
     return tensors, stats["mean"], stats["std"]
-
-
-def prepare_grid(cfgs: list[dict], device: torch.device | str = "cpu", workers: int = 2) -> list[Prepared]:
-    """Prepare many runs at once: every distinct artifact and encoding is built once, independent ones in
-    parallel threads (torch releases the GIL in its kernels), each thread with cores/workers torch threads.
-
-    The texture chain (VAE, its encodings) and the semantic chain (encoder, tokens, PCA, SemVAE) have no
-    edge between them, so on 2 cores they overlap; the FD network fills a gap at the end. Streamed runs
-    are extracted here in one process; on a cluster run benchmarks.extract as one job per GPU first.
-    """
-    device = torch.device(device)
-    datas: dict[str, ImageData] = {}
-    for c in cfgs:
-        k = json.dumps(_data_key(c), sort_keys=True)
-        datas[k] = datas.get(k) or load_data(c)
-    tasks: dict[str, tuple[Any, tuple[str, ...]]] = {}
-    plans = [(c, artifact_plan(c)) for c in cfgs]
-    ordered = [(c, n) for c, p in plans for n in p if n.kind != FD_NET] + \
-              [(c, n) for c, p in plans for n in p if n.kind == FD_NET]
-    for c, node in ordered:
-        data = datas[json.dumps(_data_key(c), sort_keys=True)]
-        deps = {v: k for k, v in node.key_obj["deps"].items()}            # dep name -> slot
-        tasks.setdefault(node.name, (lambda r, node=node, c=c, data=data, deps=deps:
-                                     build_node(node, c, data, {deps[n]: d for n, d in r.items()}, device),
-                                     tuple(deps)))
-        if not streamed(c) and node.kind in encoding_kinds(c):      # streamed: sharded, extracted below
-            tasks.setdefault(f"enc:{node.name}", (lambda r, node=node, c=c, data=data:
-                                                   build_encodings(c, data, node.kind, r[node.name], device),
-                                                   (node.name,)))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads // workers))
-    try:
-        run_dag(tasks, workers)
-        for c in [c for c in cfgs if streamed(c)]:
-            from benchmarks.extract import extract_run   # (extract imports this module)
-
-            extract_run(c, device=device)               # one machine: the whole extraction here, rank 0 of 1
-        runs = {f"run:{i}": (lambda r, c=c: prepare_run(c, device), ()) for i, c in enumerate(cfgs)}
-        out = run_dag(runs, workers)
-        return [out[f"run:{i}"] for i in range(len(cfgs))]
-    finally:
-        torch.set_num_threads(threads)

@@ -1,6 +1,6 @@
 """Grid and config files: where presets, profiles and grids are found (the package's configs and
 SEMPRIOR_CONFIG_PATH), a grid given by name or by path, its schema checked with `<file>:<line>: <key>`
-errors (docs/grids.md), and the copy of the grid file kept in its results folder. benchmarks/grid.py
+errors (docs/grids.md), and the copy of the grid file kept in its results folder. benchmarks/config/grid.py
 expands what this module loads into run configs.
 """
 from __future__ import annotations
@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from core.config import ConfigError, load_config_yaml
+from core.rundir import atomic_write_text
 
 if TYPE_CHECKING:
-    from benchmarks.grid import Grid
+    from benchmarks.config.grid import Grid
 
-CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
 GRID_KEYS = {"description", "profile", "axes", "overrides", "baseline", "sweep", "by_profile", "allow_mixed_eval"}
 
 
@@ -131,8 +132,6 @@ def check_grid_folder(grid: Grid, results: Path) -> None:
 def record_grid_file(grid: Grid, results: Path) -> None:
     """Copy the grid file used into results/<grid>/grid.yaml (benchmarks.report reads the description,
     baseline and sweep from it, with or without SEMPRIOR_CONFIG_PATH) and note where it came from."""
-    from core.rundir import atomic_write_text
-
     if grid.source is None:
         return
     folder = Path(results) / grid.name

@@ -20,6 +20,8 @@ from typing import Any
 
 from core.config import ConfigError, stable_hash
 from core.rundir import atomic_write_text
+from core.registry import SAMPLERS
+from methods.guidance import GUIDANCE
 
 PROTOCOL_FILE = "protocol.json"
 ADAPTIVE_SOLVERS = ("dopri5",)         # their tolerances are settings worth showing; fixed-step solvers ignore them
@@ -77,9 +79,6 @@ def fd_network(cfg: dict, scorer: Any) -> dict[str, Any]:
 def eval_protocol(cfg: dict, method: Any, scorer: Any, nfe: int) -> dict[str, Any]:
     """The protocol of one evaluation: the built sampler and guidance, the measured NFE per sample, the
     number of samples, the scoring network and the image size."""
-    from core.registry import SAMPLERS
-    from methods.guidance import GUIDANCE
-
     g = method.guidance
     s_args, s_unread = component_args(method.sampler)
     g_args, g_unread = component_args(g) if g is not None else ({}, [])

@@ -1,5 +1,5 @@
 """Sharded cache folders: the on-disk format of a latent / feature cache too large to load whole
-(written by benchmarks/extract.py, read by benchmarks/prepare.py and the training feed).
+(written by benchmarks/extract.py, read by benchmarks/data/prepare.py and the training feed).
 
 A sharded folder holds `<name>-<shard:05d>.safetensors`, each the rows [start, stop) of the train split
 for every key of the cache (e.g. `texture` and `texture_flip`), and, once every shard exists, `index.json`

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-SPEED_TABLES = sorted((Path(__file__).resolve().parents[1] / "results" / "reference").glob("speed-*/speed*.csv"))
+SPEED_TABLES = sorted((Path(__file__).resolve().parents[2] / "results" / "reference").glob("speed-*/speed*.csv"))
 FP32_SLOWDOWN = 2.0
 ADAPTIVE_NFE = 100          # dopri5 at rtol 1e-3: an assumption for planning, the real count is logged per eval
 
@@ -91,4 +91,4 @@ def estimate(cfg: dict, gpus: int, table: pd.DataFrame) -> Estimate | None:
 def assumptions() -> str:
     return (f"assumptions: per-GPU throughput of the table's batch-128 row, linear data-parallel scaling, fp32 "
             f"runs ÷{FP32_SLOWDOWN:g}, adaptive samplers {ADAPTIVE_NFE} NFE, missing methods from the same "
-            f"backbone's sit row (benchmarks/estimate.py)")
+            f"backbone's sit row (benchmarks/reporting/estimate.py)")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.datasets import IMAGE_EXTENSIONS
+from benchmarks.data.datasets import IMAGE_EXTENSIONS
 from core.errors import CorruptFileError
 
 SHARD = re.compile(r"^samples_rank(\d+)\.npz$")
@@ -58,7 +58,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, KeyError) as e:
         # what np.load and reading a member raise on a cut-short zip, a bad CRC, or an object (pickled) array
         raise CorruptFileError(f"{path} is not a readable npz ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
-                               "re-download it, or write it again (benchmarks.adm_npz.pack_npz)") from None
+                               "re-download it, or write it again (benchmarks.evaluation.adm_npz.pack_npz)") from None
 
 
 def _savez(path: Path, **arrays: np.ndarray) -> Path:

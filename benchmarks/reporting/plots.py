@@ -4,7 +4,7 @@ bands, the "× faster convergence" chart with its confidence intervals, the Δt 
 Seed bands and error bars come from seaborn's error-bar machinery (`errorbar=`): the convergence band is
 the min–max range over seeds (`("pi", 100)`, the honest summary of 2–3 seeds); the × faster bars are
 bootstrap 95 % confidence intervals of the mean over runs (seeds × builds; report.md's × faster table shows
-the same interval, benchmarks/stats.py bootstrap_ci); the sweep's bars are ± one standard deviation.
+the same interval, benchmarks/reporting/stats.py bootstrap_ci); the sweep's bars are ± one standard deviation.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from benchmarks import stats  # noqa: E402   # the × faster CI: the table's resamples
+from benchmarks.reporting import stats  # noqa: E402   # the × faster CI: the table's resamples
 
 SECOND_PANEL = {"class_acc": "class accuracy of samples", "is": "Inception Score"}
 SEED_BAND = ("pi", 100)               # min–max over seeds

@@ -17,12 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.adm_eval import evaluate as adm_evaluate
-from benchmarks.adm_npz import balanced_labels, merge_shards, write_shard
-from core.dist import Dist, barrier
+from benchmarks.evaluation.adm import evaluate as adm_evaluate, resolve_inception_weights
+from benchmarks.evaluation.adm_npz import balanced_labels, merge_shards, write_shard
+from benchmarks.evaluation.importers import attach_guide, load_official
+from core.dist import Dist, barrier, setup
 from core.registry import ENCODERS
 from core.seed import generator
 from core.types import check_finite, to_uint8
+from encoders.pretrained import LDMVAE, load_latent_stats
+from methods.latents import VAELatent
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +38,6 @@ def build_decoder(method: str, tokenizer: str | None, stats: str | None, device:
     """A latent builder that decodes the model's samples: the method's pretrained tokenizer (`tokenizer`: a
     local file / folder, or None for the hub cache) and its latent statistics (`stats`: the released
     latents_stats.pt of the f16d32 tokenizers; SD-VAE models use mean 0, std 1/0.18215)."""
-    from encoders.pretrained import LDMVAE, load_latent_stats
-    from methods.latents import VAELatent
-
     if method not in TOKENIZER:
         raise ValueError(f"no paper tokenizer for method {method!r}; known: {', '.join(TOKENIZER)}")
     cls = ENCODERS.get(TOKENIZER[method])
@@ -105,14 +105,10 @@ def evaluate_checkpoint(checkpoint: str, kind: str, *, ref: str, inception: str 
                         seed: int = 0, guidance: str = "method", guide: str | None = None,
                         sampler: dict | None = None, device: str | None = None, fd: str = "scipy",
                         num_classes: int | None = None, overrides: list[str] | None = None) -> dict | None:
-    """Import an official checkpoint (benchmarks/importers.py), sample `num_samples` balanced-label images with
+    """Import an official checkpoint (benchmarks/evaluation/importers.py), sample `num_samples` balanced-label images with
     the kind's method preset (its paper sampler; `sampler` overrides keys), decode, pack and score them.
     num_classes: draw labels from the first N classes only (quick checks; the protocol uses all 1000).
     overrides: a dotlist on the method preset (`method.KEY=VALUE`)."""
-    from benchmarks.adm_eval import resolve_inception_weights
-    from benchmarks.importers import attach_guide, load_official
-    from core.dist import setup
-
     if not Path(ref).is_file():       # fail before loading a 2.7 GB model and sampling for hours
         raise FileNotFoundError(f"ADM reference batch {ref} does not exist (docs/paper_scale.md: where to get it)")
     resolve_inception_weights(inception)

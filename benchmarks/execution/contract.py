@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.components import build_run
-from benchmarks.grid import resolve
-from benchmarks.prepare import prepare_run
+from benchmarks.build.components import build_run
+from benchmarks.config.grid import resolve
+from benchmarks.data.prepare import prepare_run
 
 CPU = torch.device("cpu")
 

@@ -1,7 +1,7 @@
 """The local launcher's processes: submitit's LocalExecutor with a controller that records how each job
 process ended and that ends with the launcher.
 
-Process tree of launcher=local: launcher -> controller (`python -m benchmarks.localjob FOLDER`, one per
+Process tree of launcher=local: launcher -> controller (`python -m benchmarks.execution.localjob FOLDER`, one per
 job) -> job process (submitit's `_submit`, runs `run_job`). submitit's own controller forgets its task's
 exit status, and nothing in it notices a launcher that died, so:
 - the controller writes `<job folder>/<job id>_exit.json` (the exit codes of its tasks) when they end;
@@ -106,7 +106,7 @@ class LocalExecutor(local.LocalExecutor):
             SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_WITH_SHELL="",
             CUDA_VISIBLE_DEVICES=",".join(str(k) for k in gpus), **{LAUNCHER_ENV: str(os.getpid())})
         # The controller is started from this (the main) thread: PDEATHSIG follows the thread that forked.
-        process = subprocess.Popen([sys.executable, "-m", "benchmarks.localjob", str(self.folder)], env=env)
+        process = subprocess.Popen([sys.executable, "-m", "benchmarks.execution.localjob", str(self.folder)], env=env)
         return local.LocalJob(folder=self.folder, job_id=str(process.pid), process=process, tasks=list(range(ntasks)))
 
 
@@ -135,5 +135,5 @@ def main(folder: str) -> None:
 
 
 if __name__ == "__main__":
-    assert len(sys.argv) == 2, "usage: python -m benchmarks.localjob <submitit folder>"
+    assert len(sys.argv) == 2, "usage: python -m benchmarks.execution.localjob <submitit folder>"
     main(sys.argv[1])

@@ -14,8 +14,8 @@ import logging
 import time
 from pathlib import Path
 
-from benchmarks.grid import Grid
-from benchmarks.launch import run_dirs
+from benchmarks.config.grid import Grid
+from benchmarks.execution.launch import run_dirs
 from core import runlock
 from core.config import ConfigError
 from core.fingerprint import describe, read_fingerprint, stale_modules

@@ -16,6 +16,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from benchmarks.evaluation.protocol import protocol_id, protocol_tag
+
 from core.errors import CorruptFileError
 from core.machine import MACHINE_FILE, machine_text
 from core.rundir import read_jsonl
@@ -97,7 +99,7 @@ def read_label_file(path: Path) -> dict:
 # Replicate axes: draws of the same experiment, pooled within a group and never part of its name. `seed` is
 # the training seed, `prepare.seed` the artifact-build index (tokenizers, encoder, FD network built again
 # with another seed). Both move the final FD by chance, so the report's n, sd and CIs are over both
-# (benchmarks/stats.py); a grid axis over either adds runs to a group, not groups.
+# (benchmarks/reporting/stats.py); a grid axis over either adds runs to a group, not groups.
 REPLICATE_AXES = ("seed", "prepare.seed")
 
 
@@ -184,10 +186,8 @@ def _machine(run: Path) -> str | None:
 
 
 def _protocol_columns(protocol: dict | None, evals: list) -> dict:
-    """protocol_id / protocol_tag of a run (benchmarks/protocol.py); a run evaluated before protocols were
+    """protocol_id / protocol_tag of a run (benchmarks/evaluation/protocol.py); a run evaluated before protocols were
     recorded gets an "unrecorded" protocol keyed by its NFE, a run never evaluated none (None)."""
-    from benchmarks.protocol import protocol_id, protocol_tag
-
     if protocol is not None:
         return {"protocol_id": protocol_id(protocol), "protocol_tag": protocol_tag(protocol)}
     if not evals:

@@ -356,7 +356,7 @@ def load_dataset(name: str, root: str | None, image_size: int) -> ImageData:
 
 
 def fingerprint(name: str, root: str | None) -> str:
-    """What a dataset is, not where it is: a short hash for the cache keys (benchmarks/prepare.py), so that a
+    """What a dataset is, not where it is: a short hash for the cache keys (benchmarks/data/prepare.py), so that a
     cache built from one copy of a dataset is never served for different data under the same name (a
     class subset, a re-encoded copy) while a moved or re-mounted copy keeps its caches.
 
@@ -403,7 +403,7 @@ def check_dataset(name: str, root: str | None, image_size: int, stream: bool = F
     return len(splits["train"]), len(splits["test"])
 
 
-# The largest data.image_size each dataset takes, with the reason (benchmarks/grid.py refuses larger ones
+# The largest data.image_size each dataset takes, with the reason (benchmarks/config/grid.py refuses larger ones
 # before anything is built). Fashion-MNIST is held in memory padded: 70,000 × S² bytes, 1.1 GB at 128 px
 # and 4.6 GB at 256 for a 28-px image in a border. Folders are ADM-centre-cropped (upsampled when smaller);
 # the papers stop at 512, and 1024² RGB is 3 MiB per image before the tokenizer.

@@ -10,7 +10,7 @@ the whole grid, one run per run id:
     HParams plugin: the run's flattened config (method, backbone, train, eval, seed, ...) as
                     hyper-parameters, the eval/* scalars as its metrics (their last value = the final one)
 
-Only rank 0 writes. A resumed run (benchmarks/train.py Trainer.restore) opens the writer with
+Only rank 0 writes. A resumed run (benchmarks/execution/train.py Trainer.restore) opens the writer with
 `purge_step = the checkpoint's step`: TensorBoard then hides every event the killed attempt wrote at or
 after that step, exactly the rows restore() cut from the logs, and the rows the logs keep at that step are
 written again, so the event files never hold two values for one step.
@@ -24,34 +24,17 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
+from PIL import Image
+
+from benchmarks.config.validate import check_log_cfg
+from core.config import ConfigError
+from core.rundir import read_jsonl
 
 TB_DIR = "tb"
 NOT_HPARAMS = ("prepare", "cache_dir", "log")      # long or result-neutral config sections
 EVAL_METRICS = ("fd", "kid", "sfid", "is", "precision", "recall", "class_acc")   # the HParams metrics, when logged
-WANDB_MODES = ("online", "offline", "disabled")
-
-
-def _wandb_installed() -> bool:
-    try:
-        import wandb  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def check_log_cfg(log_cfg: dict) -> list[tuple[bool, str]]:
-    """(ok, message) checks of the `log` section, for benchmarks/grid.py's validation at load."""
-    mode = log_cfg.get("wandb_mode")
-    return [
-        (mode is None or mode in WANDB_MODES,
-         f"log.wandb_mode must be one of {', '.join(WANDB_MODES)} or null, got {mode!r}"),
-        (not log_cfg.get("wandb") or _wandb_installed(),
-         "log.wandb=true needs the wandb package, which is not installed: `pip install wandb` "
-         "(or `pip install -e .[wandb]`), or set log.wandb=false"),
-    ]
-
-
 def flat_hparams(cfg: dict, prefix: str = "") -> dict[str, Any]:
     """The run config as {dotted key: bool | int | float | str} (lists and null as text), for HParams."""
     out: dict[str, Any] = {}
@@ -93,7 +76,7 @@ class Trackers:
 
     # ------------------------------------------------------------------ opening
     def _open_tensorboard(self):
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter   # heavy (TensorBoard's protobufs): only when a run logs
 
         folder = self.run_dir / TB_DIR
         earlier = sorted(folder.glob("events.out.tfevents.*")) if folder.exists() else []
@@ -111,7 +94,7 @@ class Trackers:
         return writer
 
     def _write_hparams(self, writer) -> None:
-        from torch.utils.tensorboard.summary import hparams
+        from torch.utils.tensorboard.summary import hparams   # heavy, as above
 
         metrics = {f"eval/{m}": float("nan") for m in self._metric_names()}
         exp, ssi, sei = hparams(flat_hparams(self.cfg), metrics)
@@ -126,8 +109,6 @@ class Trackers:
 
     def _replay(self, writer) -> None:
         """Rewrite the rows the logs keep at or after the purge step (the train row at the resume step)."""
-        from core.rundir import read_jsonl
-
         if self.start_step == 0:         # a fresh start: restore() has emptied both logs
             return
         for name, scalars in (("metrics.jsonl", train_scalars), ("eval.jsonl", eval_scalars)):
@@ -138,10 +119,8 @@ class Trackers:
 
     def _open_wandb(self, log_cfg: dict):
         try:
-            import wandb
+            import wandb   # optional dependency (log.wandb=true)
         except ImportError:
-            from core.config import ConfigError
-
             raise ConfigError(check_log_cfg({"wandb": True})[1][1]) from None
         return wandb.init(project=log_cfg.get("wandb_project", "semprior-bench"), name=self.run_dir.name,
                           id=self.run_dir.name, resume="allow", dir=str(self.run_dir), mode=log_cfg.get("wandb_mode"),
@@ -159,13 +138,10 @@ class Trackers:
         if grid_png is None or not Path(grid_png).exists():
             return
         if self.tb is not None:
-            import numpy as np
-            from PIL import Image
-
             with Image.open(grid_png) as im:
                 self.tb.add_image("samples", np.asarray(im.convert("RGB")), step, dataformats="HWC")
         if self.wandb is not None:
-            import wandb
+            import wandb   # optional dependency, imported by _open_wandb already
 
             self.wandb.log({"samples": wandb.Image(str(grid_png))}, step=step)
 

@@ -6,12 +6,13 @@ One writer per run folder: run_job holds the folder's lock (core/runlock.py); a 
 process is skipped with a one-line message. A job process that ends without done.json or failed.json
 (a signal, the OOM killer, a crash outside Python) is marked failed here, with its exit status and the
 tail of its log. launcher=local: SIGINT/SIGTERM to the launcher cancel its jobs, and its jobs end when
-it dies (benchmarks/localjob.py).
+it dies (benchmarks/execution/localjob.py).
 """
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import time
 import traceback
 from dataclasses import dataclass
@@ -19,11 +20,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import submitit
+import torch
 
-from benchmarks import localjob
-from benchmarks.grid import Grid, RunSpec
-from benchmarks.train import run_job
-from core.config import ConfigError
+from benchmarks.config.grid import Grid, RunSpec
+from benchmarks.execution import localjob
+from benchmarks.execution.train import checkpoint_active, run_job
+from core.config import ConfigError, load_config_yaml
 from core.rundir import RunDir
 from core.runlock import RunHeld, RunLock, describe
 
@@ -46,8 +48,6 @@ class Resumable:
         return guarded_run(self.cfg, self.run_dir)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        from benchmarks.train import checkpoint_active
-
         path = checkpoint_active()           # the state at the signal, not just the last periodic save
         log.info("preempted: %s; requeueing %s", f"checkpoint {path.name}" if path else "no new checkpoint",
                  Path(self.run_dir).name)
@@ -147,8 +147,6 @@ def _settle_local(job: Any, run_dir: Path, folder: Path) -> dict:
 def local_parallel(parallel: int | None) -> int:
     """Jobs at once: `parallel` when given (run.py checks it is a positive integer); by default one
     single-threaded job per core on a CPU machine and one job at a time on a GPU machine."""
-    import torch
-
     if parallel is not None:
         return parallel
     return 1 if torch.cuda.is_available() else max(1, os.cpu_count() or 1)
@@ -162,8 +160,6 @@ def launch_local(todo: list[tuple[RunSpec, Path]], *, folder: Path, parallel: in
     2 cores, docs/results.md), one job at a time on a GPU machine, which sees all of the machine's GPUs.
     The time limit is a week: a local job has no queue to return to, and a rerun resumes it anyway. An
     exception here (KeyboardInterrupt, run.py's SIGTERM) cancels the running jobs before it propagates."""
-    import torch
-
     parallel = local_parallel(parallel)
     ex = localjob.LocalExecutor(folder=str(folder / "%j"))
     # submitit's local jobs see only `gpus_per_node` GPUs (CUDA_VISIBLE_DEVICES), 0 by default: without this a
@@ -201,15 +197,13 @@ def _cancel(running: list[tuple[Any, Path]], wait_s: float = 10.0) -> None:
                     ", ".join(d.name for _, d in running))
 
 
-SLURM_DIR = Path(__file__).resolve().parents[1] / "slurm"
+SLURM_DIR = Path(__file__).resolve().parents[2] / "slurm"
 GENERIC_KEYS = {"timeout_min", "mem_gb", "nodes", "cpus_per_task", "gpus_per_node", "tasks_per_node"}
 
 
 def load_slurm_profile(profile: str) -> dict:
     """slurm/<profile>.yaml (safe loader refusing duplicate keys), with unknown names, keys, syntax errors
     and a top level that is not a mapping rejected in one line."""
-    from core.config import load_config_yaml
-
     path = SLURM_DIR / f"{profile}.yaml"
     if not path.exists():
         valid = sorted(p.stem for p in SLURM_DIR.glob("*.yaml"))
@@ -240,8 +234,6 @@ def profile_parameters(profile: dict) -> tuple[dict, dict]:
 
 def check_partition(partition: str | None) -> None:
     """Fail before submitting when the profile names a partition this cluster does not have."""
-    import subprocess
-
     if not partition:
         return
     try:

@@ -28,6 +28,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from benchmarks.reporting.collect import REPLICATE_AXES
+
 LEVEL = 95                 # every interval in the report is a 95 % one
 N_BOOT, BOOT_SEED = 2000, 0   # the same as plots.faster's seaborn barplot (n_boot=2000, seed=0)
 NO_CI = "–"
@@ -69,7 +71,7 @@ def summarize(values: Sequence[float]) -> Summary:
 def bootstrap_ci(values: Sequence[float]) -> tuple[float, float]:
     """(lo, hi) percentile bootstrap 95 % CI of the mean of `values` (n,), exactly seaborn's for the
     × faster chart; (NaN, NaN) for n < 2."""
-    from seaborn.algorithms import bootstrap
+    from seaborn.algorithms import bootstrap   # heavy (seaborn loads matplotlib): only for a chart's CI
 
     x = np.asarray(values, dtype=float)
     if len(x) < 2:
@@ -180,8 +182,6 @@ def final_fd_columns(done: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 def _others(row: pd.Series) -> str:
     """The labels of a run that are neither the method nor a replicate axis, as a sortable key."""
-    from benchmarks.collect import REPLICATE_AXES
-
     skip = {f"label.{k}" for k in ("method", *REPLICATE_AXES)}
     return json.dumps({c: str(row[c]) for c in sorted(row.index)
                        if c.startswith("label.") and c not in skip and pd.notna(row[c])})

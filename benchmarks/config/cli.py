@@ -33,14 +33,16 @@ import errno
 import functools
 import os
 import sys
+import textwrap
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, Union
 
 import yaml
 
+from benchmarks.config.gridfile import available
 from core.config import ConfigError
-from core.errors import CorruptFileError, NonFiniteError
+from core.errors import CheckpointError, CorruptFileError, NonFiniteError
 from core.torchfile import UntrustedFileError
 
 DEBUG_FLAG = "--debug"
@@ -62,10 +64,7 @@ FS_ERRNOS = {
 
 
 def _suite_errors() -> tuple[type[BaseException], ...]:
-    """The suite's own user-facing kinds. CheckpointError lives in benchmarks.importers, which imports
-    torch models: imported here lazily so that this module stays light."""
-    from benchmarks.importers import CheckpointError
-
+    """The suite's own user-facing kinds (core/errors.py, core/config.py)."""
     return (ConfigError, CorruptFileError, NonFiniteError, UntrustedFileError, CheckpointError)
 
 
@@ -205,10 +204,8 @@ class Key:
 
 def config_names(kind: str) -> Callable[[], list[str]]:
     """The names --help and completion list for a config kind ("grid", "profile", "method"): the package's
-    YAMLs plus those in SEMPRIOR_CONFIG_PATH, read when asked (benchmarks.grid is imported lazily)."""
+    YAMLs plus those in SEMPRIOR_CONFIG_PATH, read when asked (read from disk each time)."""
     def names() -> list[str]:
-        from benchmarks.grid import available
-
         return available(kind)
     return names
 
@@ -281,8 +278,6 @@ def _names(names: Names) -> list[str]:
 
 def help_text(spec: Spec) -> str:
     """The --help page: usage, purpose, keys (type, default, help), flags, accepted names, examples."""
-    import textwrap
-
     def block(rows: list[tuple[str, str]]) -> list[str]:
         width = min(max((len(a) for a, _ in rows), default=0), 28)
         out = []
