@@ -35,7 +35,7 @@ KEYS = tuple(SPEC.key_names)
 
 
 def _cli_args(argv: list[str]) -> dict[str, str]:
-    """key=value arguments, checked before anything loads (benchmarks.cli.parse with SPEC)."""
+    """key=value arguments, checked before anything loads (benchmarks.config.cli.parse with SPEC)."""
     return parse_args(SPEC, argv).values
 
 

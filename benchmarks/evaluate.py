@@ -66,7 +66,7 @@ CLI_KEYS = tuple(SPEC.key_names)
 
 
 def _cli_args(argv: list[str]) -> dict[str, str]:
-    """key=value arguments, checked before anything loads (benchmarks.cli.parse with SPEC): the keys of
+    """key=value arguments, checked before anything loads (benchmarks.config.cli.parse with SPEC): the keys of
     SPEC, then sampler.* and method.* in order."""
     args = parse_args(SPEC, argv)
     return {**args.values, **dict(a.split("=", 1) for a in args.overrides)}

@@ -30,7 +30,7 @@ SPEC = Spec(
 
 
 def parse(argv: list[str]) -> dict[str, str]:
-    """The given keys of SPEC (benchmarks.cli.parse), with an empty grid= or results= refused."""
+    """The given keys of SPEC (benchmarks.config.cli.parse), with an empty grid= or results= refused."""
     args = parse_args(SPEC, argv).values
     if not args["grid"].strip():
         raise ConfigError(f"grid= is empty; give the grid's name, e.g. grid=smoke; {SPEC.hint()}")

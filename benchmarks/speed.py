@@ -87,7 +87,7 @@ KEYS = tuple(SPEC.key_names)
 
 def parse(argv: list[str]) -> dict[str, str]:
     """key=value arguments, every value checked before anything runs or is written (ConfigError): the keys'
-    types and choices by benchmarks.cli.parse, then the values that need more than a type."""
+    types and choices by benchmarks.config.cli.parse, then the values that need more than a type."""
     args = parse_args(SPEC, argv).values
     if "small" in args and not (len(args["small"].split(",")) == 4 and
                                 all(x.isdigit() and int(x) > 0 for x in args["small"].split(","))):

@@ -86,7 +86,7 @@ def validate(cfg: dict, check_files: bool = True) -> None:
             raise ConfigError(f"eval.adm_ref: ADM reference batch {e['adm_ref']} not found; pass "
                               "eval.adm_ref=<VIRTUAL_imagenet256_labeled.npz> (docs/paper_scale.md: where to get it)")
     for kind, fit_cfg in cfg["prepare"].items():
-        if kind == BUILD_KEY:          # prepare.seed: the artifact-build index, not a kind (benchmarks/prepare.py)
+        if kind == BUILD_KEY:          # prepare.seed: the artifact-build index, not a kind (benchmarks/data/prepare.py)
             check_build(fit_cfg)
             continue
         if kind not in ENCODERS:
@@ -164,7 +164,7 @@ def _check_train(t: dict) -> list[tuple[bool, str]]:
         (t["weight_decay"] >= 0, f"train.weight_decay must be ≥ 0, got {t['weight_decay']}"),
         (mb >= 0, f"train.micro_batches must be ≥ 0 (0 = one per process), got {mb}"),
         (mb <= 0 or bs % mb == 0, f"train.micro_batches={mb} must divide train.batch_size={bs} (the global "
-                                  f"batch is split into equal shards; benchmarks/train.py shard)"),
+                                  f"batch is split into equal shards; benchmarks/execution/train.py shard)"),
         (t["threads"] >= 0, f"train.threads must be ≥ 0 (0 = torch's default), got {t['threads']}"),
     ]
 
@@ -172,7 +172,7 @@ def _check_train(t: dict) -> list[tuple[bool, str]]:
 def _check_eval(cfg: dict) -> list[tuple[bool, str]]:
     """Evaluation points, seeds and sampler step counts."""
     e, steps = cfg["eval"], cfg["train"]["steps"]
-    # Points past train.steps are allowed and skipped (eval_steps in benchmarks/train.py), as is an eval.every
+    # Points past train.steps are allowed and skipped (eval_steps in benchmarks/execution/train.py), as is an eval.every
     # larger than the run: the last step is always evaluated, so a shortened run (train.steps=100 on a grid
     # made for 1 200) keeps working and still ends with a scored point.
     bad_at = [a for a in e["at"] if not isinstance(a, int) or isinstance(a, bool) or a < 0]
