@@ -20,8 +20,7 @@ from typing import Any
 
 from core.config import ConfigError, stable_hash
 from core.rundir import atomic_write_text
-from core.registry import SAMPLERS
-from methods.guidance import GUIDANCE
+from core.registry import GUIDANCE, SAMPLERS
 
 PROTOCOL_FILE = "protocol.json"
 ADAPTIVE_SOLVERS = ("dopri5",)         # their tolerances are settings worth showing; fixed-step solvers ignore them
