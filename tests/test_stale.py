@@ -1,5 +1,5 @@
 """Code in the run's identity: a run records the fingerprint of its components' source when it starts
-(core/fingerprint.py); after a plugin's code changes, rerunning the grid names the stale run and the
+(benchmarks/execution/fingerprint.py); after a plugin's code changes, rerunning the grid names the stale run and the
 changed module, and reruns it (stale=rerun) or keeps and marks it (stale=keep) only when asked.
 
 One smoke run of a tiny plugin method (an entry-point package written to tmp_path, as in test_plugins.py),
@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from benchmarks import run as cli
-from core.fingerprint import fingerprint, modules_of
+from benchmarks.execution.fingerprint import fingerprint, modules_of
 from plugin_util import install_plugin
 
 pytestmark = pytest.mark.slow

@@ -31,6 +31,7 @@ from core.registry import ENCODERS, LATENTS
 from core.seed import generator
 from core.types import ImageData, to_unit
 from encoders.base import read_json, write_json
+from methods.latents import ENCODER   # the semantic slot's kind: one definition, next to the latents that read it
 
 log = logging.getLogger(__name__)
 
@@ -261,8 +262,6 @@ def build_latent(cfg: dict, artifacts: dict[str, Any]):
     latent_cfg = dict(cfg["method"]["latent"])
     return LATENTS.build(latent_cfg, artifacts=artifacts)
 
-
-ENCODER = "semantic-encoder"
 
 
 @torch.no_grad()

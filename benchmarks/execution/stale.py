@@ -1,7 +1,7 @@
 """Stale runs: a finished or partial run whose components' source changed since it started.
 
 benchmarks.run calls `handle_stale` before anything is written: each run folder's recorded fingerprint
-(core/fingerprint.py, written when the run starts) is compared with the code now on disk. Policy `stale=`:
+(benchmarks/execution/fingerprint.py, written when the run starts) is compared with the code now on disk. Policy `stale=`:
   error (default) - stop with a message listing the stale runs, the changed modules and the two choices;
   rerun           - move each stale folder aside to `<run>.stale-<UTC time>` and train it again;
   keep            - reuse them; `stale.json` in the folder makes the report mark them (†).
@@ -18,7 +18,7 @@ from benchmarks.config.grid import Grid
 from benchmarks.execution.launch import run_dirs
 from core import runlock
 from core.config import ConfigError
-from core.fingerprint import describe, read_fingerprint, stale_modules
+from benchmarks.execution.fingerprint import describe, read_fingerprint, stale_modules
 from core.rundir import atomic_write_text
 
 log = logging.getLogger("benchmarks.run")

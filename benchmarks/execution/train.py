@@ -33,7 +33,7 @@ from core.compile import attention_context, compile_loss, compile_model, resolve
 from core.dist import Dist, all_reduce_grads, barrier, mean_over_ranks, setup
 from core.errors import NonFiniteError
 from core.ema import ema_decay, make_ema, update_ema
-from core.fingerprint import record_fingerprint
+from benchmarks.execution.fingerprint import record_fingerprint
 from core.graphs import GraphedGrads, check_device
 from core.progress import publish
 from core.rundir import RunDir
@@ -322,7 +322,7 @@ def _run_job(cfg: dict, run_dir: str, d: Dist) -> dict:
     if d.main:
         rd.write_config(cfg)
         rd.clear_failed()
-        record_fingerprint(rd.path, cfg)   # the code the run starts with (core/fingerprint.py); kept on resume
+        record_fingerprint(rd.path, cfg)   # the code the run starts with (benchmarks/execution/fingerprint.py); kept on resume
     t = cfg["train"]
     if t["threads"] > 0:
         torch.set_num_threads(t["threads"])

@@ -274,7 +274,7 @@ def _stale_section(runs: pd.DataFrame) -> list[str]:
         return []
     st = runs[runs["stale"].fillna(False).astype(bool)]
     return ["## Stale runs", "", "Kept with `stale=keep` although the source of their components changed after "
-            "they started (core/fingerprint.py); their numbers come from the older code. Marked † below.", "",
+            "they started (benchmarks/execution/fingerprint.py); their numbers come from the older code. Marked † below.", "",
             *[f"- `{r}`: changed {m}" for r, m in zip(st["run_id"], st["stale_modules"])], ""]
 
 

@@ -24,6 +24,10 @@ import types
 from pathlib import Path
 from typing import Any, Iterable
 
+from benchmarks.data.prepare import artifact_order, eval_kinds, latent_requires
+from core.registry import BACKBONES, ENCODERS, GUIDANCE, LATENTS, LOSSES, SAMPLERS, SCHEDULES
+from core.rundir import atomic_write_text
+
 FINGERPRINT_FILE = "fingerprint.json"
 EXTERNAL_ROOTS = frozenset({"torch", "builtins", "typing_extensions", *sys.stdlib_module_names})
 
@@ -87,8 +91,6 @@ def _entry(registry: Any, name: Any) -> Any | None:
 def run_components(cfg: dict) -> dict[str, Any]:
     """role -> registered class or function, for every component a resolved run config uses
     (registries from core.registry; plugins must be loaded first)."""
-    from core.registry import BACKBONES, ENCODERS, GUIDANCE, LATENTS, LOSSES, SAMPLERS, SCHEDULES
-
     m, e = cfg["method"], cfg["eval"]
     found: dict[str, Any] = {
         "schedule": _entry(SCHEDULES, (m.get("schedule") or {}).get("name")),
@@ -108,8 +110,6 @@ def run_components(cfg: dict) -> dict[str, Any]:
 
 def _artifact_kinds(cfg: dict) -> list[str]:
     """Every artifact slot the run builds (latent tokenizers and encoders, the FD network) in dependency order."""
-    from benchmarks.data.prepare import artifact_order, eval_kinds, latent_requires
-
     try:
         return artifact_order(latent_requires(cfg["method"]["latent"]) + eval_kinds(cfg), cfg.get("prepare"))
     except (KeyError, ValueError):
@@ -147,8 +147,6 @@ def read_fingerprint(run_dir: Path) -> dict | None:
 def record_fingerprint(run_dir: Path, cfg: dict) -> dict:
     """Write fingerprint.json when the run starts (kept as it is when the run resumes: a run reused after
     a code change keeps the fingerprint of the code it started with). Returns the recorded fingerprint."""
-    from core.rundir import atomic_write_text
-
     old = read_fingerprint(run_dir)
     if old is not None:
         return old
