@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,3 +128,15 @@ def test_function_local_imports_are_third_party_and_commented():
                 if project or not commented:
                     bad.append(f"{f.relative_to(ROOT)}:{st.lineno}: {ast.unparse(st)}")
     assert not bad, "function-local imports must be third-party and say why (optional or heavy):\n" + "\n".join(bad)
+
+
+def test_the_architecture_page_names_every_module_where_it_lives():
+    """docs/architecture.md's layer table lists each sub-package's modules: every one named exists in that
+    folder, and every module in the folder is named (a reader finds where any stage lives in one step)."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    for pkg in LAYERS:
+        row = next(line for line in text.splitlines() if line.startswith(f"| `{pkg}/` |"))
+        named = set(re.findall(r"`(\w+)`", row.split("|")[3]))
+        on_disk = {f.stem for f in (ROOT / "benchmarks" / pkg).glob("*.py") if f.stem != "__init__"}
+        assert named == on_disk, f"{pkg}/: the table names {sorted(named - on_disk)} that are not there and " \
+                                 f"misses {sorted(on_disk - named)}"
