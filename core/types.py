@@ -87,6 +87,16 @@ class LossOut:
     total: Tensor
     terms: dict[str, Tensor] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, terms: dict[str, Tensor]) -> "LossOut":
+        """The total as the terms' sum in their insertion order ((t1 + t2) + t3 ...: a fixed order, so the same bits
+        on every call), the terms detached for logging."""
+        parts = iter(terms.values())
+        total = next(parts)
+        for t in parts:
+            total = total + t
+        return cls(total=total, terms={k: v.detach() for k, v in terms.items()})
+
 
 @dataclass
 class ImageData:

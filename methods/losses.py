@@ -227,8 +227,4 @@ class FlowLoss(Loss):
             # with cosine off is computed and silently dropped (docs/methods.md §6.5 AMBIGUOUS). We do not
             # reproduce that: a configured REPA term is always part of the total.
             terms["repa"] = self.repa_weight * self._repa(out, ctx)
-        total = terms["mse"]
-        for name in ("cos", "repa"):
-            if name in terms:
-                total = total + terms[name]
-        return LossOut(total=total, terms={k: v.detach() for k, v in terms.items()})
+        return LossOut.of(terms)                                            # mse + cos + repa, in that order

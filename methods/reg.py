@@ -89,8 +89,4 @@ class RegLoss(Loss):
         if self.has_cls:
             terms["cls"] = self.cls_weight * self._cls_mse(pred, target)
         terms["repa"] = self.repa_weight * self._alignment(out, ctx)
-        total = terms["mse"]
-        for name in ("cls", "repa"):
-            if name in terms:
-                total = total + terms[name]
-        return LossOut(total=total, terms={k: v.detach() for k, v in terms.items()})
+        return LossOut.of(terms)                                            # mse + cls + repa, in that order
