@@ -6,8 +6,9 @@ import time
 import numpy as np
 import pytest
 
-from benchmarks.execution import trackers
+from benchmarks.config import validate
 from benchmarks.config.grid import expand
+from benchmarks.execution import trackers
 from core.config import ConfigError
 from core.rundir import RunDir
 
@@ -139,7 +140,7 @@ def test_the_log_section_is_not_in_the_run_id(smoke_cache):
 
 
 def test_wandb_asked_for_but_not_installed_is_refused_at_load(smoke_cache, monkeypatch):
-    monkeypatch.setattr(trackers, "_wandb_installed", lambda: False)
+    monkeypatch.setattr(validate, "_wandb_installed", lambda: False)   # the log rules are checked at load
     with pytest.raises(ConfigError) as e:
         _cfg(smoke_cache, "log.wandb=true")
     assert str(e.value) == ("log.wandb=true needs the wandb package, which is not installed: `pip install wandb` "
