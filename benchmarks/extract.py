@@ -16,7 +16,7 @@ from benchmarks.config.plugins import load_all
 from benchmarks.config.validate import validate
 from benchmarks.data.datasets import READ_WORKERS
 from benchmarks.data.extract import SHARD_IMAGES, extract_run, pick_device, rank_world
-from benchmarks.data.prepare import streamed
+from benchmarks.data.run_data import streamed
 from core.cache import MARKER
 from core.config import ConfigError, structured, to_dict
 

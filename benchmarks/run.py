@@ -28,9 +28,9 @@ from benchmarks.data.prepare_grid import prepare_grid
 from benchmarks.evaluation.scoring import reference_dir
 from benchmarks.execution.launch import (LAUNCHERS, SLURM_DIR, check_partition, get_launcher, load_slurm_profile,
                                          pending, run_dirs)
+from benchmarks.execution.precision import resolve_device
 from benchmarks.execution.stale import POLICIES as STALE_POLICIES, find_stale, handle_stale, stale_message
 from benchmarks.execution.status import StatusBoard
-from benchmarks.execution.train import resolve_device
 from benchmarks.reporting.estimate import assumptions, estimate, load_speed_table
 from benchmarks.reporting.report import refused_mix, unreadable_runs, write_report
 from core import runlock

@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.data import datasets
-from benchmarks.data.datasets import (DATASETS, ImageFolderDataset, center_crop_adm, load_dataset, load_fashion_mnist, load_image_folder, read_idx)
+from benchmarks.data import datasets, fashion_mnist
+from benchmarks.data.datasets import DATASETS, ImageFolderDataset, center_crop_adm, load_dataset, load_image_folder
+from benchmarks.data.fashion_mnist import load_fashion_mnist, read_idx
 
 REAL_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -81,7 +82,7 @@ def test_fashion_missing_lists_places_and_how_to_get_it(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "\n" not in msg and str(tmp_path / "nowhere") in msg and "apt-get install dataset-fashion-mnist" in msg
     monkeypatch.setenv("SEMPRIOR_DATA", str(tmp_path))
-    looked = datasets._fashion_candidates(None)
+    looked = fashion_mnist._fashion_candidates(None)
     assert looked[0] == tmp_path / "fashion-mnist" and Path("/usr/share/datasets/fashion-mnist") in looked
     assert looked[-1] == Path("~/.cache/semprior/fashion-mnist").expanduser()
 
@@ -168,7 +169,7 @@ def test_fingerprint_is_what_not_where(tmp_path):
     (a class subset, an added or re-encoded image) does not (benchmarks/data/prepare.py _data_key)."""
     import shutil
 
-    from benchmarks.data.prepare import data_key as _data_key
+    from benchmarks.data.run_data import data_key as _data_key
 
     a = tmp_path / "a"
     write_folder(a)

@@ -91,7 +91,7 @@ def test_training_job_scores_with_the_adm_protocol(tmp_path, smoke_cache, weight
     """eval.metric=adm: the training job's periodic evaluation reports Inception FID/sFID/IS/PR (here on
     the smoke profile with a random-weight Inception and a reference batch made from the test split)."""
     from benchmarks.execution import train
-    from benchmarks.data.datasets import load_fashion_mnist
+    from benchmarks.data.fashion_mnist import load_fashion_mnist
     from benchmarks.config.grid import expand
     from core.rundir import RunDir
 

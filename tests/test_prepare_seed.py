@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import benchmarks.data.prepare as prepare
+import benchmarks.data.run_data as run_data
 from benchmarks.config.grid import expand, resolve
 from benchmarks.config.plugins import load_all
 from benchmarks.data.prepare import FD_NET, artifact_plan, canonical_prepare, prepare_build, stream_cache_dirs
@@ -29,7 +30,7 @@ LATENTS = {"vae-semvae": {"name": "vae-semvae"}, "vae-pca": {"name": "vae-pca", 
 @pytest.fixture(autouse=True)
 def pinned_fingerprint(monkeypatch):
     """Cache keys hold a content fingerprint of the dataset; pin it so the names are literal and no data is read."""
-    monkeypatch.setattr(prepare, "_fingerprint", lambda name, root: "fixed-fingerprint")
+    monkeypatch.setattr(run_data, "_fingerprint", lambda name, root: "fixed-fingerprint")
 
 
 def hand_cfg(latent: str, build: int | None = None, **slots) -> dict:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks import api
-from benchmarks.execution.train import autocast_ctx, set_residual_dtype
+from benchmarks.execution.precision import autocast_ctx, set_residual_dtype
 from core.compile import attention_context, compile_loss, compile_model, resolve_mode
 from core.seed import seed_everything
 from core.types import Batch

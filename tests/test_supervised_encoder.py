@@ -129,8 +129,8 @@ def test_oracle_is_the_fd_networks_map(tmp_path):
 
 
 def test_registry_and_slot_use(monkeypatch):
-    import benchmarks.data.prepare as prepare
-    monkeypatch.setattr(prepare, "_fingerprint", lambda name, root: "fixed-fingerprint")   # no data read
+    import benchmarks.data.run_data as run_data
+    monkeypatch.setattr(run_data, "_fingerprint", lambda name, root: "fixed-fingerprint")   # no data read
     assert {"semantic-encoder", "supervised-encoder", "fdnet-oracle"} <= set(ENCODERS.names())
     # The oracle in the semantic-encoder slot pulls the FD network in before it, with its key in the slot's key.
     cfg = {"method": {"latent": {"name": "vae-pca", "rank": 8}},

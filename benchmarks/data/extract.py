@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,20 +29,21 @@ from typing import Any, Callable
 
 import torch
 from filelock import FileLock
-from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from benchmarks.data.datasets import READ_WORKERS, ImageFolderDataset
-from benchmarks.data.prepare import (ENCODER, FD_NET, STATS_SAMPLES, artifact_plan, build_latent, build_node,
-                                     encodings_key, latent_key, load_artifacts, load_data, stream_cache_dirs, streamed)
+from benchmarks.data.prepare import (FD_NET, STATS_SAMPLES, artifact_plan, build_latent, build_node, encodings_key,
+                                     latent_key, load_artifacts, stream_cache_dirs)
+from benchmarks.data.run_data import load_data, streamed
 from benchmarks.data.shards import ShardWriter, map_shard, open_sharded, shard_file, shard_ok, write_index
 from core.cache import MARKER, verify_dir, write_manifest
-from core.config import ConfigError, structured, to_dict
+from core.config import ConfigError
 from core.progress import track
 from core.seed import generator
 from core.types import to_unit
 from encoders.base import read_json, write_json
+from methods.latents import ENCODER
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ def stream_artifacts(cfg: dict, device: torch.device) -> dict[str, Path]:
             for knob in ("fit_images", "max_images"):          # what the sample cannot give: say so, loudly
                 if int(node.fit_cfg.get(knob, 0)) > data.train_x.shape[0]:
                     log.warning("prepare.%s.%s=%s, but a streamed dataset keeps %d training images in memory "
-                                "(prepare.STREAM_SAMPLE): %s fits on those", node.kind, knob, node.fit_cfg[knob],
+                                "(run_data.STREAM_SAMPLE): %s fits on those", node.kind, knob, node.fit_cfg[knob],
                                 data.train_x.shape[0], node.kind)
             dirs[node.kind] = build_node(node, cfg, data, dirs, device)
     return dirs

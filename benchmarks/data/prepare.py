@@ -9,7 +9,6 @@ sharded, written by benchmarks/extract.py (docs/paper_scale.md).
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import json
 import logging
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from benchmarks.data.datasets import READ_WORKERS, cached_sample, check_streamable, fingerprint, load_dataset
+from benchmarks.data.run_data import data_key, load_data, streamed
 from benchmarks.data.shards import is_sharded, open_sharded
 from core.cache import MARKER, cache_key, cached_dir, read_safetensors, verify_dir
 from core.config import ConfigError
@@ -40,8 +39,6 @@ BUILD_KEY = "seed"         # prepare.seed: the artifact-build index (a reserved 
 BUILD_STRIDE = 1000        # build b adds 1000 * b to each artifact's fit seed
 MAX_BUILD = 999_999        # fit seeds stay below core/seed.py's 2**31 - 1 fold for base seeds up to ~1.1e9
 STATS_SAMPLES = 10_000     # per-channel stats from 10k random latents (docs/methods.md §5.2)
-STREAM_SAMPLE = 10_000     # training images a streamed dataset keeps in memory for artifact fits (PCA and
-                           # SemVAE fit on 10k images by default)
 
 
 @dataclass
@@ -86,65 +83,6 @@ def artifact_order(kinds: tuple[str, ...], prepare_cfg: dict | None = None) -> l
     for k in kinds:
         visit(k, ())
     return order
-
-
-def streamed(cfg: dict) -> bool:
-    """data.stream (configs resolved before the key existed, and hand-built ones, have no such key)."""
-    return bool(cfg["data"].get("stream", False))
-
-
-def data_key(cfg: dict) -> dict:
-    """What the data is (name, size, limits, a content fingerprint), not where (data.root is left out, so a
-    moved copy keeps its caches; datasets.fingerprint)."""
-    d = cfg["data"]
-    key = {"name": d["name"], "image_size": d["image_size"], "limit_train": d["limit_train"],
-           "limit_test": d["limit_test"], "fingerprint": _fingerprint(d["name"], d.get("root"))}
-    if streamed(cfg):
-        key["stream"] = True
-    return key
-
-
-@functools.lru_cache(maxsize=None)
-def _fingerprint(name: str, root: str | None) -> str:
-    """Once per process and dataset (a folder walk for an ImageNet-sized tree takes seconds)."""
-    try:
-        return fingerprint(name, root)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(str(e)) from None
-
-
-def load_data(cfg: dict) -> ImageData:
-    """The dataset in memory; for a streamed one, the cached sample (`load_sample`)."""
-    if streamed(cfg):
-        return load_sample(cfg)
-    d = _checked_data(cfg)
-    data = load_dataset(d["name"], d["root"], d["image_size"])
-    for split, limit in (("train", d["limit_train"]), ("test", d["limit_test"])):
-        if limit is not None:
-            setattr(data, f"{split}_x", getattr(data, f"{split}_x")[:limit])
-            setattr(data, f"{split}_y", getattr(data, f"{split}_y")[:limit])
-    return data
-
-
-def _checked_data(cfg: dict) -> dict:
-    d = cfg["data"]
-    for split in ("train", "test"):
-        if d[f"limit_{split}"] is not None and d[f"limit_{split}"] < 1:
-            raise ConfigError(f"data.limit_{split} must be ≥ 1 or null, got {d[f'limit_{split}']}")
-    return d
-
-
-def load_sample(cfg: dict, workers: int = READ_WORKERS) -> ImageData:
-    """What a streamed folder keeps in memory: `STREAM_SAMPLE` random training images and the test split
-    (datasets.sample_image_folder), cached as `<cache_dir>/sample-<hash>/`, read once by the first job."""
-    d = _checked_data(cfg)
-    try:
-        check_streamable(d["name"], d["root"])             # the folder itself is scanned only to build it
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return cached_sample(cfg["cache_dir"], {"data": data_key(cfg), "train_images": STREAM_SAMPLE}, d["root"],
-                         d["image_size"], STREAM_SAMPLE, limit_train=d["limit_train"], limit_test=d["limit_test"],
-                         workers=workers)
 
 
 # ----------------------------------------------------------------------------- artifact builds

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from benchmarks.data.extract import extract_run
-from benchmarks.data.prepare import (FD_NET, Prepared, artifact_plan, build_encodings, build_node, data_key,
-                                     encoding_kinds, load_data, prepare_run, streamed)
+from benchmarks.data.prepare import (FD_NET, Prepared, artifact_plan, build_encodings, build_node, encoding_kinds,
+                                     prepare_run)
+from benchmarks.data.run_data import data_key, load_data, streamed
 from core.dag import run_dag
 from core.types import ImageData
 

@@ -8,7 +8,6 @@ port (`inception-v3-compat`), which matches the TF graph closely but not bit for
 """
 from __future__ import annotations
 
-import json
 import math
 import pickle
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ from torch_fidelity.utils import create_feature_extractor
 
 from benchmarks.evaluation.adm_npz import _check_images, _read_npz, load_samples   # the sample side (npz, shards, labels)
 from core.errors import NonFiniteError
-from core.rundir import atomic_write_text
 
 REF_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
            "VIRTUAL_imagenet256_labeled.npz")

@@ -28,22 +28,18 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import itertools
 import statistics
-import sys
 import time
-import traceback
 from pathlib import Path
-from typing import Callable
 
-import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.build.components import RunParts
 from benchmarks.config import presets as api
-from benchmarks.execution.train import Trainer, autocast_ctx
-from core.config import ConfigError, TrainCfg
+from benchmarks.execution.precision import autocast_ctx
+from benchmarks.execution.train import Trainer
+from core.config import TrainCfg
 from core.graphs import WARMUP
 from core.types import Batch
 

@@ -24,6 +24,7 @@ from benchmarks.evaluation.scoring import ADMScorer, FDNetScorer, eval_labels, g
 from benchmarks.evaluation.phases import phase_figure
 from benchmarks.config.plugins import load_all
 from benchmarks.data.prepare import FD_NET, prepare_run
+from benchmarks.execution.precision import autocast_ctx, resolve_device, set_residual_dtype
 from benchmarks.execution.status import PROGRESS_FILE
 from benchmarks.execution.trackers import Trackers, current_lr, open_trackers
 from benchmarks.evaluation.protocol import eval_protocol, record_protocol
@@ -45,12 +46,6 @@ log = logging.getLogger(__name__)
 LOGS = ("metrics.jsonl", "eval.jsonl")   # the run folder's append-only logs
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def shard(batch: Batch, j: int, shards: int) -> Batch:
     """Shard j of `shards` equal slices of a batch (the batch size must divide)."""
     n = batch.x1.shape[0]
@@ -58,27 +53,6 @@ def shard(batch: Batch, j: int, shards: int) -> Batch:
         raise ValueError(f"train.batch_size {n} is not divisible into {shards} micro-batches / processes")
     s = slice(j * n // shards, (j + 1) * n // shards)
     return Batch(batch.x1[s], batch.y[s], {k: v[s] for k, v in batch.aux.items()})
-
-
-def autocast_ctx(precision: str, device: torch.device, cache: bool = True):
-    """bf16 autocast on GPU by default; fp32 on CPU unless asked (fp32 master weights always).
-    bf16-residual is bf16 autocast with a bf16 residual stream (set_residual_dtype). `cache=False` turns
-    off autocast's weight-cast cache (a CUDA graph capture needs that; core/graphs.py)."""
-    use_bf16 = precision in ("bf16", "bf16-residual") or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
-    return contextlib.nullcontext()
-
-
-def set_residual_dtype(model: torch.nn.Module, precision: str) -> None:
-    """train.precision=bf16-residual keeps the backbone's residual stream in bf16 (the suite's DiT has a
-    `residual_dtype` attribute; backbones/dit.py). Every other precision leaves type promotion alone."""
-    if precision != "bf16-residual":
-        return
-    if not hasattr(model, "residual_dtype"):
-        raise ValueError(f"train.precision=bf16-residual needs a backbone with a `residual_dtype` attribute "
-                         f"(the suite's DiT/LightningDiT); {type(model).__name__} has none")
-    model.residual_dtype = torch.bfloat16
 
 
 def eval_steps(cfg: dict) -> list[int]:
